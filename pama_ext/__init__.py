@@ -1,0 +1,34 @@
+"""pama_ext: PAMA (Pareto Multi-Objective Alignment) for multi-objective RLHF in PyTorch.
+
+Noon PPO (negative advantages clamped to zero) with closed-form weights that combine N
+per-objective advantages so the update conflicts with no objective. See README.md and
+shared/PAMA.md (the specification).
+"""
+
+from ._backends import available_backends, build_info, has_cpp
+from .functional import (
+    PamaStats,
+    min_norm_weights,
+    pama_loss,
+    pama_loss_and_stats,
+    pama_weights,
+    theorem1,
+)
+from .reference import GRANULARITIES, LOSS_AGGS, STATS_FIELDS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GRANULARITIES",
+    "LOSS_AGGS",
+    "STATS_FIELDS",
+    "PamaStats",
+    "available_backends",
+    "build_info",
+    "has_cpp",
+    "min_norm_weights",
+    "pama_loss",
+    "pama_loss_and_stats",
+    "pama_weights",
+    "theorem1",
+]

@@ -1,0 +1,89 @@
+"""``torch.library`` registration of the fused PAMA op: schema, kernels, fake, autograd.
+
+One schema per op, one kernel per backend (the pytorch/extension-cpp layout). The schemas
+are defined whether or not the extension was built, so that other backends (Triton,
+CUDA) can register kernels on the same ops; the CPU kernel comes from ``pama_ext._C``.
+
+``pama_forward`` is the one reduction pass plus the solve (see csrc/README.md);
+``pama_backward`` is the one elementwise pass. Autograd connects them, saving only the
+inputs and the tiny ``weights`` / ``row_scale`` outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backends import _C
+
+_lib = torch.library.Library("pama_ext", "DEF")
+_lib.define(
+    "pama_forward(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_eps, "
+    "str granularity, str loss_agg, bool check_finite) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "pama_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+    "Tensor weights, Tensor row_scale, float clip_eps, str granularity) -> Tensor"
+)
+
+N_STATS = 8
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake("pama_ext::pama_forward")
+def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
+    acc = _acc_dtype(logp)
+    b = logp.shape[0]
+    n = advantages.shape[-1]
+    shapes = {"batch": (n,), "batch_mean": (n,), "sequence": (b, n), "token": (0,)}
+    return (
+        logp.new_empty((), dtype=acc),
+        logp.new_empty(shapes[granularity], dtype=acc),
+        logp.new_empty((b,), dtype=acc),
+        logp.new_empty((N_STATS,), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("pama_ext::pama_backward")
+def _backward_fake(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
+    return torch.empty_like(logp)
+
+
+# --------------------------------------------------------------------------- CPU kernels (C++)
+if _C is not None:
+
+    @torch.library.impl(_lib, "pama_forward", "CPU")
+    def _forward_cpu(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
+        return tuple(
+            _C.pama_forward(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite)
+        )
+
+    @torch.library.impl(_lib, "pama_backward", "CPU")
+    def _backward_cpu(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
+        return _C.pama_backward(
+            grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity
+        )
+
+
+# --------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
+    _loss, weights, row_scale, _stats = output
+    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
+    ctx.clip_eps = clip_eps
+    ctx.granularity = granularity
+
+
+def _backward(ctx, grad_loss, _gw, _gr, _gs):
+    logp, old_logp, advantages, mask, weights, row_scale = ctx.saved_tensors
+    grad_logp = torch.ops.pama_ext.pama_backward(
+        grad_loss, logp, old_logp, advantages, mask, weights, row_scale, ctx.clip_eps, ctx.granularity
+    )
+    return grad_logp, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pama_ext::pama_forward", _backward, setup_context=_setup_context)

@@ -1,0 +1,178 @@
+"""Public functions: the PAMA weights and the fused Noon-PPO/PAMA loss.
+
+``backend`` chooses the implementation: ``"torch"`` (pure PyTorch, ``reference.py``),
+``"cpp"`` (the fused C++ CPU op), or ``"auto"`` (the fastest available for the inputs'
+device; ``pama_ext.available_backends()`` lists them).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _backends, _ops, reference  # noqa: F401  (_ops registers the torch.library ops)
+from ._validation import (
+    GRANULARITIES,
+    LOSS_AGGS,
+    NONFINITE_MODES,
+    check_choice,
+    check_clip_eps,
+    check_gram,
+    check_loss_inputs,
+    check_scalars,
+)
+
+
+class PamaStats(NamedTuple):
+    """Diagnostics of one loss evaluation, as tensors (reading them is the caller's choice).
+
+    ``stats`` holds, in order, ``reference.STATS_FIELDS``: masked tokens M, clipped tokens
+    (u > 1 + eps), non-finite logp / old_logp / advantages at masked positions, the
+    minimised objective, the KKT residual of the solve (``batch``), non-empty rows.
+    """
+
+    weights: Tensor
+    row_scale: Tensor
+    stats: Tensor
+
+    def as_dict(self) -> dict:
+        """The statistics as Python floats (a host synchronisation on GPU tensors)."""
+        return dict(zip(reference.STATS_FIELDS, self.stats.tolist()))
+
+
+def _check_common(fn, clip_eps, granularity, loss_agg="token_mean", nonfinite="raise"):
+    clip_eps = check_clip_eps(fn, clip_eps)
+    check_choice(fn, "granularity", granularity, GRANULARITIES)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
+    return clip_eps
+
+
+def pama_loss_and_stats(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    granularity: str = "batch",
+    loss_agg: str = "token_mean",
+    backend: str = "auto",
+    nonfinite: str = "raise",
+):
+    """``pama_loss`` that also returns the weights and diagnostics (a ``PamaStats``)."""
+    fn = "pama_loss"
+    clip_eps = _check_common(fn, clip_eps, granularity, loss_agg, nonfinite)
+    x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+    backend = _backends.resolve(fn, backend, x.logp.device)
+    check = nonfinite == "raise"
+    if backend == "torch":
+        loss, weights, row_scale, stats = reference.pama_loss_and_stats(
+            *x, clip_eps, granularity, loss_agg, check
+        )
+        return loss, PamaStats(weights, row_scale, stats)
+    loss, weights, row_scale, stats = torch.ops.pama_ext.pama_forward(
+        *x, clip_eps, granularity, loss_agg, check
+    )
+    return loss, PamaStats(weights, row_scale, stats)
+
+
+def pama_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    granularity: str = "batch",
+    loss_agg: str = "token_mean",
+    backend: str = "auto",
+    nonfinite: str = "raise",
+) -> Tensor:
+    """The Noon-PPO loss of the PAMA-combined advantage (a scalar), differentiable in ``logp``.
+
+    Args:
+        logp: [B, T] log-probabilities of the sampled tokens under the policy being trained.
+        old_logp: [B, T] log-probabilities under the anchor policy (rollout or reference).
+        advantages: [B, T, N] per-token or [B, N] per-sequence advantages of N objectives,
+            before the Noon clamp (negative values are clamped to zero here).
+        mask: [B, T] response-token mask (bool, or numbers where nonzero means "in").
+        clip_eps: PPO clip range, > 0.
+        granularity: where the weights are solved: ``batch`` (min-norm over the batch's
+            advantage vectors), ``token``, ``sequence`` or ``batch_mean`` (Theorem 1).
+        loss_agg: ``token_mean`` (divide by the masked tokens) or ``seq_mean_token_mean``.
+        backend: ``auto``, ``cpp`` or ``torch``.
+        nonfinite: ``raise`` (default): a NaN/inf at a masked position of ``logp``,
+            ``old_logp`` or ``advantages`` raises ``ValueError`` naming the argument.
+            ``mask``: such tokens are dropped from the loss as if masked out, and counted
+            in the statistics of ``pama_loss_and_stats``.
+
+    An empty mask gives a loss of 0 and a zero gradient. The result is float32 (float64
+    for float64 inputs); the gradient has the dtype of ``logp``.
+    """
+    loss, _ = pama_loss_and_stats(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        clip_eps=clip_eps,
+        granularity=granularity,
+        loss_agg=loss_agg,
+        backend=backend,
+        nonfinite=nonfinite,
+    )
+    return loss
+
+
+def pama_weights(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    clip_eps: float = 0.2,
+    granularity: str = "batch",
+    backend: str = "auto",
+) -> Tensor:
+    """The weights PAMA combines the objectives with (no gradient).
+
+    Shape [N] for ``batch`` and ``batch_mean``, [B, N] for ``sequence``, [B, T, N] for
+    ``token`` (Theorem 1 on each token's Noon advantages; ties share equally). Non-finite
+    tokens are left out of the statistics, as ``nonfinite="mask"`` does for the loss.
+    """
+    fn = "pama_weights"
+    clip_eps = _check_common(fn, clip_eps, granularity)
+    x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+    backend = _backends.resolve(fn, backend, x.logp.device)
+    with torch.no_grad():
+        if granularity == "token" or backend == "torch":
+            return reference.pama_weights(*x, clip_eps, granularity)
+        _, weights, _, _ = torch.ops.pama_ext.pama_forward(*x, clip_eps, granularity, "token_mean", False)
+        return weights
+
+
+def min_norm_weights(gram: Tensor, *, backend: str = "auto") -> Tensor:
+    """The c on the probability simplex minimising c^T G c, exactly (float64).
+
+    ``gram`` is N x N symmetric positive semi-definite, 1 <= N <= 64. N = 1: [1]; N = 2:
+    the closed form; N >= 3: Wolfe's min-norm-point algorithm. Where the minimiser is not
+    unique, objectives with identical advantage vectors share their weight equally, and
+    c = 0 gives the uniform vector. Returns float64 on ``gram``'s device.
+    """
+    fn = "min_norm_weights"
+    g = check_gram(fn, gram)
+    backend = _backends.resolve(fn, backend, torch.device("cpu"))
+    c = _backends._C.min_norm_weights(g) if backend == "cpp" else reference.min_norm_weights(g)
+    return c.to(gram.device)
+
+
+def theorem1(a: Tensor) -> Tensor:
+    """Theorem 1 along the last dimension: the simplex weights minimising (sum_i c_i a_i)^2.
+
+    All positive: one-hot on the argmin; all negative: one-hot on the argmax; mixed signs:
+    a zero-sum combination (uniform over exact zeros, else two-point on argmin/argmax).
+    Exact ties share the weight equally. Returns float64 of ``a``'s shape.
+    """
+    return reference.theorem1(check_scalars("theorem1", a))
