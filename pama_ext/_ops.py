@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import reference
 from ._backends import _C
 
 _lib = torch.library.Library("pama_ext", "DEF")
@@ -51,6 +52,21 @@ def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_
 @torch.library.register_fake("pama_ext::pama_backward")
 def _backward_fake(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
     return torch.empty_like(logp)
+
+
+# --------------------------------------------------------------------------- fallback kernels
+# The reference implementation serves any device without a dedicated kernel, so the op is
+# usable (and checkable with opcheck) everywhere; device kernels below take precedence.
+@torch.library.impl(_lib, "pama_forward", "CompositeExplicitAutograd")
+def _forward_reference(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
+    return reference.fused_forward(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite)
+
+
+@torch.library.impl(_lib, "pama_backward", "CompositeExplicitAutograd")
+def _backward_reference(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
+    return reference.fused_backward(
+        grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity
+    )
 
 
 # --------------------------------------------------------------------------- CPU kernels (C++)
