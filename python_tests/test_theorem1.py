@@ -145,7 +145,7 @@ def test_optimal_on_simplex(a):
     assert abs(value - target) <= 1e-12 * scale, (value, target)
     assert value**2 == pytest.approx(target**2, rel=1e-10, abs=1e-24 * scale**2)
     # no simplex vertex does better (brute-force over the vertices and the two-point set)
-    assert value**2 <= float((a**2).min()) * (1 + 1e-12) + 1e-300
+    assert value**2 <= float((a**2).min()) * (1 + 1e-12) + (1e-12 * scale) ** 2
 
 
 @given(scalars, st.randoms(use_true_random=False))
