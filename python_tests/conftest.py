@@ -167,7 +167,7 @@ TOLS = {
 }
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=BACKENDS, scope="module")
 def backend(request):
     return request.param
 
