@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pama_ext
 from pama_ext import reference
@@ -506,3 +508,76 @@ def test_gradcheck(backend, granularity, loss_agg, per_sequence):
                                   granularity=granularity, loss_agg=loss_agg, backend=backend)
 
     assert torch.autograd.gradcheck(f, (leaf(x.logp),), eps=1e-6, atol=1e-9, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- more contract details
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
+def test_indicator_is_one_at_the_clip_boundary(backend, dtype):
+    """u = 1 + eps exactly is not clipped (the paper's I(A)): exp(ln 2) == 2.0 == 1 + eps."""
+    ln2 = math.log(2.0)
+    lp = torch.tensor([[ln2, 0.0, ln2 + 0.1]], dtype=dtype)
+    assert float(torch.exp(lp[0, 0].to(dtype))) == 2.0
+    old = torch.zeros(1, 3, dtype=dtype)
+    adv = torch.tensor([[[1.5], [0.5], [2.0]]], dtype=dtype)
+    x = Inputs(lp, old, adv, torch.ones(1, 3, dtype=torch.bool))
+    for g in GRANULARITIES:
+        loss, grad, st = loss_and_grad(x, clip_eps=1.0, granularity=g, backend=backend)
+        assert grad[0].tolist() == pytest.approx([-1.5 * 2.0 / 3, -0.5 / 3, 0.0], rel=1e-6)
+        assert float(loss) == pytest.approx(-(1.5 * 2.0 + 0.5 + 2.0 * 2.0) / 3, rel=1e-6)
+        assert st.as_dict()["clipped_tokens"] == 1.0
+
+
+def test_grad_output_is_propagated(backend):
+    x = make_inputs(3, 7, 3, F64, mask_kind="full", seed=151)
+    x = x._replace(advantages=x.advantages + 1.0)
+    for g in GRANULARITIES:
+        lp = leaf(x.logp)
+        loss = pama_ext.pama_loss(lp, *x[1:], granularity=g, backend=backend)
+        (g1,) = torch.autograd.grad(loss, lp, retain_graph=True)
+        (g3,) = torch.autograd.grad(loss, lp, grad_outputs=torch.tensor(-2.5, dtype=F64))
+        assert_close_rel(g3, -2.5 * g1, 1e-14, msg=g)
+        assert bool((g1 != 0).any())
+
+
+def test_non_contiguous_inputs(backend):
+    x = make_inputs(4, 12, 3, F64, mask_kind="random", seed=161)
+    # transposed / strided views holding the same values
+    lp_nc = x.logp.T.contiguous().T
+    old_nc = torch.zeros(4, 24, dtype=F64)[:, ::2]
+    old_nc.copy_(x.old_logp)
+    adv_nc = torch.zeros(4, 12, 6, dtype=F64)[..., ::2]
+    adv_nc.copy_(x.advantages)
+    mask_nc = x.mask.T.contiguous().T
+    assert not (lp_nc.is_contiguous() or old_nc.is_contiguous() or adv_nc.is_contiguous() or mask_nc.is_contiguous())
+    for g in GRANULARITIES:
+        a = loss_and_grad(x, granularity=g, backend=backend)
+        b = loss_and_grad(Inputs(lp_nc, old_nc, adv_nc, mask_nc), granularity=g, backend=backend)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), g
+        assert b[1].shape == (4, 12)
+
+
+def test_mixed_input_dtypes_promote(backend):
+    x = make_inputs(3, 9, 3, torch.float32, mask_kind="ragged", seed=171)
+    mixed = x._replace(advantages=x.advantages.to(F64))
+    loss, grad, _ = loss_and_grad(mixed, backend=backend)
+    assert loss.dtype == F64 and grad.dtype == torch.float32  # computed in float64, grad in logp's dtype
+    ref = oracle(x, "batch", "token_mean")
+    assert_close_rel(loss, ref["loss"], 1e-12, msg="loss")
+    assert_close_rel(grad, ref["grad"], 1e-6, msg="grad")
+
+
+@given(
+    B=st.integers(1, 5),
+    T=st.integers(1, 12),
+    N=st.integers(1, 6),
+    per_sequence=st.booleans(),
+    mask_kind=st.sampled_from(["full", "ragged", "empty", "random"]),
+    granularity=st.sampled_from(GRANULARITIES),
+    loss_agg=st.sampled_from(LOSS_AGGS),
+    clip_eps=st.sampled_from([0.05, 0.2, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_shapes_match_oracle(B, T, N, per_sequence, mask_kind, granularity, loss_agg, clip_eps, seed):
+    x = make_inputs(B, T, N, F64, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed, clip_eps=clip_eps)
+    for b in BACKENDS:
+        check_against_oracle(x, b, granularity, loss_agg, clip_eps=clip_eps)
