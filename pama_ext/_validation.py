@@ -64,7 +64,7 @@ def check_loss_inputs(fn: str, logp, old_logp, advantages, mask) -> LossInputs:
     for name, x in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages)):
         _check_float(fn, name, x)
     if mask.is_complex():
-        raise TypeError(f"{fn}: `mask` must be bool, integer or floating, got {mask.dtype}")
+        raise TypeError(f"{fn}: `mask` must be bool, integer or floating, got {mask.dtype} with shape {_shape(mask)}")
     if logp.dim() != 2:
         raise ValueError(f"{fn}: `logp` must have shape [B, T], got {_shape(logp)}")
     b, t = logp.shape

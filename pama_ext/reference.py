@@ -358,7 +358,12 @@ def pama_loss_and_stats(
     # invalid tokens must not reach the graph: a NaN logp would poison the gradient via 0 * NaN
     lp = torch.where(valid, logp.to(acc), zero)
     old = torch.where(valid, old_logp.detach().to(acc), zero)
-    ratio = torch.exp(lp - old)
+    log_ratio = lp - old
+    # A clipped token (u > 1+eps) has no gradient and a loss of (1+eps) s whatever u is; cap
+    # its log-ratio, detached, so that an overflowing exp cannot turn 0 * inf into NaN.
+    clipped_tok = log_ratio.detach() > math.log1p(clip_eps) + 1.0
+    log_ratio = torch.where(clipped_tok, log_ratio.detach().clamp(max=30.0), log_ratio)
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     per_token = -torch.minimum(ratio * s, clipped * s)
     loss = (per_token * row_scale[:, None] * valid).sum()
