@@ -1,0 +1,764 @@
+// pama_cpu.cpp: the fused PAMA CPU kernels and the pybind11 module pama_ext._C.
+//
+// Contract: csrc/README.md (two passes over memory, the O(N^3) solve in between).
+//   forward  = one reduction pass: per sequence, in double, M_b, S_{b,i}, Q_{b,i}, Smin_b and
+//              the upper triangle of the Gram of I; then the solve; the loss is a dot product.
+//   backward = one elementwise pass: g_t = -grad * r_b * s_t * (u_t if u_t <= 1+eps else 0).
+//
+// Determinism: the work is cut into fixed units that depend only on (B, T), never on the
+// thread count: a unit is either a group of whole rows (T <= kBlock) or one kBlock-token
+// segment of a row (T > kBlock), so no unit crosses a sequence boundary. Each unit writes
+// its own slot and slots are reduced serially in index order, so every result is bitwise
+// identical for any number of threads.
+#include <torch/extension.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "pama_math.h"
+
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlock = 2048;  // tokens per work unit
+
+enum class Gran { Batch, Token, Sequence, BatchMean };
+enum class Agg { TokenMean, SeqMeanTokenMean };
+// What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean),
+// Smin (token). Accumulating only what the granularity needs is an optimisation; the
+// statistics it does accumulate are the ones the contract defines.
+enum class Mode { Gram, Mean, Min };
+
+Gran parse_granularity(const std::string& g) {
+  if (g == "batch") return Gran::Batch;
+  if (g == "token") return Gran::Token;
+  if (g == "sequence") return Gran::Sequence;
+  if (g == "batch_mean") return Gran::BatchMean;
+  TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
+                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean'");
+  return Gran::Batch;
+}
+
+Agg parse_loss_agg(const std::string& a) {
+  if (a == "token_mean") return Agg::TokenMean;
+  if (a == "seq_mean_token_mean") return Agg::SeqMeanTokenMean;
+  TORCH_CHECK_VALUE(false, "pama_loss: unknown loss_agg '", a,
+                    "'; expected one of 'token_mean', 'seq_mean_token_mean'");
+  return Agg::TokenMean;
+}
+
+Mode mode_of(Gran g) {
+  switch (g) {
+    case Gran::Batch: return Mode::Gram;
+    case Gran::Token: return Mode::Min;
+    default: return Mode::Mean;
+  }
+}
+
+// ------------------------------------------------------------------------------ partition
+struct Partition {
+  int64_t B = 0, T = 0;
+  int64_t rows_per_unit = 1;  // T <= kBlock: whole rows per unit
+  int64_t segs = 1;           // T > kBlock: segments per row
+  int64_t units = 0;
+};
+
+Partition make_partition(int64_t B, int64_t T) {
+  Partition p;
+  p.B = B;
+  p.T = T;
+  if (T > kBlock) {
+    p.segs = (T + kBlock - 1) / kBlock;
+    p.units = B * p.segs;
+  } else {
+    p.rows_per_unit = std::max<int64_t>(1, kBlock / std::max<int64_t>(T, 1));
+    p.units = (B + p.rows_per_unit - 1) / p.rows_per_unit;
+  }
+  return p;
+}
+
+// Calls f(b, t0, t1) for every row piece of unit u, in a fixed order.
+template <typename F>
+inline void for_each_piece(const Partition& p, int64_t u, F&& f) {
+  if (p.segs > 1) {
+    const int64_t b = u / p.segs, s = u % p.segs;
+    const int64_t t0 = s * kBlock, t1 = std::min(p.T, t0 + kBlock);
+    f(b, t0, t1);
+  } else {
+    const int64_t r0 = u * p.rows_per_unit, r1 = std::min(p.B, r0 + p.rows_per_unit);
+    for (int64_t b = r0; b < r1; ++b) f(b, int64_t(0), p.T);
+  }
+}
+
+inline int tri_size(int n) { return n * (n + 1) / 2; }
+
+// ------------------------------------------------------------------------------ loads
+template <typename op_t, typename scalar_t>
+inline op_t ld(const scalar_t* p, int64_t i) {
+  return static_cast<op_t>(p[i]);
+}
+
+// ------------------------------------------------------------------------------ forward pass
+// Per-row statistics layout (double): [M_b, Smin_b, S_{b,0..n-1}, Q_{b,0..n-1}].
+inline int row_stride(int n) { return 2 + 2 * n; }
+// Per-unit slot layout (double): [clipped, nf_logp, nf_old_logp, nf_adv, G upper (n(n+1)/2
+// for Mode::Gram), row partial (row_stride, only when rows are split into segments)].
+constexpr int kCounts = 4;
+
+struct FwdArgs {
+  const void* logp;
+  const void* old_logp;
+  const void* adv;
+  const bool* mask;
+  int64_t T;
+  int n;
+  double one_plus_eps;
+};
+
+// Accumulates tokens [t0, t1) of row b into row (+= [M, Smin, S, Q]), gram (+= upper
+// triangle) and cnt (+= [clipped, nf_logp, nf_old, nf_adv]).
+//   NT: N at compile time (0 = runtime n).  BC: advantages are [B, N] (t-stride 0).
+template <typename scalar_t, typename op_t, int NT, bool BC, Mode MODE>
+void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram,
+               int64_t* cnt) {
+  constexpr int CAP = NT > 0 ? NT : PAMA_MAX_N;
+  const int n = NT > 0 ? NT : a.n;
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const bool* mk = a.mask + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+
+  int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
+
+  if constexpr (BC) {
+    // Sequence-level advantages: A is constant along the row, so the sums factor:
+    // S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij = A_i A_j #{ind}, Smin = min_i A_i sum_t m_t.
+    // The per-token work is just the ratio (exact refactoring of the per-token sums; the
+    // products are formed once in double instead of per token in op_t).
+    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+    op_t A[CAP];
+    bool fa = true;
+    for (int i = 0; i < n; ++i) {
+      const op_t v = ld<op_t>(ar, i);
+      fa = fa && pama::pisfinite(v);
+      A[i] = pama::noon(v);
+    }
+    double sum_m = 0.0;
+    int64_t n_ind = 0;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!mk[t]) continue;
+      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
+      const bool fl = pama::pisfinite(x), fo = pama::pisfinite(y);
+      if (!(fl && fo && fa)) {
+        nf_lp += !fl;
+        nf_olp += !fo;
+        nf_adv += !fa;
+        continue;
+      }
+      const op_t u = pama::ratio(x, y);
+      const bool ind = pama::indicator(u, thr);
+      sum_m += static_cast<double>(pama::clipped_ratio(u, thr));
+      n_ind += ind;
+      ++m_cnt;
+    }
+    clipped = m_cnt - n_ind;  // valid tokens with u > 1 + eps
+    const double ni = static_cast<double>(n_ind);
+    row[0] += static_cast<double>(m_cnt);
+    if constexpr (MODE == Mode::Min) {
+      op_t mn = A[0];
+      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+      row[1] += static_cast<double>(mn) * sum_m;
+    } else {
+      for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
+      if constexpr (MODE == Mode::Mean) {
+        for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;
+      } else {
+        int k = 0;
+        for (int i = 0; i < n; ++i)
+          for (int j = i; j < n; ++j, ++k)
+            gram[k] += static_cast<double>(A[i]) * static_cast<double>(A[j]) * ni;
+      }
+    }
+  } else {
+    const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
+    // Local double accumulators (registers for small NT); added to the slots once.
+    double S[CAP], Q[CAP];
+    constexpr int GCAP = (MODE == Mode::Gram) ? CAP * (CAP + 1) / 2 : 1;
+    double Gl[GCAP];
+    double smin = 0.0;
+    for (int i = 0; i < n; ++i) S[i] = Q[i] = 0.0;
+    if constexpr (MODE == Mode::Gram)
+      for (int k = 0; k < tri_size(n); ++k) Gl[k] = 0.0;
+
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!mk[t]) continue;
+      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
+      const scalar_t* at = ad + t * n;
+      op_t A[CAP];
+      bool fa = true;
+      for (int i = 0; i < n; ++i) {
+        A[i] = ld<op_t>(at, i);
+        fa = fa && pama::pisfinite(A[i]);
+      }
+      const bool fl = pama::pisfinite(x), fo = pama::pisfinite(y);
+      if (!(fl && fo && fa)) {
+        nf_lp += !fl;
+        nf_olp += !fo;
+        nf_adv += !fa;
+        continue;
+      }
+      const op_t u = pama::ratio(x, y);
+      const bool ind = pama::indicator(u, thr);
+      const op_t m = pama::clipped_ratio(u, thr);
+      clipped += !ind;
+      ++m_cnt;
+      for (int i = 0; i < n; ++i) A[i] = pama::noon(A[i]);
+      if constexpr (MODE == Mode::Min) {
+        op_t mn = A[0];
+        for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+        smin += static_cast<double>(mn * m);
+      } else {
+        for (int i = 0; i < n; ++i) S[i] += static_cast<double>(A[i] * m);
+        if (ind) {
+          if constexpr (MODE == Mode::Mean) {
+            for (int i = 0; i < n; ++i) Q[i] += static_cast<double>(A[i]);
+          } else if constexpr (NT > 0) {
+            // fixed small N: fully unrolled upper triangle
+            int k = 0;
+            for (int i = 0; i < NT; ++i) {
+              const double ai = static_cast<double>(A[i]);
+              for (int j = i; j < NT; ++j, ++k) Gl[k] += ai * static_cast<double>(A[j]);
+            }
+          } else {
+            // generic N: only the non-zero Noon advantages contribute (about half of them)
+            int idx[CAP];
+            double val[CAP];
+            int p = 0;
+            for (int i = 0; i < n; ++i)
+              if (A[i] != op_t(0)) {
+                idx[p] = i;
+                val[p] = static_cast<double>(A[i]);
+                ++p;
+              }
+            for (int q = 0; q < p; ++q) {
+              const int i = idx[q];
+              double* gi = Gl + (i * n - i * (i - 1) / 2) - i;  // gi[j] = G(i, j), j >= i
+              const double vi = val[q];
+              for (int r = q; r < p; ++r) gi[idx[r]] += vi * val[r];
+            }
+          }
+        }
+      }
+    }
+    row[0] += static_cast<double>(m_cnt);
+    if constexpr (MODE == Mode::Min) {
+      row[1] += smin;
+    } else {
+      for (int i = 0; i < n; ++i) row[2 + i] += S[i];
+      if constexpr (MODE == Mode::Mean)
+        for (int i = 0; i < n; ++i) row[2 + n + i] += Q[i];
+      if constexpr (MODE == Mode::Gram)
+        for (int k = 0; k < tri_size(n); ++k) gram[k] += Gl[k];
+    }
+  }
+  cnt[0] += clipped;
+  cnt[1] += nf_lp;
+  cnt[2] += nf_olp;
+  cnt[3] += nf_adv;
+}
+
+struct FwdPass {
+  std::vector<double> rows;   // [B, row_stride]
+  std::vector<double> slots;  // [units, slot_stride]
+  int slot_stride = 0;
+  int gram_off = kCounts;
+  int rowpart_off = 0;
+};
+
+template <typename scalar_t, typename op_t, int NT, bool BC, Mode MODE>
+void run_forward_pass(const FwdArgs& a, const Partition& p, FwdPass& out) {
+  const int n = a.n;
+  const int R = row_stride(n);
+  const int nG = (MODE == Mode::Gram) ? tri_size(n) : 0;
+  out.gram_off = kCounts;
+  out.rowpart_off = kCounts + nG;
+  out.slot_stride = kCounts + nG + (p.segs > 1 ? R : 0);
+  out.rows.assign(static_cast<size_t>(p.B * R), 0.0);
+  out.slots.assign(static_cast<size_t>(p.units * out.slot_stride), 0.0);
+  double* rows = out.rows.data();
+  double* slots = out.slots.data();
+  const int S = out.slot_stride, goff = out.gram_off, roff = out.rowpart_off;
+  at::parallel_for(0, p.units, 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      double* slot = slots + u * S;
+      int64_t cnt[4] = {0, 0, 0, 0};
+      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) {
+        double* row = (p.segs > 1) ? slot + roff : rows + b * R;
+        fwd_piece<scalar_t, op_t, NT, BC, MODE>(a, b, t0, t1, row, slot + goff, cnt);
+      });
+      for (int k = 0; k < 4; ++k) slot[k] = static_cast<double>(cnt[k]);
+    }
+  });
+  if (p.segs > 1) {  // per-row totals: segments in order
+    for (int64_t b = 0; b < p.B; ++b) {
+      double* row = rows + b * R;
+      for (int64_t s = 0; s < p.segs; ++s) {
+        const double* part = slots + (b * p.segs + s) * S + roff;
+        for (int k = 0; k < R; ++k) row[k] += part[k];
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename op_t, bool BC, Mode MODE>
+void forward_pass_n(const FwdArgs& a, const Partition& p, FwdPass& out) {
+  switch (a.n) {
+    case 1: return run_forward_pass<scalar_t, op_t, 1, BC, MODE>(a, p, out);
+    case 2: return run_forward_pass<scalar_t, op_t, 2, BC, MODE>(a, p, out);
+    case 4: return run_forward_pass<scalar_t, op_t, 4, BC, MODE>(a, p, out);
+    case 8: return run_forward_pass<scalar_t, op_t, 8, BC, MODE>(a, p, out);
+    default: return run_forward_pass<scalar_t, op_t, 0, BC, MODE>(a, p, out);
+  }
+}
+
+template <typename scalar_t, typename op_t>
+void forward_pass(const FwdArgs& a, const Partition& p, bool bc, Mode mode, FwdPass& out) {
+  if (bc) {
+    switch (mode) {
+      case Mode::Gram: return forward_pass_n<scalar_t, op_t, true, Mode::Gram>(a, p, out);
+      case Mode::Mean: return forward_pass_n<scalar_t, op_t, true, Mode::Mean>(a, p, out);
+      case Mode::Min: return forward_pass_n<scalar_t, op_t, true, Mode::Min>(a, p, out);
+    }
+  } else {
+    switch (mode) {
+      case Mode::Gram: return forward_pass_n<scalar_t, op_t, false, Mode::Gram>(a, p, out);
+      case Mode::Mean: return forward_pass_n<scalar_t, op_t, false, Mode::Mean>(a, p, out);
+      case Mode::Min: return forward_pass_n<scalar_t, op_t, false, Mode::Min>(a, p, out);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ backward pass
+struct BwdArgs {
+  const void* logp;
+  const void* old_logp;
+  const void* adv;
+  const bool* mask;
+  void* grad;
+  int64_t T;
+  int n;
+  double one_plus_eps;
+  const void* weights;    // op_t: [N] (shared), [B, N] (per row) or null (token)
+  bool weights_per_row;
+  const void* row_scale;  // op_t [B]
+  double grad_out;
+};
+
+template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
+void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
+  constexpr int CAP = NT > 0 ? NT : PAMA_MAX_N;
+  const int n = NT > 0 ? NT : a.n;
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const bool* mk = a.mask + base;
+  scalar_t* g = static_cast<scalar_t*>(a.grad) + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  // coef = -grad_out * r_b: the double product of two op_t values rounded once to op_t is
+  // exactly op_t multiplication.
+  const op_t rb = static_cast<const op_t*>(a.row_scale)[b];
+  const op_t coef = static_cast<op_t>(-(a.grad_out * static_cast<double>(rb)));
+  op_t c[CAP];
+  if constexpr (!TOKEN) {
+    const op_t* w = static_cast<const op_t*>(a.weights) + (a.weights_per_row ? b * n : 0);
+    for (int i = 0; i < n; ++i) c[i] = w[i];
+  }
+  auto combine = [&](const op_t* A) -> op_t {  // s_t from Noon-clamped advantages
+    if constexpr (TOKEN) {
+      op_t mn = A[0];
+      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+      return mn;
+    } else {
+      op_t s = c[0] * A[0];
+      for (int i = 1; i < n; ++i) s += c[i] * A[i];
+      return s;
+    }
+  };
+  if constexpr (BC) {
+    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+    op_t A[CAP];
+    bool fa = true;
+    for (int i = 0; i < n; ++i) {
+      const op_t v = ld<op_t>(ar, i);
+      fa = fa && pama::pisfinite(v);
+      A[i] = pama::noon(v);
+    }
+    const op_t cs = coef * combine(A);
+    for (int64_t t = t0; t < t1; ++t) {
+      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
+      const bool valid = mk[t] && fa && pama::pisfinite(x) && pama::pisfinite(y);
+      const op_t u = pama::ratio(x, y);
+      g[t] = static_cast<scalar_t>(valid && pama::indicator(u, thr) ? cs * u : op_t(0));
+    }
+  } else {
+    const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
+    for (int64_t t = t0; t < t1; ++t) {
+      if (!mk[t]) {
+        g[t] = static_cast<scalar_t>(op_t(0));
+        continue;
+      }
+      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
+      const scalar_t* at = ad + t * n;
+      op_t A[CAP];
+      bool fa = true;
+      for (int i = 0; i < n; ++i) {
+        const op_t v = ld<op_t>(at, i);
+        fa = fa && pama::pisfinite(v);
+        A[i] = pama::noon(v);
+      }
+      const bool valid = fa && pama::pisfinite(x) && pama::pisfinite(y);
+      const op_t u = pama::ratio(x, y);
+      // a select, not a product with the indicator: u = inf gives 0, not NaN
+      g[t] = static_cast<scalar_t>(valid && pama::indicator(u, thr) ? (coef * combine(A)) * u : op_t(0));
+    }
+  }
+}
+
+template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
+void run_backward_pass(const BwdArgs& a, const Partition& p) {
+  at::parallel_for(0, p.units, 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u)
+      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) {
+        bwd_piece<scalar_t, op_t, NT, BC, TOKEN>(a, b, t0, t1);
+      });
+  });
+}
+
+template <typename scalar_t, typename op_t, bool BC, bool TOKEN>
+void backward_pass_n(const BwdArgs& a, const Partition& p) {
+  switch (a.n) {
+    case 1: return run_backward_pass<scalar_t, op_t, 1, BC, TOKEN>(a, p);
+    case 2: return run_backward_pass<scalar_t, op_t, 2, BC, TOKEN>(a, p);
+    case 4: return run_backward_pass<scalar_t, op_t, 4, BC, TOKEN>(a, p);
+    case 8: return run_backward_pass<scalar_t, op_t, 8, BC, TOKEN>(a, p);
+    default: return run_backward_pass<scalar_t, op_t, 0, BC, TOKEN>(a, p);
+  }
+}
+
+// ------------------------------------------------------------------------------ checks
+void check_inputs(const char* fn, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                  const Tensor& mask) {
+  TORCH_CHECK(logp.device().is_cpu() && old_logp.device().is_cpu() && advantages.device().is_cpu() &&
+                  mask.device().is_cpu(),
+              fn, ": the CPU kernel needs CPU tensors");
+  TORCH_CHECK_VALUE(logp.dim() == 2, fn, ": `logp` must be [B, T], got ", logp.sizes());
+  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), fn, ": `old_logp` must have the shape of `logp` ",
+                    logp.sizes(), ", got ", old_logp.sizes());
+  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), fn, ": `mask` must have the shape of `logp` ", logp.sizes(),
+                    ", got ", mask.sizes());
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, fn, ": `mask` must be bool, got ", mask.scalar_type());
+  const auto st = logp.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, fn,
+                    ": `logp` must be float64, float32, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(old_logp.scalar_type() == st && advantages.scalar_type() == st, fn,
+                    ": `logp`, `old_logp` and `advantages` must share one dtype");
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const bool ok_adv = (advantages.dim() == 3 && advantages.size(0) == B && advantages.size(1) == T) ||
+                      (advantages.dim() == 2 && advantages.size(0) == B);
+  TORCH_CHECK_VALUE(ok_adv, fn, ": `advantages` must be [B, T, N] or [B, N] with [B, T] = ", logp.sizes(),
+                    ", got ", advantages.sizes());
+  const int64_t n = advantages.size(-1);
+  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, fn, ": the number of objectives N must be in [1, ", PAMA_MAX_N,
+                    "], got ", n);
+  TORCH_CHECK_VALUE(logp.is_contiguous() && old_logp.is_contiguous() && advantages.is_contiguous() &&
+                        mask.is_contiguous(),
+                    fn, ": inputs must be contiguous");
+}
+
+at::ScalarType acc_dtype_of(const Tensor& logp) {
+  return logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// ------------------------------------------------------------------------------ ops
+std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, const Tensor& old_logp,
+                                                       const Tensor& advantages, const Tensor& mask,
+                                                       double clip_eps, const std::string& granularity,
+                                                       const std::string& loss_agg, bool check_finite) {
+  check_inputs("pama_forward", logp, old_logp, advantages, mask);
+  const Gran gran = parse_granularity(granularity);
+  const Agg agg = parse_loss_agg(loss_agg);
+  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "pama_loss: clip_eps must be a finite number > 0, got ",
+                    clip_eps);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const int n = static_cast<int>(advantages.size(-1));
+  const bool bc = advantages.dim() == 2;
+  const Mode mode = mode_of(gran);
+  const Partition part = make_partition(B, T);
+
+  FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), mask.data_ptr<bool>(),
+               T, n, 1.0 + clip_eps};
+  FwdPass pass;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
+    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_pass<scalar_t, op_t>(args, part, bc, mode, pass);
+  });
+
+  // ---- reductions in fixed order
+  const int R = row_stride(n);
+  double counts[4] = {0, 0, 0, 0};
+  for (int64_t u = 0; u < part.units; ++u)
+    for (int k = 0; k < 4; ++k) counts[k] += pass.slots[u * pass.slot_stride + k];
+  // Non-finite tokens at masked positions: raise (check_finite) naming the first offender.
+  if (check_finite) {
+    static const char* names[3] = {"logp", "old_logp", "advantages"};
+    for (int k = 0; k < 3; ++k)
+      TORCH_CHECK_VALUE(counts[1 + k] == 0.0, "pama_loss: `", names[k], "` has ",
+                        static_cast<int64_t>(counts[1 + k]),
+                        " non-finite value(s) at masked positions; pass nonfinite='mask' to drop such tokens "
+                        "instead");
+  }
+  const double* rows = pass.rows.data();
+  double M = 0.0;
+  int64_t nonempty = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    M += rows[b * R];
+    nonempty += rows[b * R] > 0.0;
+  }
+
+  const auto acc = acc_dtype_of(logp);
+  const auto dopt = at::TensorOptions().dtype(at::kDouble);
+  // weights (double) used by the loss after rounding to the acc dtype, so that the loss is
+  // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
+  std::vector<double> c;  // [N] or [B, N]
+  double objective = 0.0, kkt = 0.0;
+  if (gran == Gran::Batch) {
+    const int nG = tri_size(n);
+    std::vector<double> gu(nG, 0.0);
+    for (int64_t u = 0; u < part.units; ++u) {
+      const double* g = pass.slots.data() + u * pass.slot_stride + pass.gram_off;
+      for (int k = 0; k < nG; ++k) gu[k] += g[k];
+    }
+    std::vector<double> G(static_cast<size_t>(n) * n);
+    for (int i = 0, k = 0; i < n; ++i)
+      for (int j = i; j < n; ++j, ++k) G[i * n + j] = G[j * n + i] = gu[k];
+    c.resize(n);
+    auto sc = std::make_unique<pama::MinNormScratch>();
+    pama::min_norm_weights(G.data(), n, c.data(), sc.get());
+    pama::quad_objective_kkt(G.data(), n, c.data(), &objective, &kkt);
+  } else if (gran == Gran::BatchMean) {
+    std::vector<double> a(n, 0.0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int i = 0; i < n; ++i) a[i] += rows[b * R + 2 + n + i];
+    for (int i = 0; i < n; ++i) a[i] = M > 0.0 ? a[i] / M : 0.0;
+    c.resize(n);
+    pama::theorem1(a.data(), n, c.data());
+    double s = 0.0;
+    for (int i = 0; i < n; ++i) s += c[i] * a[i];
+    objective = s * s;
+  } else if (gran == Gran::Sequence) {
+    c.assign(static_cast<size_t>(B) * n, 0.0);
+    std::vector<double> per_row(B, 0.0);
+    at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+      double a[PAMA_MAX_N];
+      for (int64_t b = b0; b < b1; ++b) {
+        const double mb = rows[b * R];
+        for (int i = 0; i < n; ++i) a[i] = mb > 0.0 ? rows[b * R + 2 + n + i] / mb : 0.0;
+        double* cb = c.data() + b * n;
+        pama::theorem1(a, n, cb);
+        double s = 0.0;
+        for (int i = 0; i < n; ++i) s += cb[i] * a[i];
+        per_row[b] = s * s;
+      }
+    });
+    double tot = 0.0;
+    for (int64_t b = 0; b < B; ++b)
+      if (rows[b * R] > 0.0) tot += per_row[b];
+    objective = nonempty > 0 ? tot / static_cast<double>(nonempty) : 0.0;
+  }
+
+  // row scales
+  Tensor row_scale_d = at::empty({B}, dopt);
+  double* rs = row_scale_d.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {
+    const double mb = rows[b * R];
+    if (agg == Agg::TokenMean)
+      rs[b] = M > 0.0 ? 1.0 / M : 0.0;
+    else
+      rs[b] = mb > 0.0 ? 1.0 / (static_cast<double>(nonempty) * mb) : 0.0;
+  }
+  Tensor row_scale = row_scale_d.to(acc);
+  Tensor weights;
+  if (gran == Gran::Token) {
+    weights = at::empty({0}, at::TensorOptions().dtype(acc));
+  } else {
+    Tensor wd = gran == Gran::Sequence ? at::empty({B, n}, dopt) : at::empty({n}, dopt);
+    std::copy(c.begin(), c.end(), wd.data_ptr<double>());
+    weights = wd.to(acc);
+  }
+  // loss = -sum_b r_b sum_i c_i S_{b,i}  (or -sum_b r_b Smin_b), with the rounded outputs
+  const Tensor rsr = row_scale.to(at::kDouble);
+  const Tensor wr = weights.to(at::kDouble);
+  const double* r_used = rsr.data_ptr<double>();
+  const double* c_used = wr.data_ptr<double>();
+  double loss = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    const double* row = rows + b * R;
+    double v;
+    if (gran == Gran::Token) {
+      v = row[1];
+    } else {
+      const double* cb = c_used + (gran == Gran::Sequence ? b * n : 0);
+      v = 0.0;
+      for (int i = 0; i < n; ++i) v += cb[i] * row[2 + i];
+    }
+    loss += r_used[b] * v;
+  }
+  loss = -loss;
+  if (loss == 0.0) loss = 0.0;  // no -0.0
+
+  Tensor stats = at::empty({8}, dopt);
+  double* st = stats.data_ptr<double>();
+  st[0] = M;
+  st[1] = counts[0];
+  st[2] = counts[1];
+  st[3] = counts[2];
+  st[4] = counts[3];
+  st[5] = objective;
+  st[6] = kkt;
+  st[7] = static_cast<double>(nonempty);
+  Tensor loss_t = at::scalar_tensor(loss, dopt).to(acc);
+  return {loss_t, weights, row_scale, stats};
+}
+
+Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                     const Tensor& mask, const Tensor& weights, const Tensor& row_scale, double clip_eps,
+                     const std::string& granularity) {
+  check_inputs("pama_backward", logp, old_logp, advantages, mask);
+  const Gran gran = parse_granularity(granularity);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const int n = static_cast<int>(advantages.size(-1));
+  const bool bc = advantages.dim() == 2;
+  const auto acc = acc_dtype_of(logp);
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pama_backward: grad_loss must hold one value");
+  const double go = grad_loss.to(at::kDouble).item<double>();
+  // weights and row scales are read in the per-token precision (= the acc dtype)
+  const Tensor rsc = row_scale.to(at::kCPU, acc).contiguous();
+  TORCH_CHECK_VALUE(rsc.numel() == B, "pama_backward: row_scale must be [B]");
+  Tensor wc;
+  bool per_row = false;
+  if (gran != Gran::Token) {
+    wc = weights.to(at::kCPU, acc).contiguous();
+    per_row = gran == Gran::Sequence;
+    TORCH_CHECK_VALUE(wc.numel() == (per_row ? B * n : n), "pama_backward: weights must be ",
+                      per_row ? "[B, N]" : "[N]", " for granularity '", granularity, "'");
+  }
+  Tensor grad = at::empty_like(logp);
+  if (logp.numel() == 0) return grad;
+  const Partition part = make_partition(B, T);
+  BwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), mask.data_ptr<bool>(),
+               grad.data_ptr(), T, n, 1.0 + clip_eps, wc.defined() ? wc.data_ptr() : nullptr, per_row,
+               rsc.data_ptr(), go};
+  const bool token = gran == Gran::Token;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_backward", [&] {
+    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    if (bc) {
+      if (token) backward_pass_n<scalar_t, op_t, true, true>(args, part);
+      else backward_pass_n<scalar_t, op_t, true, false>(args, part);
+    } else {
+      if (token) backward_pass_n<scalar_t, op_t, false, true>(args, part);
+      else backward_pass_n<scalar_t, op_t, false, false>(args, part);
+    }
+  });
+  return grad;
+}
+
+// min over the simplex of c^T G c (float64 [N]).
+Tensor min_norm_weights_op(const Tensor& gram) {
+  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), "min_norm_weights: gram must be [N, N], got ",
+                    gram.sizes());
+  const int64_t n = gram.size(0);
+  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, "min_norm_weights: N must be in [1, ", PAMA_MAX_N, "], got ", n);
+  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
+  Tensor c = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
+  auto sc = std::make_unique<pama::MinNormScratch>();
+  pama::min_norm_weights(g.data_ptr<double>(), static_cast<int>(n), c.data_ptr<double>(), sc.get());
+  return c;
+}
+
+// The same, with the solver's diagnostics (for tests): (weights, objective, kkt_residual,
+// major iterations, minor iterations, status: 0 converged, 1 iteration cap, 2 singular
+// bordered system, 3 stalled, 4 trivial case (N <= 2 or G = 0)).
+py::tuple min_norm_weights_info_op(const Tensor& gram) {
+  Tensor c = min_norm_weights_op(gram);
+  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
+  const int n = static_cast<int>(g.size(0));
+  auto sc = std::make_unique<pama::MinNormScratch>();
+  pama::MinNormInfo info;
+  std::vector<double> c2(n);
+  pama::min_norm_weights(g.data_ptr<double>(), n, c2.data(), sc.get(), &info);
+  double obj = 0.0, kkt = 0.0;
+  pama::quad_objective_kkt(g.data_ptr<double>(), n, c.data_ptr<double>(), &obj, &kkt);
+  return py::make_tuple(c, obj, kkt, info.major_iters, info.minor_iters, info.status);
+}
+
+// Theorem 1 along the last dimension (float64, same shape).
+Tensor theorem1_op(const Tensor& a) {
+  TORCH_CHECK_VALUE(a.dim() >= 1 && a.size(-1) >= 1, "theorem1: expected a tensor [..., N] with N >= 1, got ",
+                    a.sizes());
+  const Tensor x = a.to(at::kCPU, at::kDouble).contiguous();
+  Tensor c = at::empty_like(x);
+  const int64_t n = x.size(-1);
+  const int64_t rows = n > 0 ? x.numel() / n : 0;
+  const double* px = x.data_ptr<double>();
+  double* pc = c.data_ptr<double>();
+  at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) pama::theorem1(px + r * n, static_cast<int>(n), pc + r * n);
+  });
+  return c;
+}
+
+py::dict build_info() {
+  py::dict d;
+  py::list backends;
+  backends.append("cpu");
+  d["backends"] = backends;
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
+  d["num_threads"] = at::get_num_threads();
+  d["torch_version"] = std::string(TORCH_VERSION);
+  d["cuda"] = py::none();
+  d["max_objectives"] = PAMA_MAX_N;
+  d["block_tokens"] = kBlock;
+  d["specialised_n"] = py::make_tuple(1, 2, 4, 8);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pama_ext._C: fused PAMA CPU kernels (see csrc/README.md)";
+  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
+        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
+        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
+  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
+        py::arg("clip_eps"), py::arg("granularity"));
+  m.def("min_norm_weights", &min_norm_weights_op, "exact argmin over the simplex of c^T G c (float64)",
+        py::arg("gram"));
+  m.def("_min_norm_weights_info", &min_norm_weights_info_op,
+        "min_norm_weights with diagnostics: (weights, objective, kkt_residual, major, minor, status)",
+        py::arg("gram"));
+  m.def("theorem1", &theorem1_op, "Theorem 1 weights along the last dimension (float64)", py::arg("a"));
+  m.def("build_info", &build_info, "what this extension was compiled with");
+}
