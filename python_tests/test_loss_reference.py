@@ -581,3 +581,25 @@ def test_random_shapes_match_oracle(B, T, N, per_sequence, mask_kind, granularit
     x = make_inputs(B, T, N, F64, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed, clip_eps=clip_eps)
     for b in BACKENDS:
         check_against_oracle(x, b, granularity, loss_agg, clip_eps=clip_eps)
+
+
+# (B, T, N, mask kind, dtype): long rows (several 2048-token blocks per row), every
+# N-specialised kernel width (1, 2, 4, 8) and the generic path (3, 16, 64)
+LARGE_CASES = [
+    (2, 4500, 4, "ragged", F64),
+    (1, 4100, 1, "full", torch.float32),
+    (3, 900, 2, "random", F64),
+    (1, 2100, 8, "full", torch.float32),
+    (64, 20, 3, "ragged", torch.float32),
+    (2, 300, 16, "random", F64),
+    (1, 300, 64, "full", F64),
+]
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("case", LARGE_CASES, ids=lambda c: f"B{c[0]}T{c[1]}N{c[2]}-{c[3]}-{str(c[4])[6:]}")
+def test_large_batches_match_oracle(backend, case, granularity):
+    B, T, N, mask_kind, dtype = case
+    x = make_inputs(B, T, N, dtype, mask_kind=mask_kind, seed=B * T + N)
+    agg = LOSS_AGGS[(B + N) % 2]
+    check_against_oracle(x, backend, granularity, agg)
