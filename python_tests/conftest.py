@@ -170,8 +170,3 @@ TOLS = {
 @pytest.fixture(params=BACKENDS, scope="module")
 def backend(request):
     return request.param
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(12345)
