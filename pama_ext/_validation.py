@@ -6,6 +6,7 @@ synchronisation and trace under ``torch.compile``.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -28,7 +29,8 @@ def check_choice(fn: str, name: str, value, choices) -> None:
 
 
 def check_clip_eps(fn: str, clip_eps) -> float:
-    if isinstance(clip_eps, bool) or not isinstance(clip_eps, (int, float)):
+    # numbers.Real admits numpy scalars; a tensor is refused (reading it would sync a GPU)
+    if isinstance(clip_eps, bool) or not isinstance(clip_eps, numbers.Real):
         raise TypeError(f"{fn}: `clip_eps` must be a positive float, got {type(clip_eps).__name__}")
     clip_eps = float(clip_eps)
     if not clip_eps > 0 or clip_eps == float("inf"):
