@@ -22,6 +22,11 @@ just before the call) minus the resident set before it, with glibc told to mmap 
 allocation of 64 KiB or more (``MALLOC_MMAP_THRESHOLD_``) so that freed tensors leave
 the resident set and the mark counts live bytes. It is the memory the call needs on top of
 its inputs, the returned gradient included. Set ``PAMA_BENCH_PEAK=0`` to skip it.
+
+The summary's ratios compare the fastest round of each implementation (``min_s``; the
+median ratios are in the JSON too): on a shared 2-core machine other jobs inflate the
+median far more than the minimum. ``PAMA_BENCH_THREADS=1`` runs single-threaded (the
+default is torch's, i.e. one thread per core).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ if str(HERE) not in sys.path:  # `python benchmarks/bench_cpu_loss.py` and the p
 
 import pama_ext  # noqa: E402
 from eager_baselines import check_lean_against_pama, lean_pama_loss, make_inputs  # noqa: E402
+
+if os.environ.get("PAMA_BENCH_THREADS"):  # e.g. 1 for timings that survive other jobs on the cores
+    torch.set_num_threads(int(os.environ["PAMA_BENCH_THREADS"]))
 
 SIZES = {"64k": (64, 1024), "1M": (256, 4096)}
 NS = (2, 4, 8)
@@ -122,7 +130,8 @@ def _peak_child(size: str, n: int, granularity: str, method: str) -> dict:
 def measure_peak(size: str, n: int, granularity: str, method: str):
     if os.environ.get("PAMA_BENCH_PEAK", "1") == "0":
         return None
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    threads = str(torch.get_num_threads())
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=threads, PAMA_BENCH_THREADS=threads)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-child", size, str(n), granularity, method]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
@@ -189,6 +198,7 @@ def summarise(bench_json: dict) -> dict:
         row = rows.setdefault(key, {"size": e["size"], "B": e["B"], "T": e["T"], "N": e["N"], "granularity": e["granularity"], "methods": {}})
         row["methods"][e["method"]] = {
             "median_s": bm["stats"]["median"],
+            "mean_s": bm["stats"]["mean"],
             "min_s": bm["stats"]["min"],
             "rounds": bm["stats"]["rounds"],
             "peak_bytes": e.get("peak_bytes"),
@@ -198,13 +208,12 @@ def summarise(bench_json: dict) -> dict:
     for key in sorted(rows, key=lambda k: (k[2] != "batch", order.get(k[0], 99), k[1], k[2])):
         row = rows[key]
         ms = row["methods"]
-        for other in ("torch", "lean_eager"):
-            if "cpp" in ms and other in ms:
-                row[f"{other}/cpp"] = ms[other]["median_s"] / ms["cpp"]["median_s"]
-                pa, pb = ms[other]["peak_bytes"], ms["cpp"]["peak_bytes"]
-                row[f"{other}/cpp peak"] = (pa / pb) if pa is not None and pb else None
-        if "torch" in ms and "lean_eager" in ms:
-            row["torch/lean_eager"] = ms["torch"]["median_s"] / ms["lean_eager"]["median_s"]
+        for a, b in (("torch", "cpp"), ("lean_eager", "cpp"), ("torch", "lean_eager")):
+            if a in ms and b in ms:
+                row[f"{a}/{b}"] = ms[a]["min_s"] / ms[b]["min_s"]
+                row[f"{a}/{b} (median)"] = ms[a]["median_s"] / ms[b]["median_s"]
+                pa, pb = ms[a]["peak_bytes"], ms[b]["peak_bytes"]
+                row[f"{a}/{b} peak"] = (pa / pb) if pa is not None and pb else None
         out.append(row)
     return {
         "machine": {
@@ -217,7 +226,7 @@ def summarise(bench_json: dict) -> dict:
             "pama_ext_backends": pama_ext.available_backends(),
         },
         "datetime": bench_json.get("datetime"),
-        "timing": "median of pytest-benchmark rounds, forward + backward, float32",
+        "timing": "forward + backward, float32; ratios of the fastest round (min_s), median ratios alongside",
         "rows": out,
     }
 
@@ -225,7 +234,7 @@ def summarise(bench_json: dict) -> dict:
 def format_table(summary: dict) -> str:
     def ms(row, m):
         v = row["methods"].get(m)
-        return f"{v['median_s'] * 1e3:.2f}" if v else "-"
+        return f"{v['min_s'] * 1e3:.2f}" if v else "-"
 
     def mb(row, m):
         v = row["methods"].get(m)
@@ -260,6 +269,7 @@ def main(argv=None) -> int:
         print(json.dumps(_peak_child(size, int(n), gran, method)))
         return 0
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     if args.from_json:
         raw = json.loads(Path(args.from_json).read_text())
     else:
@@ -275,6 +285,8 @@ def main(argv=None) -> int:
     summary = summarise(raw)
     if not args.from_json:
         summary["wall_s"] = time.perf_counter() - t0
+        summary["loadavg_before"] = load_before
+        summary["loadavg_after"] = os.getloadavg()
     table = format_table(summary)
     summary["table_markdown"] = table
     out = Path(args.out)

@@ -79,22 +79,24 @@ def lean_pama_loss(
         m = int(mask.sum())
         inv_m = 1.0 / max(m, 1)
         adv = advantages.detach().view(-1, n)
-        keep_f = keep.view(-1).to(adv.dtype)
-        clip_f = clipped.view(-1).to(adv.dtype)
+        keep_flat, clip_flat = keep.view(-1), clipped.view(-1)
         total = adv.shape[0]
         step = max(1, chunk_elems // n)
         gram = adv.new_zeros(n, n)
         sum_clipped = adv.new_zeros(n)
         for lo in range(0, total, step):
-            a = adv[lo : lo + step].clamp_min(0)  # Noon clamp
-            sum_clipped += clip_f[lo : lo + step] @ a
-            a.mul_(keep_f[lo : lo + step, None])  # I(A): zero where clipped or masked out
+            hi = lo + step
+            a = adv[lo:hi].clamp_min(0)  # Noon clamp
+            sum_clipped += clip_flat[lo:hi].to(a.dtype) @ a
+            a.mul_(keep_flat[lo:hi, None])  # I(A): zero where clipped or masked out
             gram += a.T @ a
         c = pama_ext.min_norm_weights(gram.double()).to(adv.dtype)
         w = torch.empty(total, dtype=adv.dtype)
         for lo in range(0, total, step):
-            torch.mv(adv[lo : lo + step].clamp_min(0), c, out=w[lo : lo + step])
-        w.mul_(keep_f).mul_(inv_m)  # s_t / M on kept tokens, 0 elsewhere
+            hi = lo + step
+            torch.mv(adv[lo:hi].clamp_min(0), c, out=w[lo:hi])
+            w[lo:hi].mul_(keep_flat[lo:hi])  # s_t on kept tokens, 0 elsewhere
+        w.mul_(inv_m)
         const = (1 + clip_eps) * inv_m * torch.dot(c, sum_clipped)
     return -(torch.dot(w, u.view(-1)) + const)
 
