@@ -73,7 +73,7 @@ def pama_loss_and_stats(
             *x, clip_eps, granularity, loss_agg, check
         )
         return loss, PamaStats(weights, row_scale, stats)
-    loss, weights, row_scale, stats = torch.ops.pama_ext.pama_forward(
+    loss, weights, row_scale, stats = _backends.forward_of(backend)(
         *x, clip_eps, granularity, loss_agg, check
     )
     return loss, PamaStats(weights, row_scale, stats)
@@ -149,7 +149,7 @@ def pama_weights(
     with torch.no_grad():
         if granularity == "token" or backend == "torch":
             return reference.pama_weights(*x, clip_eps, granularity)
-        _, weights, _, _ = torch.ops.pama_ext.pama_forward(*x, clip_eps, granularity, "token_mean", False)
+        _, weights, _, _ = _backends.forward_of(backend)(*x, clip_eps, granularity, "token_mean", False)
         return weights
 
 

@@ -184,19 +184,26 @@ def test_unknown_nonfinite(value):
 
 
 # --------------------------------------------------------------------------- missing extension
+def _replace_cpp(monkeypatch, forward, error=None):
+    entry = _backends._REGISTRY["cpp"]
+    fake = _backends.Backend(entry.name, entry.devices, entry.priority, forward, error)
+    monkeypatch.setitem(_backends._REGISTRY, "cpp", fake)
+
+
 def test_cpp_backend_unavailable(monkeypatch, fn):
-    monkeypatch.setattr(_backends, "_C", None)
+    _replace_cpp(monkeypatch, None, "the compiled extension pama_ext._C failed to import; use backend='torch'")
     assert not pama_ext.has_cpp()
-    assert pama_ext.available_backends() == ["torch"]
+    assert "cpp" not in pama_ext.available_backends()
     expect(RuntimeError, fn, good(), "pama_ext._C", "backend='torch'", backend="cpp")
     call(fn, good(), backend="auto")  # auto falls back to torch
     with pytest.raises(RuntimeError, match=re.escape("pama_ext._C")):
         pama_ext.min_norm_weights(torch.eye(3, dtype=F64), backend="cpp")
-    assert pama_ext.build_info()["backends"] == ["torch"]
+    assert "cpp" not in pama_ext.build_info()["backends"]
+    assert "pama_ext._C" in pama_ext.build_info()["unavailable"]["cpp"]
 
 
 def test_cpp_backend_needs_cpu_tensors(monkeypatch, fn):
-    monkeypatch.setattr(_backends, "_C", object())  # pretend the extension is there
+    _replace_cpp(monkeypatch, lambda *a: None)  # pretend the extension is there
     args = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in good().items()}
     expect(ValueError, fn, args, "cpp", "meta", backend="cpp")
 
