@@ -15,10 +15,21 @@ from .functional import (
     theorem1,
 )
 from .reference import GRANULARITIES, LOSS_AGGS, STATS_FIELDS
+from . import triton_backend as _triton_backend  # registers backend "triton" when Triton is installed
+from .statistics import BatchStatistics, batch_statistics
+from .combine import weighted_noon_loss, weighted_noon_loss_and_stats
+from .optim import COMBINERS, PAMA, PAMADiagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMBINERS",
+    "PAMA",
+    "PAMADiagnostics",
+    "BatchStatistics",
+    "batch_statistics",
+    "weighted_noon_loss",
+    "weighted_noon_loss_and_stats",
     "GRANULARITIES",
     "LOSS_AGGS",
     "STATS_FIELDS",

@@ -1,0 +1,611 @@
+"""``pama_ext.PAMA``: a drop-in ``torch.optim.Optimizer`` for multi-objective PPO.
+
+``PAMA`` wraps any base optimizer (AdamW, SGD, a fused or 8-bit optimizer) and adds the
+multi-objective part of the update: ``opt.loss(...)`` turns N per-objective advantages into
+the loss to back-propagate, with PAMA's weights (or a baseline's); ``opt.step()`` is the base
+optimizer's step. Everything else is the base optimizer's: ``PAMA`` shares its
+``param_groups``, ``state`` and ``defaults`` (live views, not copies), so LR schedulers,
+``step(closure)``, ``zero_grad(set_to_none=...)``, step hooks, ``torch.amp.GradScaler``
+(fp16) and bf16 autocast keep working.
+
+Usage (one PPO minibatch per optimizer step)::
+
+    base = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    opt = pama_ext.PAMA(base, num_objectives=2)        # combiner="pama", granularity="batch"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for batch in minibatches:
+        logp = policy_logprobs(policy, batch)          # [B, T], requires grad
+        loss = opt.loss(logp, batch.old_logp, batch.advantages, batch.mask)  # adv [B,T,N] / [B,N]
+        opt.zero_grad()
+        loss.backward()
+        opt.step(); sched.step()
+        opt.last_weights, opt.last_stats                # tensors: no host sync until read
+
+Gradient accumulation (micro-batches; one set of ``batch`` / ``batch_mean`` weights for the
+whole step, equal to the weights of the concatenated batch)::
+
+    with torch.no_grad():                              # a statistics pass: cheap, no graph
+        for mb in micro_batches:
+            opt.accumulate(policy_logprobs(policy, mb), mb.old_logp, mb.advantages, mb.mask)
+    opt.solve()                                        # optional: the first loss() solves
+    for mb in micro_batches:
+        loss = opt.loss(policy_logprobs(policy, mb), mb.old_logp, mb.advantages, mb.mask)
+        (loss / len(micro_batches)).backward()
+    opt.step()                                         # releases the step's weights
+
+The weights depend on the current policy through the clip indicator ``u_t <= 1 + eps``, so
+the statistics pass needs ``logp`` under the parameters of this step: one extra no-grad
+forward per micro-batch (cheaper than the forward + backward that follows). When the
+policy has not moved since the rollout (the first PPO epoch, ``logp == old_logp``) pass
+``old_logp`` as ``logp`` and skip that forward. ``accumulate`` after a ``solve`` starts a
+new accumulation (so a step skipped by ``GradScaler`` does not mix two steps). With the
+per-micro-batch ``token_mean`` loss, ``sum_k loss_k / K`` has the gradient of the whole
+batch when every micro-batch holds the same number of masked tokens (as in every PPO
+trainer that averages micro-batch losses). ``accumulate`` is a no-op for granularities and
+combiners whose weights need no batch statistics (``token``, ``sequence``, ``linear``;
+``mgda_ub`` and ``mgda`` solve per ``loss`` call), so one loop serves every combiner.
+
+Data parallelism: with ``torch.distributed`` initialized, ``batch`` / ``batch_mean``
+statistics (and the Gram of ``mgda_ub``) are all-reduced (SUM) over ``process_group``
+(default: the default group) before the solve, so every rank uses the weights of the
+global batch: one all-reduce of ``2 + N + N^2`` float64 numbers per ``loss`` call, or per
+``solve`` when accumulating. Every rank must therefore call ``loss`` (or ``solve``) the same
+number of times. The loss itself stays the per-rank ``token_mean`` (DDP averages the
+per-rank gradients, which is the global token mean when the ranks hold equally many masked
+tokens). Nothing depends on the parameter layout: DDP and FSDP work unchanged (``mgda``
+excepted, see below). ``sync_statistics=False`` disables the collective.
+
+Combiners (one call, ``opt.loss(logp, old_logp, advantages, mask, *, shared=None,
+preference=None)``, for all of them):
+
+=========== ===================================================================================
+``pama``    Noon PPO with PAMA's weights at ``granularity`` (``batch`` default, ``token``,
+            ``sequence``, ``batch_mean``): the fused op ``pama_ext.pama_loss``; with
+            accumulation or a process group, the statistics pass + one solve +
+            ``weighted_noon_loss`` with those weights. Extra cost: none beyond the op.
+``linear``  MORLHF: ``s_t = sum_i w_i A'_i`` with signed advantages and the standard PPO clip
+            (no Noon clamp). ``w`` = ``preference`` of the constructor ([N], default uniform
+            1/N, used as given) or of the call: [N], or [B, N] per-sample (prompt-dependent)
+            preferences. ``last_weights`` is the preference used.
+``mgda_ub`` MGDA-UB (Sener & Koltun): pass ``shared=`` a tensor the policy computed on the way
+            to ``logp`` (e.g. the last hidden states, [B, T, H]; it must require grad). Cost:
+            N extra vector-Jacobian products from ``logp`` back to ``shared`` (through the LM
+            head and log-softmax only), an N x N Gram of N x |shared| numbers, one solve.
+``mgda``    Exact MGDA over all parameters of the optimizer: N extra backward passes through
+            the whole model (graph retained) and N x d gradient memory, then the final
+            ``loss.backward()``: about N + 1 times the backward work of ``pama``. For
+            benchmarks and Pareto-stationarity checks on small models. Under DDP the
+            per-objective gradients are averaged over the group (N x d communication);
+            FSDP's sharded parameters are not supported.
+=========== ===================================================================================
+
+For ``mgda_ub`` and ``mgda`` the weights are found inside ``loss`` (the per-objective
+gradients are taken with ``torch.autograd.grad``, which leaves ``.grad`` untouched), and the
+returned loss is ``sum_i c_i L^(i)`` (``weighted_noon_loss`` with those weights), so the
+caller's ``loss.backward(); opt.step()`` applies exactly ``sum_i c_i grad L^(i)``.
+
+Diagnostics: ``opt.last_weights`` (shaped as ``pama_ext.pama_weights`` returns them: [N],
+[B, N] for ``sequence`` and per-sample preferences, [B, T, N] for ``token``, computed on
+first access) and ``opt.last_stats`` (a ``PAMADiagnostics`` of 0-dim float64 tensors:
+masked tokens, clip fraction, fraction of valid tokens whose combined advantage is exactly 0,
+the solver's objective and KKT residual). Reading them is the caller's choice.
+
+Checkpoints: ``opt.state_dict()`` is ``{"base": base.state_dict(), "pama": {...}}`` (config,
+step count, accumulated statistics and pinned weights of an unfinished step, last weights);
+``load_state_dict`` restores both, so a resumed run continues exactly as an uninterrupted
+one. A plain base-optimizer state dict (no ``"pama"`` key) is loaded into the base optimizer.
+
+Step hooks registered on ``PAMA`` fire around ``PAMA.step``; hooks registered on the base
+optimizer fire around its own step (global hooks fire for both). ``GradScaler``: use
+``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``; it unscales the shared
+``param_groups`` and calls ``PAMA.step`` only for finite gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import functional
+from ._validation import (
+    GRANULARITIES,
+    LOSS_AGGS,
+    MAX_OBJECTIVES,
+    NONFINITE_MODES,
+    check_choice,
+    check_clip_eps,
+    check_loss_inputs,
+)
+from .combine import (
+    _combine,
+    mgda_solve,
+    mgda_ub_solve,
+    per_objective_logp_grads,
+    row_scale_of,
+    weighted_noon_loss_and_stats,
+)
+from .distributed import is_distributed
+from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, _valid_tokens, batch_statistics
+
+__all__ = ["PAMA", "PAMADiagnostics", "COMBINERS"]
+
+COMBINERS = ("pama", "linear", "mgda_ub", "mgda")
+_STATE_VERSION = 1
+_DD = torch.float64
+
+
+class PAMADiagnostics(NamedTuple):
+    """Diagnostics of the last ``PAMA.loss`` call, as 0-dim float64 tensors (no host sync)."""
+
+    masked_tokens: Tensor  # valid tokens of this call (this micro-batch, this rank)
+    clip_fraction: Tensor  # valid tokens on the clipped branch (no gradient) / masked tokens
+    zero_advantage_fraction: Tensor  # valid tokens whose combined advantage s_t is 0 / masked tokens
+    objective: Tensor  # the minimised value of the solve (c^T G c, (c.a)^2, ...); 0 for linear
+    kkt_residual: Tensor  # max(0, c^T G c - min_j (G c)_j) of a Gram solve; 0 otherwise
+
+    def as_dict(self) -> Dict[str, float]:
+        """As Python floats (a host synchronisation for device tensors)."""
+        return {k: float(v) for k, v in self._asdict().items()}
+
+
+def _diagnostics(masked: Tensor, clipped: Tensor, zero: Tensor, objective, kkt) -> PAMADiagnostics:
+    m = masked.to(_DD)
+    denom = m.clamp_min(1)
+    z = torch.zeros((), dtype=_DD, device=m.device)
+    as_t = lambda v: z if v is None else torch.as_tensor(v, dtype=_DD).to(m.device)  # noqa: E731
+    return PAMADiagnostics(m, clipped.to(_DD) / denom, zero.to(_DD) / denom, as_t(objective), as_t(kkt))
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _acc_of(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> torch.dtype:
+    """The accumulation dtype of the inputs once promoted to one dtype (as the ops see them)."""
+    dtype = torch.promote_types(torch.promote_types(logp.dtype, old_logp.dtype), advantages.dtype)
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class PAMA(Optimizer):
+    """Wrap ``optimizer`` so that ``opt.loss(...)`` gives the multi-objective PPO loss.
+
+    Args:
+        optimizer: the base ``torch.optim.Optimizer`` (its ``param_groups`` are shared).
+        num_objectives: N, the number of objectives (advantages' last dimension).
+        clip_eps: PPO clip range.
+        granularity: ``batch`` (default), ``token``, ``sequence`` or ``batch_mean``
+            (``combiner="pama"`` only; see ``pama_ext.pama_loss``).
+        combiner: ``pama`` (default), ``linear``, ``mgda_ub`` or ``mgda`` (module docstring).
+        preference: ``linear`` only: the default preference vector [N] (uniform if None).
+        loss_agg: ``token_mean`` (default) or ``seq_mean_token_mean``.
+        backend: the fused op's backend for ``pama`` (``auto``, ``cpp``, ``torch``).
+        nonfinite: ``raise`` (default) or ``mask``, as in ``pama_ext.pama_loss``.
+        process_group: the group batch statistics are all-reduced over; None = the default
+            group whenever ``torch.distributed`` is initialized.
+        sync_statistics: set False to never all-reduce (each rank solves on its shard).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        num_objectives: int,
+        *,
+        clip_eps: float = 0.2,
+        granularity: str = "batch",
+        combiner: str = "pama",
+        preference: Optional[Union[Tensor, list, tuple]] = None,
+        loss_agg: str = "token_mean",
+        backend: str = "auto",
+        nonfinite: str = "raise",
+        process_group=None,
+        sync_statistics: bool = True,
+    ) -> None:
+        fn = "PAMA"
+        if isinstance(optimizer, PAMA):
+            raise TypeError(f"{fn}: `optimizer` is already a PAMA optimizer; wrap its base optimizer instead")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{fn}: `optimizer` must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int):
+            raise TypeError(f"{fn}: `num_objectives` must be an int, got {type(num_objectives).__name__}")
+        if not 1 <= num_objectives <= MAX_OBJECTIVES:
+            raise ValueError(f"{fn}: `num_objectives` must be in [1, {MAX_OBJECTIVES}], got {num_objectives}")
+        self.clip_eps = check_clip_eps(fn, clip_eps)
+        check_choice(fn, "granularity", granularity, GRANULARITIES)
+        check_choice(fn, "combiner", combiner, COMBINERS)
+        check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+        check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
+        check_choice(fn, "backend", backend, functional._backends.known_backends())
+        if preference is not None and combiner != "linear":
+            raise ValueError(f"{fn}: `preference` is for combiner='linear', not {combiner!r}")
+        if combiner != "pama" and granularity != "batch":
+            raise ValueError(
+                f"{fn}: granularity={granularity!r} applies to combiner='pama' only; "
+                f"combiner={combiner!r} has its own (leave granularity at 'batch')"
+            )
+        self.optimizer = optimizer
+        self.num_objectives = num_objectives
+        self.granularity = granularity
+        self.combiner = combiner
+        self.loss_agg = loss_agg
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.process_group = process_group
+        self.sync_statistics = bool(sync_statistics)
+        self.preference = self._check_preference(fn, preference, per_sample_ok=False)
+        # torch.optim.Optimizer's bookkeeping, without re-registering the parameters
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+        # PAMA's own state
+        self._step_count = 0
+        self._accumulated: Optional[BatchStatistics] = None
+        self._pinned: Optional[Solution] = None
+        self._last_weights: Union[None, Tensor, Callable[[], Tensor]] = None
+        self._last_stats: Optional[PAMADiagnostics] = None
+
+    # ------------------------------------------------------------------ shared with the base
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """The base optimizer's step; then the step's accumulated statistics are released."""
+        out = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._step_count += 1
+        self.reset_accumulation()
+        return out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        extra = f", preference={self.preference.tolist()}" if self.combiner == "linear" else ""
+        return (
+            f"PAMA(num_objectives={self.num_objectives}, combiner={self.combiner!r}, "
+            f"granularity={self.granularity!r}, clip_eps={self.clip_eps}, loss_agg={self.loss_agg!r}{extra},\n"
+            f"     base={self.optimizer!r})"
+        )
+
+    # ------------------------------------------------------------------ diagnostics
+    @property
+    def last_weights(self) -> Optional[Tensor]:
+        """The weights of the last ``loss`` call (see the module docstring for shapes)."""
+        if callable(self._last_weights):
+            self._last_weights = self._last_weights()
+        return self._last_weights
+
+    @property
+    def last_stats(self) -> Optional[PAMADiagnostics]:
+        """``PAMADiagnostics`` of the last ``loss`` call (0-dim float64 tensors)."""
+        return self._last_stats
+
+    @property
+    def step_count(self) -> int:
+        """How many times ``step`` ran (restored by ``load_state_dict``)."""
+        return self._step_count
+
+    # ------------------------------------------------------------------ helpers
+    def _check_preference(self, fn: str, preference, per_sample_ok: bool, batch: Optional[int] = None):
+        n = self.num_objectives
+        if preference is None:
+            return torch.full((n,), 1.0 / n, dtype=_DD)
+        p = torch.as_tensor(preference)
+        if not p.is_floating_point():
+            p = p.to(_DD)
+        ok = p.shape == (n,) or (per_sample_ok and p.dim() == 2 and p.shape[1] == n and p.shape[0] == batch)
+        if not ok:
+            want = f"[N] = [{n}]" + (f" or [B, N] = [{batch}, {n}]" if per_sample_ok else "")
+            raise ValueError(f"{fn}: `preference` must have shape {want}, got {list(p.shape)}")
+        return p.detach()
+
+    def _sync(self) -> bool:
+        return self.sync_statistics and is_distributed(self.process_group)
+
+    def _check_n(self, fn: str, advantages: Tensor) -> None:
+        if isinstance(advantages, Tensor) and advantages.shape[-1:] != (self.num_objectives,):
+            raise ValueError(
+                f"{fn}: `advantages` {list(advantages.shape)} must have N = num_objectives = "
+                f"{self.num_objectives} in the last dimension"
+            )
+
+    @property
+    def _needs_statistics(self) -> bool:
+        return self.combiner == "pama" and self.granularity in STATISTICS_GRANULARITIES
+
+    # ------------------------------------------------------------------ accumulation
+    def accumulate(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+        """Add one micro-batch's statistics to this step's (no gradient, no graph).
+
+        For ``pama`` with ``batch`` / ``batch_mean``; a no-op for every other combiner or
+        granularity (their weights need no batch statistics). After a ``solve`` (or the
+        first ``loss`` that solved), ``accumulate`` starts a new step's accumulation.
+        """
+        self._check_n("PAMA.accumulate", advantages)
+        if not self._needs_statistics:
+            return
+        if self._pinned is not None:
+            self.reset_accumulation()
+        st = batch_statistics(
+            logp.detach(),
+            old_logp,
+            advantages,
+            mask,
+            clip_eps=self.clip_eps,
+            granularity=self.granularity,
+            nonfinite=self.nonfinite,
+        )
+        if self._accumulated is None:
+            self._accumulated = st
+        else:
+            self._accumulated += st
+
+    def solve(self) -> Optional[Tensor]:
+        """All-reduce the accumulated statistics (when distributed) and solve once.
+
+        The weights (returned, [N] float64) are used by every ``loss`` call until ``step``
+        (or ``reset_accumulation``). Returns None when nothing needs solving (combiners or
+        granularities without batch statistics). Raises if nothing was accumulated.
+        """
+        if not self._needs_statistics:
+            return None
+        if self._pinned is not None:
+            return self._pinned.weights
+        if self._accumulated is None:
+            raise RuntimeError("PAMA.solve: no statistics accumulated; call opt.accumulate(...) first")
+        if self._sync():
+            self._accumulated.all_reduce(self.process_group)
+        self._pinned = self._accumulated.solve(self.granularity)
+        return self._pinned.weights
+
+    def reset_accumulation(self) -> None:
+        """Drop the accumulated statistics and the step's pinned weights."""
+        self._accumulated = None
+        self._pinned = None
+
+    @property
+    def accumulated_statistics(self) -> Optional[BatchStatistics]:
+        """The ``BatchStatistics`` accumulated for this step (all-reduced once solved)."""
+        return self._accumulated
+
+    # ------------------------------------------------------------------ the loss
+    def loss(
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        *,
+        shared: Optional[Tensor] = None,
+        preference: Optional[Tensor] = None,
+    ) -> Tensor:
+        """The loss to call ``.backward()`` on, for this optimizer's combiner.
+
+        Args:
+            logp, old_logp, advantages, mask: as in ``pama_ext.pama_loss``; ``advantages``
+                has N = ``num_objectives`` in its last dimension.
+            shared: ``mgda_ub`` only (required there): a tensor in the graph of ``logp``
+                that requires grad, e.g. the last hidden states.
+            preference: ``linear`` only: [N] or per-sample [B, N] weights for this call
+                (default: the constructor's preference).
+        """
+        fn = "PAMA.loss"
+        self._check_n(fn, advantages)
+        if shared is not None and self.combiner != "mgda_ub":
+            raise ValueError(f"{fn}: `shared` is for combiner='mgda_ub', not {self.combiner!r}")
+        if preference is not None and self.combiner != "linear":
+            raise ValueError(f"{fn}: `preference` is for combiner='linear', not {self.combiner!r}")
+        if self.combiner == "pama":
+            return self._loss_pama(logp, old_logp, advantages, mask)
+        if self.combiner == "linear":
+            return self._loss_linear(logp, old_logp, advantages, mask, preference)
+        return self._loss_mgda(logp, old_logp, advantages, mask, shared)
+
+    def _fixed_loss(self, logp, old_logp, advantages, mask, weights: Tensor, signed: bool = False):
+        return weighted_noon_loss_and_stats(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            weights,
+            clip_eps=self.clip_eps,
+            loss_agg=self.loss_agg,
+            signed=signed,
+            nonfinite=self.nonfinite,
+        )
+
+    def _loss_pama(self, logp, old_logp, advantages, mask) -> Tensor:
+        acc = _acc_of(logp, old_logp, advantages)
+        if self._needs_statistics and (self._accumulated is not None or self._pinned is not None or self._sync()):
+            if self._pinned is None:
+                if self._accumulated is None:  # distributed, no accumulation: this batch's statistics
+                    self.accumulate(logp, old_logp, advantages, mask)
+                self.solve()
+            sol = self._pinned
+            w = sol.weights.to(device=logp.device, dtype=acc)
+            loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w)
+            self._last_weights = w
+            self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
+            return loss
+        loss, info = functional.pama_loss_and_stats(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            clip_eps=self.clip_eps,
+            granularity=self.granularity,
+            loss_agg=self.loss_agg,
+            backend=self.backend,
+            nonfinite=self.nonfinite,
+        )
+        fn = "PAMA.loss"
+        x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
+        with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
+            valid = _valid_tokens(x, "mask", fn)
+            a = torch.clamp(x.advantages.to(_acc_dtype(x.logp)), min=0)
+            if self.granularity == "token":
+                s = a.amin(dim=-1)
+                s = s if s.dim() == 2 else s[:, None]
+            else:
+                s = _combine(a, info.weights.to(a.dtype))
+            zero = (valid & (s == 0)).sum()
+        stats = info.stats
+        self._last_stats = _diagnostics(stats[0], stats[1], zero, stats[5], stats[6])
+        if self.granularity == "token":
+            self._last_weights = lambda: functional.pama_weights(
+                x.logp, x.old_logp, x.advantages, x.mask, clip_eps=self.clip_eps, granularity="token"
+            )
+        else:
+            self._last_weights = info.weights
+        return loss
+
+    def _loss_linear(self, logp, old_logp, advantages, mask, preference) -> Tensor:
+        if preference is None:
+            w = self.preference
+        else:
+            w = self._check_preference("PAMA.loss", preference, per_sample_ok=True, batch=logp.shape[0])
+        w = w.to(device=logp.device, dtype=_acc_of(logp, old_logp, advantages))
+        loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w, signed=True)
+        self._last_weights = w
+        self._last_stats = _diagnostics(st[0], st[1], st[2], None, None)
+        return loss
+
+    def _loss_mgda(self, logp, old_logp, advantages, mask, shared) -> Tensor:
+        fn = "PAMA.loss"
+        if self.combiner == "mgda_ub" and shared is None:
+            raise ValueError(
+                f"{fn}: combiner='mgda_ub' needs `shared=`: a tensor the policy computed on the way to "
+                "`logp` that requires grad (e.g. the last hidden states)"
+            )
+        if not logp.requires_grad:
+            raise ValueError(f"{fn}: combiner={self.combiner!r} needs `logp` with a graph (requires_grad)")
+        x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+        with torch.autocast(x.logp.device.type, enabled=False):
+            valid = _valid_tokens(x, self.nonfinite, fn)
+            row_scale = row_scale_of(valid, self.loss_agg)
+            grads = per_objective_logp_grads(x, valid, row_scale, self.clip_eps)
+            if self.combiner == "mgda_ub":
+                sol = mgda_ub_solve(x.logp, shared, grads, self.process_group, self.sync_statistics)
+            else:
+                params = [p for group in self.param_groups for p in group["params"]]
+                sol = mgda_solve(x.logp, params, grads, self.process_group, self.sync_statistics)
+        w = sol.weights.to(device=logp.device, dtype=_acc_dtype(x.logp))
+        loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w)
+        self._last_weights = w
+        self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+    def _config(self) -> Dict[str, Any]:
+        return {
+            "num_objectives": self.num_objectives,
+            "combiner": self.combiner,
+            "granularity": self.granularity,
+            "clip_eps": self.clip_eps,
+            "loss_agg": self.loss_agg,
+            "preference": self.preference.clone(),
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"base": base.state_dict(), "pama": {config, step, accumulated, pinned, last_weights}}``."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        last = self._last_weights if isinstance(self._last_weights, Tensor) else None
+        pama_state = {
+            "version": _STATE_VERSION,
+            "config": self._config(),
+            "step": self._step_count,
+            "accumulated": None if self._accumulated is None else self._accumulated.data.clone(),
+            "pinned": None if self._pinned is None else tuple(t.clone() for t in self._pinned),
+            "last_weights": None if last is None else last.detach().clone(),
+        }
+        sd = {"base": self.optimizer.state_dict(), "pama": pama_state}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore the base optimizer's state and PAMA's (see ``state_dict``).
+
+        ``num_objectives`` and ``combiner`` must match this optimizer's; ``clip_eps``,
+        ``granularity``, ``loss_agg`` and ``preference`` are restored from the checkpoint
+        (as a base optimizer restores ``lr`` from its param groups).
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        if "pama" not in state_dict:
+            if "state" in state_dict and "param_groups" in state_dict:
+                warnings.warn(
+                    "PAMA.load_state_dict: a plain optimizer state dict (no 'pama' entry); "
+                    "loading it into the base optimizer, PAMA's own state is left as is",
+                    stacklevel=2,
+                )
+                self.optimizer.load_state_dict(state_dict)
+                return
+            raise ValueError("PAMA.load_state_dict: expected a dict with 'base' and 'pama' entries")
+        pama_state = state_dict["pama"]
+        cfg = pama_state["config"]
+        for key in ("num_objectives", "combiner"):
+            if cfg[key] != getattr(self, key):
+                raise ValueError(
+                    f"PAMA.load_state_dict: the checkpoint has {key}={cfg[key]!r}, this optimizer "
+                    f"{key}={getattr(self, key)!r}"
+                )
+        self.optimizer.load_state_dict(state_dict["base"])
+        self.granularity = cfg["granularity"]
+        self.clip_eps = float(cfg["clip_eps"])
+        self.loss_agg = cfg["loss_agg"]
+        self.preference = torch.as_tensor(cfg["preference"], dtype=_DD).clone()
+        self._step_count = int(pama_state["step"])
+        acc = pama_state.get("accumulated")
+        self._accumulated = None if acc is None else BatchStatistics(acc.clone(), self.num_objectives)
+        pinned = pama_state.get("pinned")
+        self._pinned = None if pinned is None else Solution(*(t.clone() for t in pinned))
+        last = pama_state.get("last_weights")
+        self._last_weights = None if last is None else last.clone()
+        self._last_stats = None
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
