@@ -88,16 +88,17 @@ def row_scale_of(valid: Tensor, loss_agg: str, normalizer: Optional[Tensor] = No
 
 
 # --------------------------------------------------------------------------- the fixed-weights op
-@torch.library.custom_op("pama_ext::noon_loss_fixed_weights", mutates_args=())
-def _noon_loss_fixed_weights(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    weights: Tensor,
-    row_scale: Tensor,
-    clip_eps: float,
-) -> Tuple[Tensor, Tensor]:
+# Defined with torch.library.Library (like _ops.py) rather than torch.library.custom_op, whose
+# first call imports torch._dynamo (seconds); schema, kernel, fake kernel and autograd.
+_lib = torch.library.Library("pama_ext", "FRAGMENT")
+_lib.define(
+    "noon_loss_fixed_weights(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, Tensor weights, "
+    "Tensor row_scale, float clip_eps) -> (Tensor, Tensor)"
+)
+
+
+@torch.library.impl(_lib, "noon_loss_fixed_weights", "CompositeExplicitAutograd")
+def _noon_loss_fixed_weights(logp, old_logp, advantages, mask, weights, row_scale, clip_eps):
     """(loss, stats[3]) of the Noon loss with given weights; ``mask`` must already exclude
     non-finite tokens. stats = (masked tokens, clipped tokens, tokens with s_t = 0)."""
     acc = _acc_dtype(logp)
@@ -117,8 +118,8 @@ def _noon_loss_fixed_weights(
     return loss.to(acc), stats
 
 
-@_noon_loss_fixed_weights.register_fake
-def _(logp, old_logp, advantages, mask, weights, row_scale, clip_eps):
+@torch.library.register_fake("pama_ext::noon_loss_fixed_weights")
+def _noon_loss_fixed_weights_fake(logp, old_logp, advantages, mask, weights, row_scale, clip_eps):
     return logp.new_empty((), dtype=_acc_dtype(logp)), logp.new_empty((3,), dtype=_DD)
 
 
@@ -127,6 +128,7 @@ def _fixed_setup_context(ctx, inputs, output):
     ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
     ctx.clip_eps = clip_eps
     ctx.granularity = "batch" if weights.dim() == 1 else "sequence"
+    ctx.mark_non_differentiable(output[1])
 
 
 def _fixed_backward(ctx, grad_loss, _grad_stats):
@@ -137,7 +139,9 @@ def _fixed_backward(ctx, grad_loss, _grad_stats):
     return grad_logp, None, None, None, None, None, None
 
 
-_noon_loss_fixed_weights.register_autograd(_fixed_backward, setup_context=_fixed_setup_context)
+torch.library.register_autograd(
+    "pama_ext::noon_loss_fixed_weights", _fixed_backward, setup_context=_fixed_setup_context
+)
 
 
 # --------------------------------------------------------------------------- signed (MORLHF)

@@ -154,11 +154,14 @@ class PAMADiagnostics(NamedTuple):
 
 
 def _diagnostics(masked: Tensor, clipped: Tensor, zero: Tensor, objective, kkt) -> PAMADiagnostics:
-    m = masked.to(_DD)
+    """0-dim float64 tensors, detached (diagnostics must not keep the autograd graph alive)."""
+    m = masked.detach().to(_DD)
     denom = m.clamp_min(1)
     z = torch.zeros((), dtype=_DD, device=m.device)
-    as_t = lambda v: z if v is None else torch.as_tensor(v, dtype=_DD).to(m.device)  # noqa: E731
-    return PAMADiagnostics(m, clipped.to(_DD) / denom, zero.to(_DD) / denom, as_t(objective), as_t(kkt))
+    as_t = lambda v: z if v is None else torch.as_tensor(v).detach().to(device=m.device, dtype=_DD)  # noqa: E731
+    return PAMADiagnostics(
+        m, clipped.detach().to(_DD) / denom, zero.detach().to(_DD) / denom, as_t(objective), as_t(kkt)
+    )
 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
