@@ -52,7 +52,7 @@ def _extensions():
     # -O3 for the hot loops; deliberately no -march/-mtune: wheels must run on any x86-64 /
     # aarch64 machine. OpenMP comes from torch's at::parallel_for (its flags are added by
     # CppExtension through torch's own configuration).
-    cxx_flags = ["-O3", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     ext = CppExtension(

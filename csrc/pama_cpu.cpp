@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -99,10 +101,154 @@ inline void for_each_piece(const Partition& p, int64_t u, F&& f) {
 
 inline int tri_size(int n) { return n * (n + 1) / 2; }
 
-// ------------------------------------------------------------------------------ loads
+// ------------------------------------------------------------------------------ scalar helpers
 template <typename op_t, typename scalar_t>
 inline op_t ld(const scalar_t* p, int64_t i) {
   return static_cast<op_t>(p[i]);
+}
+
+// Lane masks: all ones / all zeros of the width of op_t. Every per-token decision (mask,
+// finiteness, clip indicator, Noon clamp) is a bitwise select on these: scalar float
+// ternaries compile to branches (x86 has no cmov for xmm registers) that are mispredicted
+// about half the time on the random signs and ratios of real data, and the masks let the
+// compiler vectorise the token loops (SSE2 baseline, no -march).
+template <typename op_t>
+using mask_t = std::conditional_t<sizeof(op_t) == 8, uint64_t, uint32_t>;
+
+template <typename op_t>
+inline mask_t<op_t> mask_of(bool c) {
+  return mask_t<op_t>(0) - static_cast<mask_t<op_t>>(c);
+}
+template <typename op_t>
+inline mask_t<op_t> bits_of(op_t x) {
+  mask_t<op_t> b;
+  std::memcpy(&b, &x, sizeof(op_t));
+  return b;
+}
+template <typename op_t>
+inline op_t from_bits(mask_t<op_t> b) {
+  op_t x;
+  std::memcpy(&x, &b, sizeof(op_t));
+  return x;
+}
+template <typename op_t>
+inline op_t msel0(mask_t<op_t> m, op_t a) {  // m ? a : 0
+  return from_bits<op_t>(bits_of(a) & m);
+}
+template <typename op_t>
+inline op_t msel(mask_t<op_t> m, op_t a, op_t b) {  // m ? a : b
+  return from_bits<op_t>((bits_of(a) & m) | (bits_of(b) & ~m));
+}
+// finite(x) as a mask: x - x is 0 for finite x, NaN for +-inf and NaN
+template <typename op_t>
+inline mask_t<op_t> finite_mask(op_t x) {
+  return mask_of<op_t>((x - x) == op_t(0));
+}
+
+// exp for float, branch-free so that the ratio loop vectorises (glibc's expf is a call per
+// element). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial
+// (Cephes' expf coefficients), 2^n applied in two halves so that results in the subnormal
+// range round once. Error <= 1 ulp (the same class as the Sleef exp torch uses); inf, 0,
+// NaN, overflow and underflow are exact.
+inline float exp_f32(float x) {
+  float xc = x < -104.0f ? -104.0f : x;  // below: rounds to 0; above 89: overflows to inf
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float k = xc * 1.44269504088896341f + magic;
+  const float n = k - magic;
+  float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (first part exact)
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r2 + r + 1.0f;
+  uint32_t kb;
+  std::memcpy(&kb, &k, 4);
+  const int32_t ni = static_cast<int32_t>(kb - 0x4B400000u);  // n as an integer
+  const int32_t n1 = ni >> 1, n2 = ni - n1;
+  y = y * from_bits<float>(static_cast<uint32_t>(n1 + 127) << 23);
+  y = y * from_bits<float>(static_cast<uint32_t>(n2 + 127) << 23);
+  return msel<float>(mask_of<float>(x != x), x, y);  // NaN stays NaN
+}
+
+template <typename op_t>
+inline op_t ratio_of(op_t x, op_t y) {
+  if constexpr (std::is_same_v<op_t, float>)
+    return exp_f32(x - y);
+  else
+    return pama::ratio(x, y);  // double: std::exp (float64 is the accuracy path)
+}
+
+// ------------------------------------------------------------------------------ chunks
+// A piece of a row is processed in chunks of kChunk tokens (kChunkGeneric for runtime N,
+// whose transposed advantages are larger): first elementwise loops over the chunk (ratios,
+// masks, advantages transposed to one contiguous array per objective), then the per-
+// objective sums as dot products over the chunk. Sums use LN explicit lanes (vectorisable
+// without re-association flags); lanes are combined in a fixed order, so results stay
+// bitwise reproducible.
+constexpr int kChunk = 256;
+constexpr int kChunkGeneric = 64;
+constexpr int LN = 4;
+
+template <typename op_t, int CAP, int CH>
+struct ChunkBuf {
+  op_t u[CH];               // ratios
+  mask_t<op_t> flp[CH];     // finite(logp)
+  mask_t<op_t> folp[CH];    // finite(old_logp)
+  mask_t<op_t> ok[CH];      // valid token
+  op_t m[CH];               // valid ? min(u, 1+eps) : 0
+  op_t w[CH];               // valid & ind ? 1 : 0
+  op_t At[CAP][CH];         // advantages, transposed; Noon-clamped and zeroed when invalid
+};
+
+// ratios and finiteness of logp/old_logp for tokens [0, L) of the chunk; pads to Lp with
+// neutral tokens (u = 1, marked non-finite so that they are never valid)
+template <typename scalar_t, typename op_t, typename Buf>
+inline void chunk_ratios(const scalar_t* lp, const scalar_t* olp, int L, int Lp, Buf& cb) {
+  for (int j = 0; j < L; ++j) {
+    const op_t x = ld<op_t>(lp, j), y = ld<op_t>(olp, j);
+    cb.flp[j] = finite_mask(x);
+    cb.folp[j] = finite_mask(y);
+    cb.u[j] = ratio_of(x, y);
+  }
+  for (int j = L; j < Lp; ++j) {
+    cb.flp[j] = cb.folp[j] = 0;
+    cb.u[j] = op_t(1);
+  }
+}
+
+// transposed raw advantages At[i][j] = adv[j, i] and their finiteness (per token)
+template <typename scalar_t, typename op_t, int NT, typename Buf>
+inline void chunk_advantages(const scalar_t* ad, int n_rt, int L, int Lp, Buf& cb, mask_t<op_t>* fa) {
+  const int n = NT > 0 ? NT : n_rt;
+  for (int j = 0; j < L; ++j)
+    for (int i = 0; i < n; ++i) cb.At[i][j] = ld<op_t>(ad, static_cast<int64_t>(j) * n + i);
+  for (int i = 0; i < n; ++i)
+    for (int j = L; j < Lp; ++j) cb.At[i][j] = op_t(0);
+  for (int j = 0; j < Lp; ++j) fa[j] = ~mask_t<op_t>(0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < Lp; ++j) fa[j] &= finite_mask(cb.At[i][j]);
+}
+
+// sum_j (double)x[j] * (double)y[j] into LN lanes (Lp is a multiple of LN)
+template <typename T>
+inline void dot_lanes(const T* x, const T* y, int Lp, double* acc) {
+  for (int j = 0; j < Lp; j += LN)
+    for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l]) * static_cast<double>(y[j + l]);
+}
+// sum_j (double)(x[j] * y[j]) (product in op_t, as the per-token maths) into LN lanes
+template <typename T>
+inline void dot_lanes_op(const T* x, const T* y, int Lp, double* acc) {
+  for (int j = 0; j < Lp; j += LN)
+    for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l] * y[j + l]);
+}
+inline double lanes_sum(const double* acc) {
+  static_assert(LN == 4, "fixed combination order");
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
 // ------------------------------------------------------------------------------ forward pass
@@ -122,154 +268,161 @@ struct FwdArgs {
   double one_plus_eps;
 };
 
-// Accumulates tokens [t0, t1) of row b into row (+= [M, Smin, S, Q]), gram (+= upper
-// triangle) and cnt (+= [clipped, nf_logp, nf_old, nf_adv]).
-//   NT: N at compile time (0 = runtime n).  BC: advantages are [B, N] (t-stride 0).
-template <typename scalar_t, typename op_t, int NT, bool BC, Mode MODE>
-void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram,
-               int64_t* cnt) {
+// Accumulates tokens [t0, t1) of row b (advantages [B, T, N]) into row (+= [M, Smin, S, Q]),
+// gram (+= upper triangle) and cnt (+= [clipped, nf_logp, nf_old, nf_adv]).
+// NT: N at compile time (0 = runtime n).
+template <typename scalar_t, typename op_t, int NT, Mode MODE>
+void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram, int64_t* cnt) {
+  using M = mask_t<op_t>;
   constexpr int CAP = NT > 0 ? NT : PAMA_MAX_N;
+  constexpr int CH = NT > 0 ? kChunk : kChunkGeneric;
   const int n = NT > 0 ? NT : a.n;
+  const int npairs = tri_size(n);
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
+  const bool* mk = a.mask + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+
+  ChunkBuf<op_t, CAP, CH> cb;
+  M fa[CH];
+  constexpr int GCAP = MODE == Mode::Gram ? CAP : 1;
+  double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram dot products
+  double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
+  constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
+  double accG[PCAP][LN];
+  if constexpr (MODE == Mode::Gram)
+    for (int p = 0; p < npairs; ++p)
+      for (int l = 0; l < LN; ++l) accG[p][l] = 0.0;
+  int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
+
+  for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+    const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+    const int Lp = (L + LN - 1) / LN * LN;
+    chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
+    chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, Lp, cb, fa);
+    // per-token masks and counts
+    for (int j = 0; j < L; ++j) {
+      const M mt = mask_of<op_t>(mk[c0 + j]);
+      const M v = mt & cb.flp[j] & cb.folp[j] & fa[j];
+      const op_t u = cb.u[j];
+      const M ind = mask_of<op_t>(pama::indicator(u, thr));
+      cb.ok[j] = v;
+      cb.m[j] = msel0(v, msel(ind, u, thr));
+      cb.w[j] = msel0(v & ind, op_t(1));
+      m_cnt += v & 1;
+      clipped += (v & ~ind) & 1;
+      nf_lp += (mt & ~cb.flp[j]) & 1;
+      nf_olp += (mt & ~cb.folp[j]) & 1;
+      nf_adv += (mt & ~fa[j]) & 1;
+    }
+    for (int j = L; j < Lp; ++j) {  // padding: neutral, invalid tokens
+      cb.ok[j] = 0;
+      cb.m[j] = cb.w[j] = op_t(0);
+    }
+    // Noon clamp, zero for invalid tokens
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < Lp; ++j) {
+        const op_t x = cb.At[i][j];
+        cb.At[i][j] = msel0(cb.ok[j] & mask_of<op_t>(x > op_t(0)), x);
+      }
+    if constexpr (MODE == Mode::Min) {
+      op_t mn[CH];
+      for (int j = 0; j < Lp; ++j) mn[j] = cb.At[0][j];
+      for (int i = 1; i < n; ++i)
+        for (int j = 0; j < Lp; ++j) mn[j] = msel(mask_of<op_t>(cb.At[i][j] < mn[j]), cb.At[i][j], mn[j]);
+      dot_lanes_op(mn, cb.m, Lp, accMin);
+    } else {
+      for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
+      if constexpr (MODE == Mode::Mean) {
+        for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
+      } else {
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
+        int p = 0;
+        for (int i = 0; i < n; ++i)
+          for (int k = i; k < n; ++k, ++p) dot_lanes(Id[i], Id[k], Lp, accG[p]);
+      }
+    }
+  }
+  row[0] += static_cast<double>(m_cnt);
+  if constexpr (MODE == Mode::Min) {
+    row[1] += lanes_sum(accMin);
+  } else {
+    for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
+    if constexpr (MODE == Mode::Mean)
+      for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);
+    if constexpr (MODE == Mode::Gram)
+      for (int p = 0; p < npairs; ++p) gram[p] += lanes_sum(accG[p]);
+  }
+  cnt[0] += clipped;
+  cnt[1] += nf_lp;
+  cnt[2] += nf_olp;
+  cnt[3] += nf_adv;
+}
+
+// Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
+// S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij = A_i A_j #{ind}, Smin = min_i A_i sum_t m_t
+// (the products formed once in double instead of per token). The token loop is the ratio.
+template <typename scalar_t, typename op_t, Mode MODE>
+void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram, int64_t* cnt) {
+  using M = mask_t<op_t>;
+  const int n = a.n;
   const int64_t base = b * a.T;
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
   const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
   const bool* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
-
-  int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
-
-  if constexpr (BC) {
-    // Sequence-level advantages: A is constant along the row, so the sums factor:
-    // S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij = A_i A_j #{ind}, Smin = min_i A_i sum_t m_t.
-    // The per-token work is just the ratio (exact refactoring of the per-token sums; the
-    // products are formed once in double instead of per token in op_t).
-    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
-    op_t A[CAP];
-    bool fa = true;
-    for (int i = 0; i < n; ++i) {
-      const op_t v = ld<op_t>(ar, i);
-      fa = fa && pama::pisfinite(v);
-      A[i] = pama::noon(v);
+  const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+  op_t A[PAMA_MAX_N];
+  M fa = ~M(0);
+  for (int i = 0; i < n; ++i) {
+    const op_t v = ld<op_t>(ar, i);
+    fa &= finite_mask(v);
+    A[i] = pama::noon(v);
+  }
+  ChunkBuf<op_t, 1, kChunk> cb;
+  double acc_m[LN] = {};
+  int64_t m_cnt = 0, n_ind = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
+  for (int64_t c0 = t0; c0 < t1; c0 += kChunk) {
+    const int L = static_cast<int>(std::min<int64_t>(kChunk, t1 - c0));
+    const int Lp = (L + LN - 1) / LN * LN;
+    chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
+    for (int j = L; j < Lp; ++j) cb.m[j] = op_t(0);  // padding
+    for (int j = 0; j < L; ++j) {
+      const M mt = mask_of<op_t>(mk[c0 + j]);
+      const M v = mt & cb.flp[j] & cb.folp[j] & fa;
+      const op_t u = cb.u[j];
+      const M ind = mask_of<op_t>(pama::indicator(u, thr));
+      cb.m[j] = msel0(v, msel(ind, u, thr));
+      m_cnt += v & 1;
+      n_ind += (v & ind) & 1;
+      nf_lp += (mt & ~cb.flp[j]) & 1;
+      nf_olp += (mt & ~cb.folp[j]) & 1;
+      nf_adv += (mt & ~fa) & 1;
     }
-    double sum_m = 0.0;
-    int64_t n_ind = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (!mk[t]) continue;
-      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
-      const bool fl = pama::pisfinite(x), fo = pama::pisfinite(y);
-      if (!(fl && fo && fa)) {
-        nf_lp += !fl;
-        nf_olp += !fo;
-        nf_adv += !fa;
-        continue;
-      }
-      const op_t u = pama::ratio(x, y);
-      const bool ind = pama::indicator(u, thr);
-      sum_m += static_cast<double>(pama::clipped_ratio(u, thr));
-      n_ind += ind;
-      ++m_cnt;
-    }
-    clipped = m_cnt - n_ind;  // valid tokens with u > 1 + eps
-    const double ni = static_cast<double>(n_ind);
-    row[0] += static_cast<double>(m_cnt);
-    if constexpr (MODE == Mode::Min) {
-      op_t mn = A[0];
-      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
-      row[1] += static_cast<double>(mn) * sum_m;
-    } else {
-      for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
-      if constexpr (MODE == Mode::Mean) {
-        for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;
-      } else {
-        int k = 0;
-        for (int i = 0; i < n; ++i)
-          for (int j = i; j < n; ++j, ++k)
-            gram[k] += static_cast<double>(A[i]) * static_cast<double>(A[j]) * ni;
-      }
-    }
+    for (int j = 0; j < Lp; j += LN)
+      for (int l = 0; l < LN; ++l) acc_m[l] += static_cast<double>(cb.m[j + l]);
+  }
+  const double sum_m = lanes_sum(acc_m);
+  const double ni = static_cast<double>(n_ind);
+  row[0] += static_cast<double>(m_cnt);
+  if constexpr (MODE == Mode::Min) {
+    op_t mn = A[0];
+    for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+    row[1] += static_cast<double>(mn) * sum_m;
   } else {
-    const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
-    // Local double accumulators (registers for small NT); added to the slots once.
-    double S[CAP], Q[CAP];
-    constexpr int GCAP = (MODE == Mode::Gram) ? CAP * (CAP + 1) / 2 : 1;
-    double Gl[GCAP];
-    double smin = 0.0;
-    for (int i = 0; i < n; ++i) S[i] = Q[i] = 0.0;
-    if constexpr (MODE == Mode::Gram)
-      for (int k = 0; k < tri_size(n); ++k) Gl[k] = 0.0;
-
-    for (int64_t t = t0; t < t1; ++t) {
-      if (!mk[t]) continue;
-      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
-      const scalar_t* at = ad + t * n;
-      op_t A[CAP];
-      bool fa = true;
-      for (int i = 0; i < n; ++i) {
-        A[i] = ld<op_t>(at, i);
-        fa = fa && pama::pisfinite(A[i]);
-      }
-      const bool fl = pama::pisfinite(x), fo = pama::pisfinite(y);
-      if (!(fl && fo && fa)) {
-        nf_lp += !fl;
-        nf_olp += !fo;
-        nf_adv += !fa;
-        continue;
-      }
-      const op_t u = pama::ratio(x, y);
-      const bool ind = pama::indicator(u, thr);
-      const op_t m = pama::clipped_ratio(u, thr);
-      clipped += !ind;
-      ++m_cnt;
-      for (int i = 0; i < n; ++i) A[i] = pama::noon(A[i]);
-      if constexpr (MODE == Mode::Min) {
-        op_t mn = A[0];
-        for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
-        smin += static_cast<double>(mn * m);
-      } else {
-        for (int i = 0; i < n; ++i) S[i] += static_cast<double>(A[i] * m);
-        if (ind) {
-          if constexpr (MODE == Mode::Mean) {
-            for (int i = 0; i < n; ++i) Q[i] += static_cast<double>(A[i]);
-          } else if constexpr (NT > 0) {
-            // fixed small N: fully unrolled upper triangle
-            int k = 0;
-            for (int i = 0; i < NT; ++i) {
-              const double ai = static_cast<double>(A[i]);
-              for (int j = i; j < NT; ++j, ++k) Gl[k] += ai * static_cast<double>(A[j]);
-            }
-          } else {
-            // generic N: only the non-zero Noon advantages contribute (about half of them)
-            int idx[CAP];
-            double val[CAP];
-            int p = 0;
-            for (int i = 0; i < n; ++i)
-              if (A[i] != op_t(0)) {
-                idx[p] = i;
-                val[p] = static_cast<double>(A[i]);
-                ++p;
-              }
-            for (int q = 0; q < p; ++q) {
-              const int i = idx[q];
-              double* gi = Gl + (i * n - i * (i - 1) / 2) - i;  // gi[j] = G(i, j), j >= i
-              const double vi = val[q];
-              for (int r = q; r < p; ++r) gi[idx[r]] += vi * val[r];
-            }
-          }
-        }
-      }
-    }
-    row[0] += static_cast<double>(m_cnt);
-    if constexpr (MODE == Mode::Min) {
-      row[1] += smin;
+    for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
+    if constexpr (MODE == Mode::Mean) {
+      for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;
     } else {
-      for (int i = 0; i < n; ++i) row[2 + i] += S[i];
-      if constexpr (MODE == Mode::Mean)
-        for (int i = 0; i < n; ++i) row[2 + n + i] += Q[i];
-      if constexpr (MODE == Mode::Gram)
-        for (int k = 0; k < tri_size(n); ++k) gram[k] += Gl[k];
+      int k = 0;
+      for (int i = 0; i < n; ++i)
+        for (int j = i; j < n; ++j, ++k) gram[k] += static_cast<double>(A[i]) * static_cast<double>(A[j]) * ni;
     }
   }
-  cnt[0] += clipped;
+  cnt[0] += m_cnt - n_ind;  // clipped: valid tokens with u > 1 + eps
   cnt[1] += nf_lp;
   cnt[2] += nf_olp;
   cnt[3] += nf_adv;
@@ -283,11 +436,11 @@ struct FwdPass {
   int rowpart_off = 0;
 };
 
-template <typename scalar_t, typename op_t, int NT, bool BC, Mode MODE>
-void run_forward_pass(const FwdArgs& a, const Partition& p, FwdPass& out) {
+template <typename Piece>
+void run_forward_pass(const FwdArgs& a, const Partition& p, Mode mode, FwdPass& out, Piece piece) {
   const int n = a.n;
   const int R = row_stride(n);
-  const int nG = (MODE == Mode::Gram) ? tri_size(n) : 0;
+  const int nG = (mode == Mode::Gram) ? tri_size(n) : 0;
   out.gram_off = kCounts;
   out.rowpart_off = kCounts + nG;
   out.slot_stride = kCounts + nG + (p.segs > 1 ? R : 0);
@@ -302,7 +455,7 @@ void run_forward_pass(const FwdArgs& a, const Partition& p, FwdPass& out) {
       int64_t cnt[4] = {0, 0, 0, 0};
       for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) {
         double* row = (p.segs > 1) ? slot + roff : rows + b * R;
-        fwd_piece<scalar_t, op_t, NT, BC, MODE>(a, b, t0, t1, row, slot + goff, cnt);
+        piece(a, b, t0, t1, row, slot + goff, cnt);
       });
       for (int k = 0; k < 4; ++k) slot[k] = static_cast<double>(cnt[k]);
     }
@@ -318,31 +471,25 @@ void run_forward_pass(const FwdArgs& a, const Partition& p, FwdPass& out) {
   }
 }
 
-template <typename scalar_t, typename op_t, bool BC, Mode MODE>
-void forward_pass_n(const FwdArgs& a, const Partition& p, FwdPass& out) {
-  switch (a.n) {
-    case 1: return run_forward_pass<scalar_t, op_t, 1, BC, MODE>(a, p, out);
-    case 2: return run_forward_pass<scalar_t, op_t, 2, BC, MODE>(a, p, out);
-    case 4: return run_forward_pass<scalar_t, op_t, 4, BC, MODE>(a, p, out);
-    case 8: return run_forward_pass<scalar_t, op_t, 8, BC, MODE>(a, p, out);
-    default: return run_forward_pass<scalar_t, op_t, 0, BC, MODE>(a, p, out);
+template <typename scalar_t, typename op_t, Mode MODE>
+void forward_pass_mode(const FwdArgs& a, const Partition& p, bool bc, FwdPass& out) {
+  if (bc) return run_forward_pass(a, p, MODE, out, fwd_piece_bc<scalar_t, op_t, MODE>);
+  switch (a.n) {  // small N unrolled at compile time, the rest at run time
+    case 1: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 1, MODE>);
+    case 2: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 2, MODE>);
+    case 3: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 3, MODE>);
+    case 4: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 4, MODE>);
+    case 8: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 8, MODE>);
+    default: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 0, MODE>);
   }
 }
 
 template <typename scalar_t, typename op_t>
 void forward_pass(const FwdArgs& a, const Partition& p, bool bc, Mode mode, FwdPass& out) {
-  if (bc) {
-    switch (mode) {
-      case Mode::Gram: return forward_pass_n<scalar_t, op_t, true, Mode::Gram>(a, p, out);
-      case Mode::Mean: return forward_pass_n<scalar_t, op_t, true, Mode::Mean>(a, p, out);
-      case Mode::Min: return forward_pass_n<scalar_t, op_t, true, Mode::Min>(a, p, out);
-    }
-  } else {
-    switch (mode) {
-      case Mode::Gram: return forward_pass_n<scalar_t, op_t, false, Mode::Gram>(a, p, out);
-      case Mode::Mean: return forward_pass_n<scalar_t, op_t, false, Mode::Mean>(a, p, out);
-      case Mode::Min: return forward_pass_n<scalar_t, op_t, false, Mode::Min>(a, p, out);
-    }
+  switch (mode) {
+    case Mode::Gram: return forward_pass_mode<scalar_t, op_t, Mode::Gram>(a, p, bc, out);
+    case Mode::Mean: return forward_pass_mode<scalar_t, op_t, Mode::Mean>(a, p, bc, out);
+    case Mode::Min: return forward_pass_mode<scalar_t, op_t, Mode::Min>(a, p, bc, out);
   }
 }
 
@@ -362,9 +509,14 @@ struct BwdArgs {
   double grad_out;
 };
 
+// g_t = -grad * r_b * s_t * (u_t if u_t <= 1+eps else 0) for valid tokens, 0 elsewhere;
+// s_t = sum_i c_i A_i (min_i A_i for token). The indicator is a select, not a product, so
+// that u = inf gives 0 and not inf * 0 = NaN.
 template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
 void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
-  constexpr int CAP = NT > 0 ? NT : PAMA_MAX_N;
+  using M = mask_t<op_t>;
+  constexpr int CAP = BC ? 1 : (NT > 0 ? NT : PAMA_MAX_N);
+  constexpr int CH = (NT > 0 || BC) ? kChunk : kChunkGeneric;
   const int n = NT > 0 ? NT : a.n;
   const int64_t base = b * a.T;
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
@@ -373,83 +525,87 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
   scalar_t* g = static_cast<scalar_t*>(a.grad) + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   // coef = -grad_out * r_b: the double product of two op_t values rounded once to op_t is
-  // exactly op_t multiplication.
+  // exactly op_t multiplication (the reference's order: ((-g * r) * s) * u).
   const op_t rb = static_cast<const op_t*>(a.row_scale)[b];
   const op_t coef = static_cast<op_t>(-(a.grad_out * static_cast<double>(rb)));
-  op_t c[CAP];
+  op_t c[PAMA_MAX_N];
   if constexpr (!TOKEN) {
     const op_t* w = static_cast<const op_t*>(a.weights) + (a.weights_per_row ? b * n : 0);
     for (int i = 0; i < n; ++i) c[i] = w[i];
   }
-  auto combine = [&](const op_t* A) -> op_t {  // s_t from Noon-clamped advantages
-    if constexpr (TOKEN) {
-      op_t mn = A[0];
-      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
-      return mn;
-    } else {
-      op_t s = c[0] * A[0];
-      for (int i = 1; i < n; ++i) s += c[i] * A[i];
-      return s;
-    }
-  };
+  ChunkBuf<op_t, CAP, CH> cb;
   if constexpr (BC) {
     const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
-    op_t A[CAP];
-    bool fa = true;
+    op_t A[PAMA_MAX_N];
+    M fa = ~M(0);
     for (int i = 0; i < n; ++i) {
       const op_t v = ld<op_t>(ar, i);
-      fa = fa && pama::pisfinite(v);
+      fa &= finite_mask(v);
       A[i] = pama::noon(v);
     }
-    const op_t cs = coef * combine(A);
-    for (int64_t t = t0; t < t1; ++t) {
-      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
-      const bool valid = mk[t] && fa && pama::pisfinite(x) && pama::pisfinite(y);
-      const op_t u = pama::ratio(x, y);
-      g[t] = static_cast<scalar_t>(valid && pama::indicator(u, thr) ? cs * u : op_t(0));
+    op_t s = A[0];
+    if constexpr (TOKEN) {
+      for (int i = 1; i < n; ++i) s = pama::pmin(s, A[i]);
+    } else {
+      s = c[0] * A[0];
+      for (int i = 1; i < n; ++i) s += c[i] * A[i];
+    }
+    const op_t cs = coef * s;
+    for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+      const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+      chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
+      for (int j = 0; j < L; ++j) {
+        const op_t u = cb.u[j];
+        const M ok = mask_of<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa & mask_of<op_t>(pama::indicator(u, thr));
+        g[c0 + j] = static_cast<scalar_t>(msel0(ok, cs * u));
+      }
     }
   } else {
     const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (!mk[t]) {
-        g[t] = static_cast<scalar_t>(op_t(0));
-        continue;
+    M fa[CH];
+    op_t s[CH];
+    for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+      const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+      chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
+      chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, L, cb, fa);
+      for (int i = 0; i < n; ++i)  // Noon clamp (NaN -> 0; such tokens are invalid anyway)
+        for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
+      if constexpr (TOKEN) {
+        for (int j = 0; j < L; ++j) s[j] = cb.At[0][j];
+        for (int i = 1; i < n; ++i)
+          for (int j = 0; j < L; ++j) s[j] = msel(mask_of<op_t>(cb.At[i][j] < s[j]), cb.At[i][j], s[j]);
+      } else {
+        for (int j = 0; j < L; ++j) s[j] = c[0] * cb.At[0][j];
+        for (int i = 1; i < n; ++i)
+          for (int j = 0; j < L; ++j) s[j] += c[i] * cb.At[i][j];
       }
-      const op_t x = ld<op_t>(lp, t), y = ld<op_t>(olp, t);
-      const scalar_t* at = ad + t * n;
-      op_t A[CAP];
-      bool fa = true;
-      for (int i = 0; i < n; ++i) {
-        const op_t v = ld<op_t>(at, i);
-        fa = fa && pama::pisfinite(v);
-        A[i] = pama::noon(v);
+      for (int j = 0; j < L; ++j) {
+        const op_t u = cb.u[j];
+        const M ok = mask_of<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa[j] & mask_of<op_t>(pama::indicator(u, thr));
+        g[c0 + j] = static_cast<scalar_t>(msel0(ok, (coef * s[j]) * u));
       }
-      const bool valid = fa && pama::pisfinite(x) && pama::pisfinite(y);
-      const op_t u = pama::ratio(x, y);
-      // a select, not a product with the indicator: u = inf gives 0, not NaN
-      g[t] = static_cast<scalar_t>(valid && pama::indicator(u, thr) ? (coef * combine(A)) * u : op_t(0));
     }
   }
 }
 
-template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
-void run_backward_pass(const BwdArgs& a, const Partition& p) {
+template <typename Piece>
+void run_backward_pass(const BwdArgs& a, const Partition& p, Piece piece) {
   at::parallel_for(0, p.units, 1, [&](int64_t ub, int64_t ue) {
     for (int64_t u = ub; u < ue; ++u)
-      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) {
-        bwd_piece<scalar_t, op_t, NT, BC, TOKEN>(a, b, t0, t1);
-      });
+      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) { piece(a, b, t0, t1); });
   });
 }
 
-template <typename scalar_t, typename op_t, bool BC, bool TOKEN>
-void backward_pass_n(const BwdArgs& a, const Partition& p) {
+template <typename scalar_t, typename op_t, bool TOKEN>
+void backward_pass(const BwdArgs& a, const Partition& p, bool bc) {
+  if (bc) return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, true, TOKEN>);
   switch (a.n) {
-    case 1: return run_backward_pass<scalar_t, op_t, 1, BC, TOKEN>(a, p);
-    case 2: return run_backward_pass<scalar_t, op_t, 2, BC, TOKEN>(a, p);
-    case 4: return run_backward_pass<scalar_t, op_t, 4, BC, TOKEN>(a, p);
-    case 8: return run_backward_pass<scalar_t, op_t, 8, BC, TOKEN>(a, p);
-    default: return run_backward_pass<scalar_t, op_t, 0, BC, TOKEN>(a, p);
+    case 1: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 1, false, TOKEN>);
+    case 2: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 2, false, TOKEN>);
+    case 3: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 3, false, TOKEN>);
+    case 4: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 4, false, TOKEN>);
+    case 8: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 8, false, TOKEN>);
+    default: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, false, TOKEN>);
   }
 }
 
@@ -669,13 +825,10 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   const bool token = gran == Gran::Token;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_backward", [&] {
     using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (bc) {
-      if (token) backward_pass_n<scalar_t, op_t, true, true>(args, part);
-      else backward_pass_n<scalar_t, op_t, true, false>(args, part);
-    } else {
-      if (token) backward_pass_n<scalar_t, op_t, false, true>(args, part);
-      else backward_pass_n<scalar_t, op_t, false, false>(args, part);
-    }
+    if (token)
+      backward_pass<scalar_t, op_t, true>(args, part, bc);
+    else
+      backward_pass<scalar_t, op_t, false>(args, part, bc);
   });
   return grad;
 }
@@ -740,7 +893,7 @@ py::dict build_info() {
   d["cuda"] = py::none();
   d["max_objectives"] = PAMA_MAX_N;
   d["block_tokens"] = kBlock;
-  d["specialised_n"] = py::make_tuple(1, 2, 4, 8);
+  d["specialised_n"] = py::make_tuple(1, 2, 3, 4, 8);
   return d;
 }
 
