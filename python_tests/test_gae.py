@@ -118,7 +118,9 @@ def test_extension_has_gae():
 
 # --------------------------------------------------------------------------- the reference
 @pytest.mark.parametrize("mask_kind", ["full", "ragged", "holes", "random", "empty"])
-@pytest.mark.parametrize("seed,gamma,lam", [(0, 1.0, 0.95), (1, 0.9, 0.8), (2, 1.0, 1.0), (3, 0.99, 0.0), (4, 0.0, 0.5)])
+@pytest.mark.parametrize(
+    "seed,gamma,lam", [(0, 1.0, 0.95), (1, 0.9, 0.8), (2, 1.0, 1.0), (3, 0.99, 0.0), (4, 0.0, 0.5)]
+)
 def test_reference_matches_oracle(mask_kind, seed, gamma, lam):
     r, v, m = make_gae_inputs(4, 23, 3, mask_kind, seed=seed)
     adv, ret = gae_reference(r, v, m, gamma, lam)
