@@ -37,8 +37,9 @@ advantage, so nothing pushes back when answers get shorter; and with sequence-le
 advantages broadcast over tokens, the batch Gram counts every token, so an objective whose
 positive advantages sit on short answers has the smallest advantage vector and gets the
 weight. Once every answer of a batch sits at the length floor, the length advantages are
-all zero, the min-norm point is the zero vector (the batch is Pareto-stationary) and that
-step changes nothing; the log then shows weights such as [0.00 0.50 0.50].
+all zero, the min-norm point is the zero vector (the batch is Pareto-stationary) and the
+step's gradient is zero (only Adam's momentum still moves the policy); the log then shows
+weights such as [0.00 0.50 0.50].
 ``--granularity token`` (or ``sequence``; the same here, since the advantages are per
 sequence) reinforces only the answers above the batch mean on every objective at once.
 """
