@@ -483,7 +483,8 @@ class PAMA(Optimizer):
         fn = "PAMA.loss"
         x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
         with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
-            valid = _valid_tokens(x, "mask", fn)
+            # with nonfinite="raise" the op has checked that every masked token is finite
+            valid = x.mask if self.nonfinite == "raise" else _valid_tokens(x, "mask", fn)
             a = torch.clamp(x.advantages.to(_acc_dtype(x.logp)), min=0)
             if self.granularity == "token":
                 s = a.amin(dim=-1)

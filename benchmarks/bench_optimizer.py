@@ -1,0 +1,299 @@
+"""CPU benchmark of one PPO optimizer step through ``pama_ext.PAMA`` against single-objective Noon PPO.
+
+Run the interleaved timing and print / save the ratio table
+(``benchmarks/results/optimizer.json``; see ``benchmarks/OPTIMIZER.md``)::
+
+    .venv/bin/python benchmarks/bench_optimizer.py [--rounds 15] [--n 2 4] [--threads 2]
+
+or the same steps as pytest-benchmark cases::
+
+    .venv/bin/python -m pytest benchmarks/bench_optimizer.py --benchmark-only
+
+One timed step, the same for every method, on the same GPT-2 policy (``transformers``
+``GPT2LMHeadModel`` built from a config: 4 layers, d = 256, vocabulary 8192, about 5.3 M
+parameters, dropout 0) and the same minibatch (B = 8 sequences of T = 64 tokens, the last
+32 to 48 of each a ragged response)::
+
+    logp = log_softmax(policy(tokens).logits).gather(...)   # forward
+    loss = <method>(logp, old_logp, advantages, mask)
+    opt.zero_grad(); loss.backward(); opt.step()             # AdamW
+
+Methods:
+
+* ``noon``: the baseline, single-objective Noon PPO written as PPO code writes it
+  (``-min(u A, clip(u) A)`` with ``A = max(A', 0)``, token mean), plain ``AdamW``.
+* ``pama``: ``PAMA(AdamW, N).loss`` (granularity ``batch``, the fused C++ op) + ``PAMA.step``.
+* ``pama_accum``: the gradient-accumulation path with the statistics taken from ``old_logp``
+  (the first-epoch shortcut: no extra forward): ``accumulate`` + ``solve`` + the
+  fixed-weights loss.
+* ``linear``: ``PAMA(..., combiner="linear")`` (MORLHF, signed PPO clip).
+* ``mgda_ub``: ``combiner="mgda_ub"`` with ``shared`` = the last hidden states.
+* ``mgda``: ``combiner="mgda"``: N per-objective backward passes over all parameters + 1.
+
+A second measurement isolates what PAMA adds: the loss alone, forward + backward from a
+leaf ``logp`` (``loss_only``: ``noon``, ``pama``, ``pama_accum``, ``linear``), many calls per
+round. The step overhead it implies, ``(loss_pama - loss_noon) / step_noon``, is far less
+noisy on a shared machine than the difference of two whole-step timings.
+
+Rounds are interleaved (every method once per round, in a rotating order) so that load
+from other jobs spreads over all methods; the ratios use the fastest round of each method
+(``min``) and also report medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import pama_ext
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "optimizer.json"
+CFG = dict(vocab_size=8192, n_positions=64, n_embd=256, n_layer=4, n_head=4)
+B, T, PROMPT = 8, 64, 16
+CLIP_EPS = 0.2
+METHODS = ("noon", "pama", "pama_accum", "linear", "mgda_ub", "mgda")
+
+if os.environ.get("PAMA_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["PAMA_BENCH_THREADS"]))
+
+
+def make_policy():
+    import transformers
+
+    cfg = transformers.GPT2Config(**CFG, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def make_batch(n: int):
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, CFG["vocab_size"], (B, T), generator=g)
+    lengths = torch.randint(T - PROMPT - 16, T - PROMPT + 1, (B,), generator=g)
+    pos = torch.arange(T)[None, :]
+    mask = (pos >= PROMPT) & (pos < PROMPT + lengths[:, None])
+    adv = torch.randn(B, T, n, generator=g) + torch.linspace(-0.3, 0.3, n)
+    return tokens, adv, mask
+
+
+def forward(policy, tokens, hidden: bool = False):
+    out = policy(input_ids=tokens, output_hidden_states=hidden)
+    logits = out.logits[:, :-1]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    logp = torch.nn.functional.pad(logp, (1, 0))  # position 0 (a prompt token) is never masked
+    return logp, (out.hidden_states[-1] if hidden else None)
+
+
+def noon_ppo_loss(logp, old_logp, adv, mask, clip_eps=CLIP_EPS):
+    """Single-objective Noon PPO, as a PPO trainer writes it."""
+    a = adv.clamp_min(0)
+    ratio = torch.exp(logp - old_logp)
+    per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+    m = mask.to(per_tok.dtype)
+    return (per_tok * m).sum() / m.sum().clamp_min(1)
+
+
+class Runner:
+    """One method: its own copy of the policy and optimizer; ``step()`` is one timed PPO step."""
+
+    def __init__(self, method: str, n: int, policy, tokens, adv, mask, old_logp):
+        self.method, self.n = method, n
+        self.policy = copy.deepcopy(policy)
+        self.tokens, self.adv, self.mask, self.old_logp = tokens, adv, mask, old_logp
+        base = torch.optim.AdamW(self.policy.parameters(), lr=1e-6)
+        if method == "noon":
+            self.opt = base
+            self.adv1 = adv[..., 0].contiguous()
+        else:
+            combiner = {"pama": "pama", "pama_accum": "pama"}.get(method, method)
+            self.opt = pama_ext.PAMA(base, n, combiner=combiner, clip_eps=CLIP_EPS)
+
+    def step(self):
+        hidden = self.method == "mgda_ub"
+        if self.method == "pama_accum":
+            self.opt.accumulate(self.old_logp, self.old_logp, self.adv, self.mask)
+            self.opt.solve()
+        logp, h = forward(self.policy, self.tokens, hidden)
+        if self.method == "noon":
+            loss = noon_ppo_loss(logp, self.old_logp, self.adv1, self.mask)
+        else:
+            loss = self.opt.loss(logp, self.old_logp, self.adv, self.mask, shared=h)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+
+LOSS_METHODS = ("noon", "pama", "pama_accum", "linear")
+
+
+def loss_only_fns(n: int):
+    """method -> f(logp_leaf): the loss alone (the policy's forward/backward excluded)."""
+    tokens, adv, mask = make_batch(n)
+    g = torch.Generator().manual_seed(3)
+    old = -4 * torch.rand(B, T, generator=g)
+    logp0 = old + 0.1 * torch.randn(B, T, generator=g)
+    dummy = torch.nn.Parameter(torch.zeros(1))
+    opts = {
+        "pama": pama_ext.PAMA(torch.optim.SGD([dummy], lr=0.0), n),
+        "pama_accum": pama_ext.PAMA(torch.optim.SGD([dummy], lr=0.0), n),
+        "linear": pama_ext.PAMA(torch.optim.SGD([dummy], lr=0.0), n, combiner="linear"),
+    }
+    adv1 = adv[..., 0].contiguous()
+
+    def accum(lp):
+        o = opts["pama_accum"]
+        o.reset_accumulation()
+        o.accumulate(old, old, adv, mask)
+        return o.loss(lp, old, adv, mask)
+
+    fns = {
+        "noon": lambda lp: noon_ppo_loss(lp, old, adv1, mask),
+        "pama": lambda lp: opts["pama"].loss(lp, old, adv, mask),
+        "pama_accum": accum,
+        "linear": lambda lp: opts["linear"].loss(lp, old, adv, mask),
+    }
+    return fns, logp0
+
+
+def run_loss_only(n: int, rounds: int, calls: int = 50) -> dict:
+    fns, logp0 = loss_only_fns(n)
+    lp = logp0.clone().requires_grad_(True)
+    times = {m: [] for m in fns}
+    for i in range(rounds + 1):
+        for m, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f(lp).backward()
+            if i > 0:  # round 0 is the warm-up
+                times[m].append((time.perf_counter() - t0) / calls)
+    return {m: {"min_s": min(v), "median_s": statistics.median(v)} for m, v in times.items()}
+
+
+def setup(n: int, methods=METHODS):
+    policy = make_policy()
+    tokens, adv, mask = make_batch(n)
+    with torch.no_grad():
+        logp, _ = forward(policy, tokens)
+    old_logp = logp + 0.1 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
+    return {m: Runner(m, n, policy, tokens, adv, mask, old_logp) for m in methods}
+
+
+def run(ns=(2, 4), rounds: int = 15, warmup: int = 2, methods=METHODS) -> dict:
+    out = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "backends": pama_ext.available_backends(),
+            "loadavg_before": os.getloadavg(),
+        },
+        "model": {**CFG, "params": sum(p.numel() for p in make_policy().parameters()), "B": B, "T": T},
+        "results": {},
+        "loss_only": {},
+    }
+    for n in ns:
+        runners = setup(n, methods)
+        for _ in range(warmup):
+            for r in runners.values():
+                r.step()
+        times = {m: [] for m in runners}
+        order = list(runners)
+        for i in range(rounds):
+            rot = order[i % len(order):] + order[: i % len(order)]
+            for m in rot:
+                t0 = time.perf_counter()
+                runners[m].step()
+                times[m].append(time.perf_counter() - t0)
+        res = {m: {"min_s": min(v), "median_s": statistics.median(v), "rounds": len(v)} for m, v in times.items()}
+        base = res["noon"]
+        for m, r in res.items():
+            r["ratio_to_noon_min"] = r["min_s"] / base["min_s"]
+            r["ratio_to_noon_median"] = r["median_s"] / base["median_s"]
+            if "pama" in res:
+                r["ratio_to_pama_min"] = r["min_s"] / res["pama"]["min_s"]
+                r["ratio_to_pama_median"] = r["median_s"] / res["pama"]["median_s"]
+        out["results"][f"N={n}"] = res
+        lo = run_loss_only(n, rounds)
+        for m, r in lo.items():
+            for stat in ("min_s", "median_s"):
+                r[f"added_{stat[:-2]}_vs_noon_step"] = (r[stat] - lo["noon"][stat]) / base[stat]
+        out["loss_only"][f"N={n}"] = lo
+        print(f"N={n} done", flush=True)
+    out["machine"]["loadavg_after"] = os.getloadavg()
+    return out
+
+
+def table(data: dict) -> str:
+    lines = [
+        "| N | method | min ms | median ms | vs noon (min) | vs noon (median) | vs pama (min) | vs pama (median) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, res in data["results"].items():
+        for m, r in res.items():
+            lines.append(
+                f"| {key[2:]} | {m} | {1e3 * r['min_s']:.1f} | {1e3 * r['median_s']:.1f} | "
+                f"{r['ratio_to_noon_min']:.3f} | {r['ratio_to_noon_median']:.3f} | "
+                f"{r.get('ratio_to_pama_min', float('nan')):.2f} | {r.get('ratio_to_pama_median', float('nan')):.2f} |"
+            )
+    lines += [
+        "",
+        "| N | loss only | min us | median us | added to the noon step (min) | (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, res in data["loss_only"].items():
+        for m, r in res.items():
+            lines.append(
+                f"| {key[2:]} | {m} | {1e6 * r['min_s']:.0f} | {1e6 * r['median_s']:.0f} | "
+                f"{100 * r['added_min_vs_noon_step']:+.2f}% | {100 * r['added_median_vs_noon_step']:+.2f}% |"
+            )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- pytest-benchmark
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"N={n}")
+def runners(request):
+    pytest.importorskip("transformers")
+    return setup(request.param)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ppo_step(benchmark, runners, method):
+    r = runners[method]
+    benchmark.group = f"PPO step, N={r.n}"
+    benchmark.pedantic(r.step, rounds=10, warmup_rounds=2, iterations=1)
+
+
+# --------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    assert "noon" in args.methods
+    data = run(tuple(args.n), args.rounds, args.warmup, tuple(args.methods))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    print(json.dumps(data["machine"]), f"\nmodel: {data['model']}")
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
