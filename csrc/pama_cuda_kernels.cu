@@ -1,0 +1,746 @@
+// pama_cuda_kernels.cu: the fused PAMA CUDA kernels (plain CUDA, no torch headers).
+//
+// Contract: csrc/README.md; launchers: pama_cuda_kernels.h. The per-token maths, Theorem 1
+// and the exact min-norm solver come from pama_math.h (shared with the CPU kernels).
+//
+// Forward, two kernels, no host synchronisation:
+//   1. reduce: one block per unit. A unit is a group of whole rows (T <= kBlockTokens) or one
+//      kBlockTokens-token segment of a row (T > kBlockTokens), as on the CPU, so a unit never
+//      crosses a sequence. Per row piece the block accumulates M_b, S_{b,i}, Q_{b,i}, Smin_b in
+//      double (per thread, fixed token stride), reduces them with a fixed warp-shuffle tree
+//      then a fixed sum over warps, and writes them to its own row-partial slot; the Gram
+//      upper triangle and the counts are reduced once per unit into the unit's slot.
+//   2. finalise: one block. Sums unit slots and row segments in a fixed order, computes M,
+//      the non-empty rows, the weights (min_norm_weights / theorem1), row scales, the loss
+//      and the statistics.
+// Every sum has a fixed order that depends only on (B, T, N): no float atomics, so equal
+// inputs give bitwise-equal outputs.
+// Backward: one elementwise kernel (grid-stride over tokens).
+#include "pama_cuda_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "pama_math.h"
+
+namespace pama_cuda {
+namespace {
+
+static_assert(kMaxN == PAMA_MAX_N, "kMaxN must equal PAMA_MAX_N");
+constexpr int kWarps = kThreads / 32;
+constexpr int kCounts = 4;  // clipped, nonfinite logp, nonfinite old_logp, nonfinite advantages
+constexpr int kGenericChunk = 32;  // tokens per shared-memory chunk of the runtime-N kernel
+
+enum Mode : int { kGram = 0, kMean = 1, kMin = 2 };
+
+__host__ __device__ inline int tri_size(int n) { return n * (n + 1) / 2; }
+// per-row layout (double): [M_b, Smin_b, S_{b,0..n-1}, Q_{b,0..n-1}]
+__host__ __device__ inline int row_stride(int n) { return 2 + 2 * n; }
+
+struct Partition {
+  int64_t rows_per_unit;  // T <= kBlockTokens: whole rows per unit
+  int64_t segs;           // T > kBlockTokens: segments per row (1 otherwise)
+  int64_t units;
+};
+
+__host__ __device__ inline Partition make_partition(int64_t B, int64_t T) {
+  Partition p;
+  if (T > kBlockTokens) {
+    p.segs = (T + kBlockTokens - 1) / kBlockTokens;
+    p.rows_per_unit = 1;
+    p.units = B * p.segs;
+  } else {
+    p.segs = 1;
+    const int64_t t = T > 0 ? T : 1;
+    p.rows_per_unit = kBlockTokens / t > 0 ? kBlockTokens / t : 1;
+    p.units = (B + p.rows_per_unit - 1) / p.rows_per_unit;
+  }
+  return p;
+}
+
+// ------------------------------------------------------------------------------ loads
+template <typename op_t, typename scalar_t>
+__device__ inline op_t ld(const scalar_t* p, int64_t i) {
+  return static_cast<op_t>(p[i]);
+}
+template <>
+__device__ inline float ld<float, __nv_bfloat16>(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+template <>
+__device__ inline float ld<float, __half>(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+
+template <typename scalar_t, typename op_t>
+__device__ inline scalar_t st(op_t x) {
+  return static_cast<scalar_t>(x);
+}
+template <>
+__device__ inline __nv_bfloat16 st<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ inline __half st<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+
+// ------------------------------------------------------------------------------ reductions
+// Fixed-order warp sum (tree over lanes 16, 8, 4, 2, 1): the result in lane 0 is the same
+// for the same inputs on every run.
+__device__ inline double warp_sum(double v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Block sum of K values per thread (kThreads threads): results in out[0..K) (shared),
+// valid after the call for every thread. sm: kWarps * K doubles of shared memory.
+template <int K>
+__device__ inline void block_sum(const double (&v)[K], double* sm, double* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const double w = warp_sum(v[k]);
+    if (lane == 0) sm[warp * K + k] = w;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    double s = 0.0;
+    for (int w = 0; w < kWarps; ++w) s += sm[w * K + k];
+    out[k] = s;
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------------------------ reduce kernel
+struct ReduceArgs {
+  const void* logp;
+  const void* old_logp;
+  const void* adv;
+  const uint8_t* mask;
+  int64_t B, T;
+  int n;
+  double one_plus_eps;
+  Partition part;
+  double* slots;    // [units, slot_stride]: counts[4], Gram upper triangle (Mode kGram)
+  int slot_stride;
+  double* rowpart;  // [B * segs, row_stride]
+};
+
+// Row piece (b, t0, t1) of unit u, and its row-partial index.
+__device__ inline bool piece_of(const ReduceArgs& a, int64_t u, int64_t k, int64_t* b, int64_t* t0, int64_t* t1,
+                                int64_t* rp) {
+  if (a.part.segs > 1) {
+    if (k > 0) return false;
+    *b = u / a.part.segs;
+    const int64_t s = u % a.part.segs;
+    *t0 = s * kBlockTokens;
+    *t1 = *t0 + kBlockTokens < a.T ? *t0 + kBlockTokens : a.T;
+    *rp = u;
+    return true;
+  }
+  const int64_t r = u * a.part.rows_per_unit + k;
+  if (k >= a.part.rows_per_unit || r >= a.B) return false;
+  *b = r;
+  *t0 = 0;
+  *t1 = a.T;
+  *rp = r;
+  return true;
+}
+
+// Per-token terms shared by the reduce kernels. Returns validity; fills u-derived terms.
+template <typename op_t>
+struct Tok {
+  bool masked, flp, folp, valid, ind;
+  op_t m;  // valid ? min(u, 1+eps) : 0
+  op_t w;  // valid & ind ? 1 : 0
+};
+
+template <typename scalar_t, typename op_t>
+__device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool fa, op_t thr) {
+  Tok<op_t> k;
+  const op_t x = ld<op_t>(static_cast<const scalar_t*>(a.logp), idx);
+  const op_t y = ld<op_t>(static_cast<const scalar_t*>(a.old_logp), idx);
+  k.masked = a.mask[idx] != 0;
+  k.flp = pama::pisfinite(x);
+  k.folp = pama::pisfinite(y);
+  k.valid = k.masked && k.flp && k.folp && fa;
+  const op_t u = pama::ratio(x, y);
+  k.ind = pama::indicator(u, thr);
+  k.m = k.valid ? pama::clipped_ratio(u, thr) : op_t(0);
+  k.w = (k.valid && k.ind) ? op_t(1) : op_t(0);
+  return k;
+}
+
+// N known at compile time (NT in 1..8): every accumulator in registers.
+template <typename scalar_t, typename op_t, int NT, int MODE>
+__global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
+  constexpr int NP = (MODE == kGram) ? NT * (NT + 1) / 2 : 1;
+  constexpr int KR = 2 + 2 * NT;       // row values
+  constexpr int KU = kCounts + NP;     // unit values
+  constexpr int KS = KR > KU ? KR : KU;
+  __shared__ double sm[kWarps * KS];
+  __shared__ double res[KS];
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  const int64_t u = blockIdx.x;
+  double g[NP];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) g[p] = 0.0;
+  double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
+  int64_t b, t0, t1, rp;
+  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
+    double r[KR];
+#pragma unroll
+    for (int i = 0; i < KR; ++i) r[i] = 0.0;
+    const scalar_t* ad = static_cast<const scalar_t*>(a.adv);
+    for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
+      const int64_t idx = b * a.T + t;
+      op_t A[NT];
+      bool fa = true;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+        A[i] = ld<op_t>(ad, idx * NT + i);
+        fa = fa && pama::pisfinite(A[i]);
+      }
+      const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
+      r[0] += tk.valid ? 1.0 : 0.0;
+      cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+      cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+      cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+      cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+#pragma unroll
+      for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
+      if (MODE == kMin) {
+        op_t mn = A[0];
+#pragma unroll
+        for (int i = 1; i < NT; ++i) mn = pama::pmin(mn, A[i]);
+        r[1] += static_cast<double>(mn * tk.m);
+      } else {
+#pragma unroll
+        for (int i = 0; i < NT; ++i) r[2 + i] += static_cast<double>(A[i] * tk.m);
+        if (MODE == kMean) {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) r[2 + NT + i] += static_cast<double>(A[i] * tk.w);
+        } else {
+          double I[NT];
+#pragma unroll
+          for (int i = 0; i < NT; ++i) I[i] = static_cast<double>(A[i] * tk.w);
+          int p = 0;
+#pragma unroll
+          for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int j = i; j < NT; ++j, ++p) g[p] += I[i] * I[j];
+        }
+      }
+    }
+    block_sum<KR>(r, sm, res);
+    if (threadIdx.x < KR) a.rowpart[rp * KR + threadIdx.x] = res[threadIdx.x];
+  }
+  double uv[KU];
+#pragma unroll
+  for (int i = 0; i < kCounts; ++i) uv[i] = cnt[i];
+#pragma unroll
+  for (int p = 0; p < NP; ++p) uv[kCounts + p] = (MODE == kGram) ? g[p] : 0.0;
+  block_sum<KU>(uv, sm, res);
+  double* slot = a.slots + u * a.slot_stride;
+  for (int i = threadIdx.x; i < a.slot_stride; i += kThreads) slot[i] = res[i];
+}
+
+// Any N (1..64): the chunk's per-token products go through shared memory; thread i < n
+// owns S_i, thread n + i owns Q_i, and the Gram pairs are dealt round-robin to the threads
+// (each pair summed by one thread in token order).
+template <typename scalar_t, typename op_t, int MODE>
+__global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
+  constexpr int KPT = (kMaxN * (kMaxN + 1) / 2 + kThreads - 1) / kThreads;  // pairs per thread
+  __shared__ double sAm[kGenericChunk * kMaxN];  // A_i * m
+  __shared__ double sI[kGenericChunk * kMaxN];   // A_i * w  (= I_i)
+  __shared__ double sMin[kGenericChunk];
+  __shared__ double sm[kWarps * 8];
+  __shared__ double res[8];
+  const int n = a.n, np = tri_size(n);
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  const int64_t u = blockIdx.x;
+  // this thread's Gram pairs
+  int pi[KPT], pj[KPT];
+  double g[KPT];
+  for (int q = 0; q < KPT; ++q) {
+    g[q] = 0.0;
+    pi[q] = pj[q] = -1;
+    const int p = threadIdx.x + q * kThreads;
+    if (MODE == kGram && p < np) {
+      int i = 0, rem = p;
+      while (rem >= n - i) { rem -= n - i; ++i; }
+      pi[q] = i;
+      pj[q] = i + rem;
+    }
+  }
+  double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
+  const int R = row_stride(n);
+  int64_t b, t0, t1, rp;
+  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
+    double own = 0.0;   // S_i (thread i < n) or Q_i (thread n + i)
+    double smin = 0.0;  // thread 0
+    double mrow[1] = {0.0};
+    for (int64_t c0 = t0; c0 < t1; c0 += kGenericChunk) {
+      const int L = static_cast<int>(t1 - c0 < kGenericChunk ? t1 - c0 : kGenericChunk);
+      if (threadIdx.x < L) {
+        const int j = threadIdx.x;
+        const int64_t idx = b * a.T + c0 + j;
+        const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + idx * n;
+        bool fa = true;
+        for (int i = 0; i < n; ++i) fa = fa && pama::pisfinite(ld<op_t>(ad, i));
+        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
+        mrow[0] += tk.valid ? 1.0 : 0.0;
+        cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+        cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+        cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+        cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+        op_t mn = op_t(0);
+        for (int i = 0; i < n; ++i) {
+          const op_t x = tk.valid ? pama::noon(ld<op_t>(ad, i)) : op_t(0);
+          mn = (i == 0) ? x : pama::pmin(mn, x);
+          sAm[j * kMaxN + i] = static_cast<double>(x * tk.m);
+          sI[j * kMaxN + i] = static_cast<double>(x * tk.w);
+        }
+        sMin[j] = static_cast<double>(mn * tk.m);
+      }
+      __syncthreads();
+      if (MODE == kMin) {
+        if (threadIdx.x == 0)
+          for (int j = 0; j < L; ++j) smin += sMin[j];
+      } else {
+        if (threadIdx.x < n) {
+          for (int j = 0; j < L; ++j) own += sAm[j * kMaxN + threadIdx.x];
+        } else if (MODE == kMean && threadIdx.x < 2 * n) {
+          for (int j = 0; j < L; ++j) own += sI[j * kMaxN + threadIdx.x - n];
+        }
+        if (MODE == kGram)
+          for (int q = 0; q < KPT; ++q) {
+            if (pi[q] < 0) break;
+            double s = 0.0;
+            for (int j = 0; j < L; ++j) s += sI[j * kMaxN + pi[q]] * sI[j * kMaxN + pj[q]];
+            g[q] += s;
+          }
+      }
+      __syncthreads();
+    }
+    block_sum<1>(mrow, sm, res);
+    double* row = a.rowpart + rp * R;
+    if (threadIdx.x == 0) {
+      row[0] = res[0];
+      row[1] = smin;
+    }
+    if (threadIdx.x < 2 * n) row[2 + threadIdx.x] = (MODE == kMin) ? 0.0 : ((MODE == kMean || threadIdx.x < n) ? own : 0.0);
+  }
+  block_sum<kCounts>(cnt, sm, res);
+  double* slot = a.slots + u * a.slot_stride;
+  if (threadIdx.x < kCounts) slot[threadIdx.x] = res[threadIdx.x];
+  if (MODE == kGram)
+    for (int q = 0; q < KPT; ++q)
+      if (pi[q] >= 0) slot[kCounts + threadIdx.x + q * kThreads] = g[q];
+}
+
+// Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
+// S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij += A_i A_j #{ind}, Smin = min_i A_i sum_t m_t.
+template <typename scalar_t, typename op_t, int MODE>
+__global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
+  __shared__ double sm[kWarps * 7];
+  __shared__ double res[7];
+  const int n = a.n, np = tri_size(n);
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  const int64_t u = blockIdx.x;
+  const int R = row_stride(n);
+  double* slot = a.slots + u * a.slot_stride;
+  double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
+  if (MODE == kGram && threadIdx.x == 0)
+    for (int p = 0; p < np; ++p) slot[kCounts + p] = 0.0;  // accumulated by thread 0, row order
+  int64_t b, t0, t1, rp;
+  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
+    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+    bool fa = true;
+    for (int i = 0; i < n; ++i) fa = fa && pama::pisfinite(ld<op_t>(ar, i));
+    double v[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // M, sum m, #ind, clipped, nf x3
+    for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
+      const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, b * a.T + t, fa, thr);
+      v[0] += tk.valid ? 1.0 : 0.0;
+      v[1] += static_cast<double>(tk.m);
+      v[2] += (tk.valid && tk.ind) ? 1.0 : 0.0;
+      v[3] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+      v[4] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+      v[5] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+      v[6] += (tk.masked && !fa) ? 1.0 : 0.0;
+    }
+    block_sum<7>(v, sm, res);
+    for (int i = 0; i < kCounts; ++i) cnt[i] += res[3 + i];  // identical in every thread
+    if (threadIdx.x == 0) {
+      double A[kMaxN];
+      for (int i = 0; i < n; ++i) A[i] = static_cast<double>(pama::noon(ld<op_t>(ar, i)));
+      const double sum_m = res[1], ni = res[2];
+      double* row = a.rowpart + rp * R;
+      row[0] = res[0];
+      double mn = A[0];
+      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+      row[1] = (MODE == kMin) ? mn * sum_m : 0.0;
+      for (int i = 0; i < n; ++i) {
+        row[2 + i] = (MODE == kMin) ? 0.0 : A[i] * sum_m;
+        row[2 + n + i] = (MODE == kMean) ? A[i] * ni : 0.0;
+      }
+      if (MODE == kGram) {
+        int p = 0;
+        for (int i = 0; i < n; ++i)
+          for (int j = i; j < n; ++j, ++p) slot[kCounts + p] += A[i] * A[j] * ni;
+      }
+    }
+  }
+  if (threadIdx.x < kCounts) slot[threadIdx.x] = cnt[threadIdx.x];
+}
+
+// ------------------------------------------------------------------------------ finalise kernel
+struct FinaliseArgs {
+  int64_t B;
+  int n;
+  int gran, agg;
+  Partition part;
+  const double* slots;
+  int slot_stride;
+  const double* rowpart;  // [B * segs, R]
+  double* G;              // n * n
+  double* cvec;           // n (batch / batch_mean weights in double)
+  pama::MinNormScratch* mn_scratch;
+  void* loss;
+  void* weights;
+  void* row_scale;
+  double* stats;
+};
+
+constexpr int kFWarps = kFinaliseThreads / 32;
+
+// Fixed-order sum over the block of one value per thread: thread t's partial (its own
+// strided items, in order) -> warp tree -> warps in order. Every thread gets the result.
+__device__ inline double fblock_sum(double v, double* sm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) sm[warp] = v;
+  __syncthreads();
+  double s = 0.0;
+  for (int w = 0; w < kFWarps; ++w) s += sm[w];
+  __syncthreads();
+  return s;
+}
+
+// total of row b's value k over its segments (in segment order)
+__device__ inline double row_value(const FinaliseArgs& a, int64_t b, int k) {
+  const int R = row_stride(a.n);
+  double s = 0.0;
+  for (int64_t s_ = 0; s_ < a.part.segs; ++s_) s += a.rowpart[(b * a.part.segs + s_) * R + k];
+  return s;
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs a) {
+  __shared__ double sm[kFWarps];
+  __shared__ double q[kCounts + kMaxN * (kMaxN + 1) / 2];  // unit totals (counts, Gram)
+  __shared__ double am[kMaxN];                           // batch_mean: a_i sums
+  __shared__ double cw[kMaxN];                           // batch / batch_mean weights (double)
+  __shared__ double scal[4];                             // objective, kkt
+  const int n = a.n;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nq = kCounts + ((a.gran == kBatch) ? tri_size(n) : 0);
+  // 1. unit totals: quantity k by warp (k mod warps); lanes take units strided, warp tree.
+  for (int k = warp; k < nq; k += kFWarps) {
+    double s = 0.0;
+    for (int64_t u = lane; u < a.part.units; u += 32) s += a.slots[u * a.slot_stride + k];
+    s = warp_sum(s);
+    if (lane == 0) q[k] = s;
+  }
+  // batch_mean: a_i = sum_b Q_{b,i}, same pattern over rows
+  if (a.gran == kBatchMean)
+    for (int i = warp; i < n; i += kFWarps) {
+      double s = 0.0;
+      for (int64_t b = lane; b < a.B; b += 32) s += row_value(a, b, 2 + n + i);
+      s = warp_sum(s);
+      if (lane == 0) am[i] = s;
+    }
+  // 2. M and the non-empty rows
+  double m_part = 0.0, ne_part = 0.0;
+  for (int64_t b = threadIdx.x; b < a.B; b += kFinaliseThreads) {
+    const double mb = row_value(a, b, 0);
+    m_part += mb;
+    ne_part += mb > 0.0 ? 1.0 : 0.0;
+  }
+  __syncthreads();
+  const double M = fblock_sum(m_part, sm);
+  const double nonempty = fblock_sum(ne_part, sm);
+  // 3. the solve on N numbers (one thread)
+  if (threadIdx.x == 0) {
+    scal[0] = scal[1] = 0.0;
+    if (a.gran == kBatch) {
+      for (int i = 0, k = 0; i < n; ++i)
+        for (int j = i; j < n; ++j, ++k) a.G[i * n + j] = a.G[j * n + i] = q[kCounts + k];
+      pama::min_norm_weights(a.G, n, a.cvec, a.mn_scratch);
+      double obj = 0.0, kkt = 0.0;
+      pama::quad_objective_kkt(a.G, n, a.cvec, &obj, &kkt);
+      scal[0] = obj;
+      scal[1] = kkt;
+      for (int i = 0; i < n; ++i) cw[i] = a.cvec[i];
+    } else if (a.gran == kBatchMean) {
+      double av[kMaxN];
+      for (int i = 0; i < n; ++i) av[i] = M > 0.0 ? am[i] / M : 0.0;
+      pama::theorem1(av, n, a.cvec);
+      double s = 0.0;
+      for (int i = 0; i < n; ++i) s += a.cvec[i] * av[i];
+      scal[0] = s * s;
+      for (int i = 0; i < n; ++i) cw[i] = a.cvec[i];
+    }
+    if (a.gran == kBatch || a.gran == kBatchMean)
+      for (int i = 0; i < n; ++i) static_cast<acc_t*>(a.weights)[i] = static_cast<acc_t>(cw[i]);
+  }
+  __syncthreads();
+  // 4. per row: row scale, (sequence) weights, the loss term with the rounded outputs
+  double loss_part = 0.0, obj_part = 0.0;
+  acc_t* rs_out = static_cast<acc_t*>(a.row_scale);
+  for (int64_t b = threadIdx.x; b < a.B; b += kFinaliseThreads) {
+    const double mb = row_value(a, b, 0);
+    double r;
+    if (a.agg == kTokenMean)
+      r = M > 0.0 ? 1.0 / M : 0.0;
+    else
+      r = mb > 0.0 ? 1.0 / (nonempty * mb) : 0.0;
+    const acc_t r_acc = static_cast<acc_t>(r);
+    rs_out[b] = r_acc;
+    double v = 0.0;
+    if (a.gran == kToken) {
+      v = row_value(a, b, 1);
+    } else if (a.gran == kSequence) {
+      double av[kMaxN], c[kMaxN];
+      for (int i = 0; i < n; ++i) av[i] = mb > 0.0 ? row_value(a, b, 2 + n + i) / mb : 0.0;
+      pama::theorem1(av, n, c);
+      double s = 0.0;
+      acc_t* w = static_cast<acc_t*>(a.weights) + b * n;
+      for (int i = 0; i < n; ++i) {
+        s += c[i] * av[i];
+        const acc_t ci = static_cast<acc_t>(c[i]);
+        w[i] = ci;
+        v += static_cast<double>(ci) * row_value(a, b, 2 + i);
+      }
+      if (mb > 0.0) obj_part += s * s;
+    } else {
+      for (int i = 0; i < n; ++i) v += static_cast<double>(static_cast<acc_t>(cw[i])) * row_value(a, b, 2 + i);
+    }
+    loss_part += static_cast<double>(r_acc) * v;
+  }
+  const double loss_sum = fblock_sum(loss_part, sm);
+  const double obj_sum = fblock_sum(obj_part, sm);
+  if (threadIdx.x == 0) {
+    double loss = -loss_sum;
+    if (loss == 0.0) loss = 0.0;  // no -0.0
+    *static_cast<acc_t*>(a.loss) = static_cast<acc_t>(loss);
+    double objective = scal[0];
+    if (a.gran == kSequence) objective = nonempty > 0.0 ? obj_sum / nonempty : 0.0;
+    if (a.gran == kToken) objective = 0.0;
+    a.stats[0] = M;
+    a.stats[1] = q[0];
+    a.stats[2] = q[1];
+    a.stats[3] = q[2];
+    a.stats[4] = q[3];
+    a.stats[5] = objective;
+    a.stats[6] = (a.gran == kBatch) ? scal[1] : 0.0;
+    a.stats[7] = nonempty;
+  }
+}
+
+// ------------------------------------------------------------------------------ backward kernel
+struct BackwardArgs {
+  const void* logp;
+  const void* old_logp;
+  const void* adv;
+  const uint8_t* mask;
+  void* grad;
+  int64_t B, T;
+  int n;
+  double one_plus_eps;
+  const void* weights;
+  bool weights_per_row;
+  const void* row_scale;
+  const double* grad_loss;
+};
+
+template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
+__global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a) {
+  const int n = NT > 0 ? NT : a.n;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  const int64_t total = a.B * a.T;
+  const double go = *a.grad_loss;
+  const op_t* wt = static_cast<const op_t*>(a.weights);
+  const op_t* rs = static_cast<const op_t*>(a.row_scale);
+  const scalar_t* ad = static_cast<const scalar_t*>(a.adv);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t b = idx / a.T;
+    const op_t x = ld<op_t>(static_cast<const scalar_t*>(a.logp), idx);
+    const op_t y = ld<op_t>(static_cast<const scalar_t*>(a.old_logp), idx);
+    const op_t u = pama::ratio(x, y);
+    const scalar_t* ar = BC ? ad + b * n : ad + idx * n;
+    const op_t* c = TOKEN ? nullptr : wt + (a.weights_per_row ? b * n : 0);
+    bool fa = true;
+    op_t s = op_t(0);
+#pragma unroll
+    for (int i = 0; i < (NT > 0 ? NT : kMaxN); ++i) {
+      if (NT == 0 && i >= n) break;
+      const op_t v = ld<op_t>(ar, i);
+      fa = fa && pama::pisfinite(v);
+      const op_t A = pama::noon(v);
+      if (TOKEN)
+        s = (i == 0) ? A : pama::pmin(s, A);
+      else
+        s = (i == 0) ? c[0] * A : s + c[i] * A;
+    }
+    // coef = -grad_out * r_b rounded once to op_t (the reference's order ((-g r) s) u)
+    const op_t coef = static_cast<op_t>(-(go * static_cast<double>(rs[b])));
+    const bool ok = a.mask[idx] != 0 && pama::pisfinite(x) && pama::pisfinite(y) && fa && pama::indicator(u, thr);
+    static_cast<scalar_t*>(a.grad)[idx] = st<scalar_t, op_t>(ok ? (coef * s) * u : op_t(0));
+  }
+}
+
+// ------------------------------------------------------------------------------ dispatch
+template <typename F>
+cudaError_t dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case kFloat64: return f(double(), double());
+    case kFloat32: return f(float(), float());
+    case kBFloat16: return f(__nv_bfloat16(), float());
+    case kFloat16: return f(__half(), float());
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
+
+struct Workspace {
+  double* slots;
+  double* rowpart;
+  double* G;
+  double* cvec;
+  pama::MinNormScratch* mn;
+  int slot_stride;
+};
+
+Workspace carve(void* base, int64_t B, int64_t T, int n, Gran gran, size_t* total) {
+  const Partition p = make_partition(B, T);
+  Workspace w;
+  w.slot_stride = kCounts + ((gran == kBatch) ? tri_size(n) : 0);
+  char* c = static_cast<char*>(base);
+  size_t off = 0;
+  w.slots = reinterpret_cast<double*>(c + off);
+  off += align_up(sizeof(double) * static_cast<size_t>(p.units) * w.slot_stride);
+  w.rowpart = reinterpret_cast<double*>(c + off);
+  off += align_up(sizeof(double) * static_cast<size_t>(B * p.segs) * row_stride(n));
+  w.G = reinterpret_cast<double*>(c + off);
+  off += align_up(sizeof(double) * n * n);
+  w.cvec = reinterpret_cast<double*>(c + off);
+  off += align_up(sizeof(double) * n);
+  w.mn = reinterpret_cast<pama::MinNormScratch*>(c + off);
+  off += align_up(sizeof(pama::MinNormScratch));
+  if (total) *total = off;
+  return w;
+}
+
+template <typename scalar_t, typename op_t, int MODE>
+void launch_reduce(const ReduceArgs& ra, bool bc, int n, unsigned grid, cudaStream_t stream) {
+  if (bc) {
+    reduce_kernel_bc<scalar_t, op_t, MODE><<<grid, kThreads, 0, stream>>>(ra);
+    return;
+  }
+  switch (n) {
+    case 1: reduce_kernel_nt<scalar_t, op_t, 1, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+    case 2: reduce_kernel_nt<scalar_t, op_t, 2, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+    case 3: reduce_kernel_nt<scalar_t, op_t, 3, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+    case 4: reduce_kernel_nt<scalar_t, op_t, 4, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+    case 8: reduce_kernel_nt<scalar_t, op_t, 8, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+    default: reduce_kernel_any<scalar_t, op_t, MODE><<<grid, kThreads, 0, stream>>>(ra); return;
+  }
+}
+
+template <typename scalar_t, typename op_t, bool TOKEN>
+void launch_bwd(const BackwardArgs& ba, bool bc, int n, unsigned grid, cudaStream_t stream) {
+  if (bc) {
+    backward_kernel<scalar_t, op_t, 0, true, TOKEN><<<grid, kThreads, 0, stream>>>(ba);
+    return;
+  }
+  switch (n) {
+    case 1: backward_kernel<scalar_t, op_t, 1, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+    case 2: backward_kernel<scalar_t, op_t, 2, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+    case 3: backward_kernel<scalar_t, op_t, 3, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+    case 4: backward_kernel<scalar_t, op_t, 4, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+    case 8: backward_kernel<scalar_t, op_t, 8, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+    default: backward_kernel<scalar_t, op_t, 0, false, TOKEN><<<grid, kThreads, 0, stream>>>(ba); return;
+  }
+}
+
+}  // namespace
+
+size_t forward_workspace_bytes(int64_t B, int64_t T, int n, Gran gran) {
+  size_t total = 0;
+  carve(nullptr, B, T, n, gran, &total);
+  return total;
+}
+
+cudaError_t launch_forward(const Inputs& in, Gran gran, Agg agg, const ForwardOutputs& out, void* workspace,
+                           cudaStream_t stream) {
+  if (in.n < 1 || in.n > kMaxN || in.B < 0 || in.T < 0) return cudaErrorInvalidValue;
+  const Partition part = make_partition(in.B, in.T);
+  if (part.units > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  const Workspace w = carve(workspace, in.B, in.T, in.n, gran, nullptr);
+  const int mode = gran == kBatch ? kGram : (gran == kToken ? kMin : kMean);
+  if (part.units > 0) {
+    ReduceArgs ra{in.logp, in.old_logp, in.adv, in.mask, in.B, in.T, in.n, 1.0 + in.clip_eps, part, w.slots,
+                  w.slot_stride, w.rowpart};
+    const unsigned grid = static_cast<unsigned>(part.units);
+    cudaError_t e = dispatch_dtype(in.dtype, [&](auto s, auto o) {
+      using scalar_t = decltype(s);
+      using op_t = decltype(o);
+      if (mode == kGram)
+        launch_reduce<scalar_t, op_t, kGram>(ra, in.broadcast, in.n, grid, stream);
+      else if (mode == kMean)
+        launch_reduce<scalar_t, op_t, kMean>(ra, in.broadcast, in.n, grid, stream);
+      else
+        launch_reduce<scalar_t, op_t, kMin>(ra, in.broadcast, in.n, grid, stream);
+      return cudaGetLastError();
+    });
+    if (e != cudaSuccess) return e;
+  }
+  FinaliseArgs fa{in.B, in.n, static_cast<int>(gran), static_cast<int>(agg), part, w.slots, w.slot_stride,
+                  w.rowpart, w.G, w.cvec, w.mn, out.loss, out.weights, out.row_scale, out.stats};
+  if (in.dtype == kFloat64)
+    finalise_kernel<double><<<1, kFinaliseThreads, 0, stream>>>(fa);
+  else
+    finalise_kernel<float><<<1, kFinaliseThreads, 0, stream>>>(fa);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_backward(const Inputs& in, Gran gran, const double* grad_loss, const void* weights,
+                            const void* row_scale, void* grad, cudaStream_t stream) {
+  if (in.n < 1 || in.n > kMaxN || in.B < 0 || in.T < 0) return cudaErrorInvalidValue;
+  const int64_t total = in.B * in.T;
+  if (total == 0) return cudaSuccess;
+  BackwardArgs ba{in.logp, in.old_logp, in.adv, in.mask, grad, in.B, in.T, in.n, 1.0 + in.clip_eps,
+                  weights, gran == kSequence, row_scale, grad_loss};
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride beyond
+  const unsigned grid = static_cast<unsigned>(blocks);
+  const bool token = gran == kToken;
+  return dispatch_dtype(in.dtype, [&](auto s, auto o) {
+    using scalar_t = decltype(s);
+    using op_t = decltype(o);
+    if (token)
+      launch_bwd<scalar_t, op_t, true>(ba, in.broadcast, in.n, grid, stream);
+    else
+      launch_bwd<scalar_t, op_t, false>(ba, in.broadcast, in.n, grid, stream);
+    return cudaGetLastError();
+  });
+}
+
+int compiled_cuda_version() { return CUDART_VERSION; }
+
+}  // namespace pama_cuda
