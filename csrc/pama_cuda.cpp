@@ -1,0 +1,187 @@
+// pama_cuda.cpp: thin torch glue of the CUDA kernels (pama_cuda_kernels.cu). Built only when
+// torch has CUDA (setup.py defines PAMA_WITH_CUDA); registered into pama_ext._C through
+// register_cuda_bindings (csrc/bindings.h); pama_ext/_ops.py registers the functions as the
+// CUDA kernels of pama_ext::pama_forward / pama_backward.
+//
+// Takes validated, contiguous tensors on one CUDA device (pama_ext/_ops.py normalises them),
+// allocates outputs and the scratch with torch on that device (the caching allocator: no
+// cudaMalloc per call), and launches on the current stream. No host synchronisation, except
+// the documented one of check_finite=True: raising the contract's ValueError needs the three
+// non-finite counts on the host (one 24-byte read). pama_loss(nonfinite="mask") passes
+// check_finite=False and is synchronisation-free.
+#ifdef PAMA_WITH_CUDA
+
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <string>
+
+#include "bindings.h"
+#include "pama_cuda_kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+pama_cuda::Gran gran_of(const std::string& g) {
+  if (g == "batch") return pama_cuda::kBatch;
+  if (g == "token") return pama_cuda::kToken;
+  if (g == "sequence") return pama_cuda::kSequence;
+  if (g == "batch_mean") return pama_cuda::kBatchMean;
+  TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
+                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean'");
+  return pama_cuda::kBatch;
+}
+
+pama_cuda::Agg agg_of(const std::string& a) {
+  if (a == "token_mean") return pama_cuda::kTokenMean;
+  if (a == "seq_mean_token_mean") return pama_cuda::kSeqMeanTokenMean;
+  TORCH_CHECK_VALUE(false, "pama_loss: unknown loss_agg '", a,
+                    "'; expected one of 'token_mean', 'seq_mean_token_mean'");
+  return pama_cuda::kTokenMean;
+}
+
+pama_cuda::DType dtype_of(at::ScalarType st) {
+  switch (st) {
+    case at::kDouble: return pama_cuda::kFloat64;
+    case at::kFloat: return pama_cuda::kFloat32;
+    case at::kBFloat16: return pama_cuda::kBFloat16;
+    case at::kHalf: return pama_cuda::kFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, "pama_loss: `logp` must be float64, float32, bfloat16 or float16, got ", st);
+  }
+  return pama_cuda::kFloat32;
+}
+
+void check_inputs(const char* fn, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                  const Tensor& mask) {
+  TORCH_CHECK(logp.is_cuda() && old_logp.device() == logp.device() && advantages.device() == logp.device() &&
+                  mask.device() == logp.device(),
+              fn, ": the CUDA kernel needs every input on one CUDA device");
+  TORCH_CHECK_VALUE(logp.dim() == 2, fn, ": `logp` must be [B, T], got ", logp.sizes());
+  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes() && mask.sizes() == logp.sizes(), fn,
+                    ": `old_logp` and `mask` must have the shape of `logp` ", logp.sizes());
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, fn, ": `mask` must be bool, got ", mask.scalar_type());
+  const auto st = logp.scalar_type();
+  dtype_of(st);
+  TORCH_CHECK_VALUE(old_logp.scalar_type() == st && advantages.scalar_type() == st, fn,
+                    ": `logp`, `old_logp` and `advantages` must share one dtype");
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const bool ok_adv = (advantages.dim() == 3 && advantages.size(0) == B && advantages.size(1) == T) ||
+                      (advantages.dim() == 2 && advantages.size(0) == B);
+  TORCH_CHECK_VALUE(ok_adv, fn, ": `advantages` must be [B, T, N] or [B, N] with [B, T] = ", logp.sizes(),
+                    ", got ", advantages.sizes());
+  const int64_t n = advantages.size(-1);
+  TORCH_CHECK_VALUE(n >= 1 && n <= pama_cuda::kMaxN, fn, ": the number of objectives N must be in [1, ",
+                    pama_cuda::kMaxN, "], got ", n);
+  TORCH_CHECK_VALUE(logp.is_contiguous() && old_logp.is_contiguous() && advantages.is_contiguous() &&
+                        mask.is_contiguous(),
+                    fn, ": inputs must be contiguous");
+}
+
+pama_cuda::Inputs inputs_of(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
+                            double clip_eps) {
+  pama_cuda::Inputs in;
+  in.logp = logp.data_ptr();
+  in.old_logp = old_logp.data_ptr();
+  in.adv = advantages.data_ptr();
+  in.mask = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  in.B = logp.size(0);
+  in.T = logp.size(1);
+  in.n = static_cast<int>(advantages.size(-1));
+  in.broadcast = advantages.dim() == 2;
+  in.dtype = dtype_of(logp.scalar_type());
+  in.clip_eps = clip_eps;
+  return in;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward_cuda(const Tensor& logp, const Tensor& old_logp,
+                                                            const Tensor& advantages, const Tensor& mask,
+                                                            double clip_eps, const std::string& granularity,
+                                                            const std::string& loss_agg, bool check_finite) {
+  check_inputs("pama_forward", logp, old_logp, advantages, mask);
+  const auto gran = gran_of(granularity);
+  const auto agg = agg_of(loss_agg);
+  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "pama_loss: clip_eps must be a finite number > 0, got ",
+                    clip_eps);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const int n = static_cast<int>(advantages.size(-1));
+  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opt = logp.options().dtype(acc);
+  Tensor loss = at::empty({}, opt);
+  Tensor weights = gran == pama_cuda::kToken      ? at::empty({0}, opt)
+                   : gran == pama_cuda::kSequence ? at::empty({B, n}, opt)
+                                                  : at::empty({n}, opt);
+  Tensor row_scale = at::empty({B}, opt);
+  Tensor stats = at::empty({8}, logp.options().dtype(at::kDouble));
+  const size_t ws_bytes = pama_cuda::forward_workspace_bytes(B, T, n, gran);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, logp.options().dtype(at::kByte));
+  pama_cuda::ForwardOutputs out{loss.data_ptr(), weights.numel() ? weights.data_ptr() : nullptr,
+                                row_scale.numel() ? row_scale.data_ptr() : nullptr, stats.data_ptr<double>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logp.device().index()).stream();
+  const cudaError_t err = pama_cuda::launch_forward(inputs_of(logp, old_logp, advantages, mask, clip_eps), gran, agg,
+                                                    out, ws.data_ptr(), stream);
+  TORCH_CHECK(err == cudaSuccess, "pama_forward (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+  if (check_finite) {
+    // The one documented synchronisation: the contract raises ValueError naming the first
+    // offending argument, which needs the counts on the host. nonfinite="mask" skips this.
+    const Tensor nf = stats.narrow(0, 2, 3).to(at::kCPU);
+    const double* c = nf.data_ptr<double>();
+    static const char* names[3] = {"logp", "old_logp", "advantages"};
+    for (int k = 0; k < 3; ++k)
+      TORCH_CHECK_VALUE(c[k] == 0.0, "pama_loss: `", names[k], "` has ", static_cast<int64_t>(c[k]),
+                        " non-finite value(s) at masked positions; pass nonfinite='mask' to drop such tokens "
+                        "instead");
+  }
+  return {loss, weights, row_scale, stats};
+}
+
+Tensor pama_backward_cuda(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp,
+                          const Tensor& advantages, const Tensor& mask, const Tensor& weights, const Tensor& row_scale,
+                          double clip_eps, const std::string& granularity) {
+  check_inputs("pama_backward", logp, old_logp, advantages, mask);
+  const auto gran = gran_of(granularity);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  const int64_t B = logp.size(0);
+  const int n = static_cast<int>(advantages.size(-1));
+  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pama_backward: grad_loss must hold one value");
+  // all on the device, no host copy: the kernel reads grad_loss through a pointer
+  const Tensor go = grad_loss.to(logp.device(), at::kDouble).reshape({1}).contiguous();
+  const Tensor rs = row_scale.to(logp.device(), acc).contiguous();
+  TORCH_CHECK_VALUE(rs.numel() == B, "pama_backward: row_scale must be [B]");
+  Tensor wc;
+  if (gran != pama_cuda::kToken) {
+    wc = weights.to(logp.device(), acc).contiguous();
+    const bool per_row = gran == pama_cuda::kSequence;
+    TORCH_CHECK_VALUE(wc.numel() == (per_row ? B * n : n), "pama_backward: weights must be ",
+                      per_row ? "[B, N]" : "[N]", " for granularity '", granularity, "'");
+  }
+  Tensor grad = at::empty_like(logp);
+  if (logp.numel() == 0) return grad;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(logp.device().index()).stream();
+  const cudaError_t err = pama_cuda::launch_backward(inputs_of(logp, old_logp, advantages, mask, clip_eps), gran,
+                                                     go.data_ptr<double>(), wc.defined() ? wc.data_ptr() : nullptr,
+                                                     rs.data_ptr(), grad.data_ptr(), stream);
+  TORCH_CHECK(err == cudaSuccess, "pama_backward (CUDA): kernel launch failed: ", cudaGetErrorString(err));
+  return grad;
+}
+
+}  // namespace
+
+void register_cuda_bindings(pybind11::module_& m) {
+  m.def("pama_forward_cuda", &pama_forward_cuda,
+        "CUDA: one reduction kernel + a single-block finalise: (loss, weights, row_scale, stats)", py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"), py::arg("granularity"),
+        py::arg("loss_agg"), py::arg("check_finite"));
+  m.def("pama_backward_cuda", &pama_backward_cuda, "CUDA: one elementwise kernel: grad_logp", py::arg("grad_loss"),
+        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"),
+        py::arg("row_scale"), py::arg("clip_eps"), py::arg("granularity"));
+}
+
+int pama_cuda_runtime_version() { return pama_cuda::compiled_cuda_version(); }
+
+#endif  // PAMA_WITH_CUDA
