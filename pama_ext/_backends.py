@@ -113,3 +113,36 @@ register(
         ),
     )
 )
+
+# The CUDA kernels (csrc/pama_cuda_kernels.cu) behind the same op, when the extension was
+# built with them (PAMA_EXT_CUDA, setup.py) and a GPU is present.
+_HAS_CUDA_KERNELS = _C is not None and hasattr(_C, "pama_forward_cuda")
+
+
+def _cuda_error() -> Optional[str]:
+    if _C is None:
+        return f"the compiled extension pama_ext._C failed to import ({_C_ERROR})"
+    if not _HAS_CUDA_KERNELS:
+        return (
+            "pama_ext._C was built without the CUDA kernels (a CPU torch, PAMA_EXT_CUDA=0, or no CUDA "
+            "toolkit at build time); rebuild with a CUDA torch: `PAMA_EXT_CUDA=1 pip install "
+            "--no-build-isolation .`"
+        )
+    try:
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+    except Exception as exc:  # pragma: no cover - a broken driver counts as no GPU
+        return f"torch.cuda.is_available() failed: {exc}"
+    return None
+
+
+_CUDA_ERROR = _cuda_error()
+register(
+    Backend(
+        name="cuda",
+        devices=("cuda",),
+        priority=20,
+        forward=(lambda *args: torch.ops.pama_ext.pama_forward(*args)) if _CUDA_ERROR is None else None,
+        error=_CUDA_ERROR,
+    )
+)

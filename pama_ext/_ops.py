@@ -85,6 +85,25 @@ if _C is not None:
         )
 
 
+# --------------------------------------------------------------------------- CUDA kernels
+# Built only when torch has CUDA (setup.py, PAMA_EXT_CUDA); csrc/pama_cuda.cpp. No host
+# synchronisation, except check_finite=True, which reads the three non-finite counts to raise
+# the contract's ValueError (nonfinite="mask" is synchronisation-free).
+if _C is not None and hasattr(_C, "pama_forward_cuda"):
+
+    @torch.library.impl(_lib, "pama_forward", "CUDA")
+    def _forward_cuda(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
+        return tuple(
+            _C.pama_forward_cuda(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite)
+        )
+
+    @torch.library.impl(_lib, "pama_backward", "CUDA")
+    def _backward_cuda(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
+        return _C.pama_backward_cuda(
+            grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity
+        )
+
+
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
