@@ -42,9 +42,16 @@ def _extensions():
     #   PAMA_EXT_CUDA=auto -> CPU kernels only
     # ------------------------------------------------------------------------------------
     if cuda == "1":
+        try:
+            import torch
+
+            have = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
+        except ImportError:
+            have = "no torch installed"
         sys.exit(
             "pama_ext: PAMA_EXT_CUDA=1 was requested, but CUDA kernels are not part of this "
-            "build yet; unset it (or use PAMA_EXT_CUDA=0/auto) to build the CPU extension"
+            f"build yet (build environment: {have}); unset it or use PAMA_EXT_CUDA=0/auto to "
+            "build the CPU extension"
         )
 
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -57,7 +64,9 @@ def _extensions():
         cxx_flags.append("-fopenmp")
     ext = CppExtension(
         name="pama_ext._C",
-        sources=[os.path.join(CSRC, "pama_cpu.cpp")],
+        # pama_cpu.cpp owns PYBIND11_MODULE; the other files register their ops through
+        # csrc/bindings.h (gae_cpu.cpp: per-objective GAE for pama_ext.rl)
+        sources=[os.path.join(CSRC, "pama_cpu.cpp"), os.path.join(CSRC, "gae_cpu.cpp")],
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "bindings.h"
 #include "pama_math.h"
 
 namespace {
@@ -118,6 +119,10 @@ using mask_t = std::conditional_t<sizeof(op_t) == 8, uint64_t, uint32_t>;
 template <typename op_t>
 inline mask_t<op_t> mask_of(bool c) {
   return mask_t<op_t>(0) - static_cast<mask_t<op_t>>(c);
+}
+template <typename op_t>
+inline mask_t<op_t> mask_of_byte(uint8_t c) {  // from a bool stored as a byte (any non-zero is true)
+  return mask_t<op_t>(0) - static_cast<mask_t<op_t>>(c != 0);
 }
 template <typename op_t>
 inline mask_t<op_t> bits_of(op_t x) {
@@ -262,7 +267,7 @@ struct FwdArgs {
   const void* logp;
   const void* old_logp;
   const void* adv;
-  const bool* mask;
+  const uint8_t* mask;  // the bool mask read as bytes: bool loads do not vectorise
   int64_t T;
   int n;
   double one_plus_eps;
@@ -282,12 +287,12 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
   const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
   const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
-  const bool* mk = a.mask + base;
+  const uint8_t* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
 
   ChunkBuf<op_t, CAP, CH> cb;
   M fa[CH];
-  constexpr int GCAP = MODE == Mode::Gram ? CAP : 1;
+  constexpr int GCAP = (MODE == Mode::Gram && !(NT > 0 && NT <= 4)) ? CAP : 1;
   double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram dot products
   double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
   constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
@@ -302,21 +307,27 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
     const int Lp = (L + LN - 1) / LN * LN;
     chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
     chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, Lp, cb, fa);
-    // per-token masks and counts
+    // per-token masks and counts (counted in the mask width: no widening in the vector loop)
+    M c_m = 0, c_clip = 0, c_lp = 0, c_olp = 0, c_adv = 0;
     for (int j = 0; j < L; ++j) {
-      const M mt = mask_of<op_t>(mk[c0 + j]);
+      const M mt = mask_of_byte<op_t>(mk[c0 + j]);
       const M v = mt & cb.flp[j] & cb.folp[j] & fa[j];
       const op_t u = cb.u[j];
       const M ind = mask_of<op_t>(pama::indicator(u, thr));
       cb.ok[j] = v;
       cb.m[j] = msel0(v, msel(ind, u, thr));
       cb.w[j] = msel0(v & ind, op_t(1));
-      m_cnt += v & 1;
-      clipped += (v & ~ind) & 1;
-      nf_lp += (mt & ~cb.flp[j]) & 1;
-      nf_olp += (mt & ~cb.folp[j]) & 1;
-      nf_adv += (mt & ~fa[j]) & 1;
+      c_m += v & 1;
+      c_clip += (v & ~ind) & 1;
+      c_lp += (mt & ~cb.flp[j]) & 1;
+      c_olp += (mt & ~cb.folp[j]) & 1;
+      c_adv += (mt & ~fa[j]) & 1;
     }
+    m_cnt += c_m;
+    clipped += c_clip;
+    nf_lp += c_lp;
+    nf_olp += c_olp;
+    nf_adv += c_adv;
     for (int j = L; j < Lp; ++j) {  // padding: neutral, invalid tokens
       cb.ok[j] = 0;
       cb.m[j] = cb.w[j] = op_t(0);
@@ -337,6 +348,18 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
       if constexpr (MODE == Mode::Mean) {
         for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
+      } else if constexpr (NT > 0 && NT <= 4) {
+        // small N: one pass over the chunk updates every pair (I loaded once per token,
+        // 2 lanes x N(N+1)/2 accumulators stay in registers); products exact in double
+        for (int j = 0; j < Lp; j += 2) {
+          double I[NT][2];
+          for (int i = 0; i < NT; ++i)
+            for (int l = 0; l < 2; ++l) I[i][l] = static_cast<double>(cb.At[i][j + l] * cb.w[j + l]);
+          int p = 0;
+          for (int i = 0; i < NT; ++i)
+            for (int k = i; k < NT; ++k, ++p)
+              for (int l = 0; l < 2; ++l) accG[p][l] += I[i][l] * I[k][l];
+        }
       } else {
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
@@ -372,7 +395,7 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const int64_t base = b * a.T;
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
   const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
-  const bool* mk = a.mask + base;
+  const uint8_t* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
   op_t A[PAMA_MAX_N];
@@ -390,18 +413,24 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
     const int Lp = (L + LN - 1) / LN * LN;
     chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
     for (int j = L; j < Lp; ++j) cb.m[j] = op_t(0);  // padding
+    M c_m = 0, c_ind = 0, c_lp = 0, c_olp = 0, c_adv = 0;
     for (int j = 0; j < L; ++j) {
-      const M mt = mask_of<op_t>(mk[c0 + j]);
+      const M mt = mask_of_byte<op_t>(mk[c0 + j]);
       const M v = mt & cb.flp[j] & cb.folp[j] & fa;
       const op_t u = cb.u[j];
       const M ind = mask_of<op_t>(pama::indicator(u, thr));
       cb.m[j] = msel0(v, msel(ind, u, thr));
-      m_cnt += v & 1;
-      n_ind += (v & ind) & 1;
-      nf_lp += (mt & ~cb.flp[j]) & 1;
-      nf_olp += (mt & ~cb.folp[j]) & 1;
-      nf_adv += (mt & ~fa) & 1;
+      c_m += v & 1;
+      c_ind += (v & ind) & 1;
+      c_lp += (mt & ~cb.flp[j]) & 1;
+      c_olp += (mt & ~cb.folp[j]) & 1;
+      c_adv += (mt & ~fa) & 1;
     }
+    m_cnt += c_m;
+    n_ind += c_ind;
+    nf_lp += c_lp;
+    nf_olp += c_olp;
+    nf_adv += c_adv;
     for (int j = 0; j < Lp; j += LN)
       for (int l = 0; l < LN; ++l) acc_m[l] += static_cast<double>(cb.m[j + l]);
   }
@@ -498,7 +527,7 @@ struct BwdArgs {
   const void* logp;
   const void* old_logp;
   const void* adv;
-  const bool* mask;
+  const uint8_t* mask;  // the bool mask read as bytes: bool loads do not vectorise
   void* grad;
   int64_t T;
   int n;
@@ -521,7 +550,7 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
   const int64_t base = b * a.T;
   const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
   const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
-  const bool* mk = a.mask + base;
+  const uint8_t* mk = a.mask + base;
   scalar_t* g = static_cast<scalar_t*>(a.grad) + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   // coef = -grad_out * r_b: the double product of two op_t values rounded once to op_t is
@@ -556,7 +585,7 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
       chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
       for (int j = 0; j < L; ++j) {
         const op_t u = cb.u[j];
-        const M ok = mask_of<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa & mask_of<op_t>(pama::indicator(u, thr));
+        const M ok = mask_of_byte<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa & mask_of<op_t>(pama::indicator(u, thr));
         g[c0 + j] = static_cast<scalar_t>(msel0(ok, cs * u));
       }
     }
@@ -581,7 +610,7 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
       }
       for (int j = 0; j < L; ++j) {
         const op_t u = cb.u[j];
-        const M ok = mask_of<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa[j] & mask_of<op_t>(pama::indicator(u, thr));
+        const M ok = mask_of_byte<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa[j] & mask_of<op_t>(pama::indicator(u, thr));
         g[c0 + j] = static_cast<scalar_t>(msel0(ok, (coef * s[j]) * u));
       }
     }
@@ -659,7 +688,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   const Mode mode = mode_of(gran);
   const Partition part = make_partition(B, T);
 
-  FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), mask.data_ptr<bool>(),
+  FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                T, n, 1.0 + clip_eps};
   FwdPass pass;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
@@ -819,7 +848,7 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   Tensor grad = at::empty_like(logp);
   if (logp.numel() == 0) return grad;
   const Partition part = make_partition(B, T);
-  BwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), mask.data_ptr<bool>(),
+  BwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                grad.data_ptr(), T, n, 1.0 + clip_eps, wc.defined() ? wc.data_ptr() : nullptr, per_row,
                rsc.data_ptr(), go};
   const bool token = gran == Gran::Token;
@@ -914,4 +943,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("gram"));
   m.def("theorem1", &theorem1_op, "Theorem 1 weights along the last dimension (float64)", py::arg("a"));
   m.def("build_info", &build_info, "what this extension was compiled with");
+  // ops of the other source files of the module (csrc/bindings.h)
+  register_gae_bindings(m);
 }
