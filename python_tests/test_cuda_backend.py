@@ -1,0 +1,215 @@
+"""The CUDA kernels (csrc/pama_cuda_kernels.cu) behind pama_ext::pama_forward / pama_backward.
+
+GPU-only: skipped cleanly without a CUDA device or without an extension built with the CUDA
+kernels (PAMA_EXT_CUDA=1). On a GPU machine:
+
+    python -m pytest -q python_tests/test_cuda_backend.py
+    compute-sanitizer --tool memcheck  python -m pytest -q python_tests/test_cuda_backend.py -k "not compile"
+    compute-sanitizer --tool racecheck python -m pytest -q python_tests/test_cuda_backend.py -k "not compile"
+
+Covers: every granularity x loss_agg x dtype (per-token and per-sequence advantages, N
+through the specialised widths and the runtime-N kernel, rows split into segments) against
+the float64 reference on the same rounded inputs; bitwise determinism across runs; agreement
+with the CPU kernel; no host synchronisation with nonfinite="mask"; the check_finite error;
+empty inputs; opcheck on CUDA tensors; torch.compile(fullgraph=True).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLS, assert_close_rel, make_inputs, upcast
+from torch.library import opcheck
+
+import pama_ext
+from pama_ext import _backends, reference
+
+HAS_KERNELS = _backends._C is not None and hasattr(_backends._C, "pama_forward_cuda")
+HAS_GPU = torch.cuda.is_available()
+
+pytestmark = [
+    pytest.mark.skipif(not HAS_GPU, reason="no CUDA device"),
+    pytest.mark.skipif(
+        not HAS_KERNELS, reason="pama_ext._C was built without the CUDA kernels (build with PAMA_EXT_CUDA=1)"
+    ),
+]
+
+DEV = "cuda"
+GRANS = pama_ext.GRANULARITIES
+AGGS = pama_ext.LOSS_AGGS
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _cuda(x):
+    return type(x)(*(t.to(DEV) for t in x))
+
+
+def _fwd(x, gran, agg, check=False):
+    return torch.ops.pama_ext.pama_forward(*x, 0.2, gran, agg, check)
+
+
+def _bwd(x, w, rs, gran, g=1.0):
+    go = torch.tensor(g, dtype=w.dtype if w.numel() else rs.dtype, device=x.logp.device)
+    return torch.ops.pama_ext.pama_backward(go, *x, w, rs, 0.2, gran)
+
+
+def _check_against_reference(x, gran, agg, dtype):
+    loss_rtol, grad_rtol, w_atol = TOLS[dtype]
+    xc = _cuda(x)
+    loss, w, rs, st = _fwd(xc, gran, agg)
+    ref = reference.fused_forward(*upcast(x), 0.2, gran, agg, False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc and w.dtype == acc and rs.dtype == acc and st.dtype == torch.float64
+    assert loss.device.type == "cuda" and w.device.type == "cuda"
+    assert_close_rel(loss, ref[0], loss_rtol, atol=1e-12, msg=f"loss {gran} {agg} {dtype}")
+    assert_close_rel(w, ref[1], 0.0, atol=w_atol, msg=f"weights {gran} {dtype}")
+    assert_close_rel(rs, ref[2], 1e-6 if dtype != torch.float64 else 1e-12, msg="row_scale")
+    # counts exactly; objective / kkt to the solve's precision
+    assert torch.equal(st[[0, 1, 2, 3, 4, 7]].cpu(), ref[3][[0, 1, 2, 3, 4, 7]].cpu()), (st, ref[3])
+    assert_close_rel(st[5:7], ref[3][5:7], 1e-5 if dtype != torch.float64 else 1e-9, atol=1e-9, msg="objective/kkt")
+    g = _bwd(xc, w, rs, gran, 1.5)
+    g_ref = reference.fused_backward(
+        torch.tensor(1.5, dtype=torch.float64), *upcast(x), ref[1], ref[2], 0.2, gran
+    )
+    assert g.dtype == dtype and g.shape == x.logp.shape
+    assert_close_rel(g, g_ref, grad_rtol, msg=f"grad {gran} {agg} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["token_adv", "seq_adv"])
+def test_against_float64_reference(gran, agg, dtype, per_sequence):
+    x = make_inputs(5, 37, 3, dtype=dtype, per_sequence=per_sequence, seed=1)
+    _check_against_reference(x, gran, agg, dtype)
+
+
+# N: every specialised width (1, 2, 3, 4, 8), the runtime-N kernel (5, 17, 64);
+# T: rows grouped in one unit, and rows split into several 2048-token segments.
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8, 17, 64])
+@pytest.mark.parametrize("shape", [(7, 300), (2, 5000)], ids=["rows", "segments"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_widths_and_segments(n, shape, gran):
+    b, t = shape
+    x = make_inputs(b, t, n, dtype=torch.float32, mask_kind="random", seed=n)
+    _check_against_reference(x, gran, "seq_mean_token_mean", torch.float32)
+
+
+@pytest.mark.parametrize("mask_kind", ["full", "empty", "random", "ragged"])
+def test_mask_layouts(mask_kind):
+    x = make_inputs(6, 50, 4, dtype=torch.float64, mask_kind=mask_kind, seed=3)
+    for gran in GRANS:
+        _check_against_reference(x, gran, "token_mean", torch.float64)
+
+
+def test_empty_inputs():
+    for b, t in [(0, 5), (3, 0)]:
+        x = make_inputs(max(b, 1), max(t, 1), 3, dtype=torch.float32)
+        x = type(x)(*(v[:b, :t] if v.dim() >= 2 else v for v in x))
+        x = type(x)(*(v.contiguous() for v in x))
+        for gran in GRANS:
+            loss, w, rs, st = _fwd(_cuda(x), gran, "token_mean")
+            assert float(loss) == 0.0 and float(st[0]) == 0.0
+            g = _bwd(_cuda(x), w, rs, gran)
+            assert g.shape == (b, t)
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_bitwise_deterministic(gran):
+    x = _cuda(make_inputs(64, 3000, 4, dtype=torch.bfloat16, seed=5))
+    outs = [_fwd(x, gran, "seq_mean_token_mean") for _ in range(3)]
+    grads = [_bwd(x, o[1], o[2], gran) for o in outs]
+    for o, g in zip(outs[1:], grads[1:]):
+        for a, b in zip(o, outs[0]):
+            assert torch.equal(a, b)
+        assert torch.equal(g, grads[0])
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_matches_cpu_kernel(gran):
+    if not pama_ext.has_cpp():
+        pytest.skip("no CPU kernel")
+    x = make_inputs(9, 700, 3, dtype=torch.float32, seed=7)
+    cpu = _fwd(x, gran, "token_mean")
+    gpu = _fwd(_cuda(x), gran, "token_mean")
+    assert_close_rel(gpu[0], cpu[0], 1e-6, msg="loss")
+    assert_close_rel(gpu[1], cpu[1], 0.0, atol=1e-6, msg="weights")
+    assert torch.equal(gpu[3][[0, 1, 2, 3, 4, 7]].cpu(), cpu[3][[0, 1, 2, 3, 4, 7]])
+
+
+def test_nonfinite_masked_and_raised():
+    x = make_inputs(4, 40, 3, dtype=torch.float32, mask_kind="full", seed=2)
+    lp = x.logp.clone()
+    lp[1, 3] = float("nan")
+    adv = x.advantages.clone()
+    adv[2, 5, 1] = float("inf")
+    y = type(x)(lp, x.old_logp, adv, x.mask)
+    with pytest.raises(ValueError, match="`logp` has 1 non-finite"):
+        _fwd(_cuda(y), "batch", "token_mean", check=True)
+    for gran in GRANS:
+        _check_against_reference(y, gran, "token_mean", torch.float32)
+        _, _, _, st = _fwd(_cuda(y), gran, "token_mean")
+        assert st[2].item() == 1 and st[4].item() == 1
+
+
+def test_no_host_sync_with_nonfinite_mask():
+    x = _cuda(make_inputs(16, 256, 4, dtype=torch.float32, seed=4))
+    lp = x.logp.detach().clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gran in GRANS:
+            for agg in AGGS:
+                loss = pama_ext.pama_loss(
+                    lp, x.old_logp, x.advantages, x.mask, granularity=gran, loss_agg=agg,
+                    backend="cuda", nonfinite="mask",
+                )
+                loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(lp.grad).all()
+
+
+def test_auto_picks_cuda():
+    assert pama_ext.available_backends()[0] == "cuda"
+    x = _cuda(make_inputs(3, 20, 2, dtype=torch.float32))
+    a = pama_ext.pama_loss(*x, backend="auto")
+    b = pama_ext.pama_loss(*x, backend="cuda")
+    assert torch.equal(a, b)
+
+
+def test_build_info_reports_cuda():
+    ext = pama_ext.build_info()["extension"]
+    assert "cuda" in ext["backends"]
+    assert ext["cuda"] and ext["cuda"]["archs"]
+
+
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_opcheck_cuda(gran, per_sequence):
+    x = _cuda(make_inputs(3, 9, 3, dtype=torch.float32, per_sequence=per_sequence))
+    lp = x.logp.clone().requires_grad_(True)
+    opcheck(torch.ops.pama_ext.pama_forward.default, (lp, *x[1:], 0.2, gran, "token_mean", True))
+    with torch.no_grad():
+        _, w, rs, _ = _fwd(x, gran, "token_mean")
+    opcheck(
+        torch.ops.pama_ext.pama_backward.default,
+        (torch.tensor(1.5, device=DEV), *x, w, rs, 0.2, gran),
+    )
+
+
+def test_compile_fullgraph():
+    x = _cuda(make_inputs(8, 64, 3, dtype=torch.float32))
+
+    def f(lp, old, adv, mask):
+        return pama_ext.pama_loss(lp, old, adv, mask, backend="cuda", nonfinite="mask")
+
+    cf = torch.compile(f, fullgraph=True)
+    lp1 = x.logp.clone().requires_grad_(True)
+    lp2 = x.logp.clone().requires_grad_(True)
+    l1 = f(lp1, *x[1:])
+    l2 = cf(lp2, *x[1:])
+    l1.backward()
+    l2.backward()
+    assert torch.equal(l1, l2)
+    assert torch.equal(lp1.grad, lp2.grad)
