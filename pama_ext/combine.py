@@ -315,11 +315,12 @@ def mgda_solve(
 ) -> Solution:
     """Exact MGDA weights: the min-norm point of the per-objective gradients of all ``params``.
 
-    N backward passes through the model (graph retained), one N x d set of gradients held
-    at a time per parameter tensor... all of them: N x d memory. Under data parallelism the
-    per-objective gradients are averaged over ``process_group`` first (what DDP does to
-    ``.grad``; correct for replicated parameters). Parameters must be the autograd leaves
-    (plain modules or DDP; not FSDP's sharded flat parameters).
+    N backward passes through the model (graph retained) and N x d memory for the
+    per-objective gradients (d = number of parameters); the Gram is accumulated per parameter
+    tensor in float64. Under data parallelism the per-objective gradients are averaged over
+    ``process_group`` first (what DDP does to ``.grad``; correct for replicated parameters).
+    Parameters must be the autograd leaves (plain modules or DDP; not FSDP's sharded flat
+    parameters).
     """
     params = [p for p in params if p.requires_grad]
     if not params:

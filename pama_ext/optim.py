@@ -32,6 +32,7 @@ whole step, equal to the weights of the concatenated batch)::
         loss = opt.loss(policy_logprobs(policy, mb), mb.old_logp, mb.advantages, mb.mask)
         (loss / len(micro_batches)).backward()
     opt.step()                                         # releases the step's weights
+                                                       # (zero_grad does not)
 
 The weights depend on the current policy through the clip indicator ``u_t <= 1 + eps``, so
 the statistics pass needs ``logp`` under the parameters of this step: one extra no-grad
@@ -62,7 +63,8 @@ preference=None)``, for all of them):
 ``pama``    Noon PPO with PAMA's weights at ``granularity`` (``batch`` default, ``token``,
             ``sequence``, ``batch_mean``): the fused op ``pama_ext.pama_loss``; with
             accumulation or a process group, the statistics pass + one solve +
-            ``weighted_noon_loss`` with those weights. Extra cost: none beyond the op.
+            ``weighted_noon_loss`` with those weights (backward: the fused kernel). Extra
+            cost: an elementwise count of zero combined advantages for the diagnostics.
 ``linear``  MORLHF: ``s_t = sum_i w_i A'_i`` with signed advantages and the standard PPO clip
             (no Noon clamp). ``w`` = ``preference`` of the constructor ([N], default uniform
             1/N, used as given) or of the call: [N], or [B, N] per-sample (prompt-dependent)
@@ -75,8 +77,8 @@ preference=None)``, for all of them):
             the whole model (graph retained) and N x d gradient memory, then the final
             ``loss.backward()``: about N + 1 times the backward work of ``pama``. For
             benchmarks and Pareto-stationarity checks on small models. Under DDP the
-            per-objective gradients are averaged over the group (N x d communication);
-            FSDP's sharded parameters are not supported.
+            per-objective gradients are averaged over the group (N x d communication;
+            tested with DDP on gloo); FSDP's sharded parameters are not supported.
 =========== ===================================================================================
 
 For ``mgda_ub`` and ``mgda`` the weights are found inside ``loss`` (the per-objective
@@ -94,6 +96,9 @@ Checkpoints: ``opt.state_dict()`` is ``{"base": base.state_dict(), "pama": {...}
 step count, accumulated statistics and pinned weights of an unfinished step, last weights);
 ``load_state_dict`` restores both, so a resumed run continues exactly as an uninterrupted
 one. A plain base-optimizer state dict (no ``"pama"`` key) is loaded into the base optimizer.
+Under FSDP or ``torch.distributed.checkpoint``, whose optimizer-state helpers expect a plain
+optimizer, pass them ``opt.optimizer`` and save ``opt.pama_state_dict()`` beside it
+(``opt.load_pama_state_dict`` restores it).
 
 Step hooks registered on ``PAMA`` fire around ``PAMA.step``; hooks registered on the base
 optimizer fire around its own step (global hooks fire for both). ``GradScaler``: use
@@ -458,28 +463,40 @@ class PAMA(Optimizer):
 
     def _loss_pama(self, logp, old_logp, advantages, mask) -> Tensor:
         acc = _acc_of(logp, old_logp, advantages)
-        if self._needs_statistics and (self._accumulated is not None or self._pinned is not None or self._sync()):
-            if self._pinned is None:
-                if self._accumulated is None:  # distributed, no accumulation: this batch's statistics
-                    self.accumulate(logp, old_logp, advantages, mask)
+        sol = None
+        if self._needs_statistics:
+            if self._pinned is not None or self._accumulated is not None:  # this step's weights
                 self.solve()
-            sol = self._pinned
+                sol = self._pinned
+            elif self._sync():  # distributed, no accumulation: this batch's global statistics
+                st = batch_statistics(
+                    logp.detach(),
+                    old_logp,
+                    advantages,
+                    mask,
+                    clip_eps=self.clip_eps,
+                    granularity=self.granularity,
+                    nonfinite=self.nonfinite,
+                )
+                sol = st.all_reduce(self.process_group).solve(self.granularity)
+        if sol is not None:
             w = sol.weights.to(device=logp.device, dtype=acc)
             loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w)
             self._last_weights = w
             self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
             return loss
-        loss, info = functional.pama_loss_and_stats(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            clip_eps=self.clip_eps,
-            granularity=self.granularity,
-            loss_agg=self.loss_agg,
-            backend=self.backend,
-            nonfinite=self.nonfinite,
-        )
+        with torch.autocast(logp.device.type, enabled=False):  # the op's precision is its own
+            loss, info = functional.pama_loss_and_stats(
+                logp,
+                old_logp,
+                advantages,
+                mask,
+                clip_eps=self.clip_eps,
+                granularity=self.granularity,
+                loss_agg=self.loss_agg,
+                backend=self.backend,
+                nonfinite=self.nonfinite,
+            )
         fn = "PAMA.loss"
         x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
         with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
@@ -549,12 +566,16 @@ class PAMA(Optimizer):
             "preference": self.preference.clone(),
         }
 
-    def state_dict(self) -> Dict[str, Any]:
-        """``{"base": base.state_dict(), "pama": {config, step, accumulated, pinned, last_weights}}``."""
-        for hook in self._optimizer_state_dict_pre_hooks.values():
-            hook(self)
+    def pama_state_dict(self) -> Dict[str, Any]:
+        """PAMA's own state alone: config, step count, an unfinished step's accumulated
+        statistics and pinned weights, the last weights. Small tensors and Python values.
+
+        For checkpoint tools that handle the base optimizer's state themselves (FSDP's
+        ``FSDP.optim_state_dict``, ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict``): give them ``opt.optimizer`` and save this next to it.
+        """
         last = self._last_weights if isinstance(self._last_weights, Tensor) else None
-        pama_state = {
+        return {
             "version": _STATE_VERSION,
             "config": self._config(),
             "step": self._step_count,
@@ -562,7 +583,12 @@ class PAMA(Optimizer):
             "pinned": None if self._pinned is None else tuple(t.clone() for t in self._pinned),
             "last_weights": None if last is None else last.detach().clone(),
         }
-        sd = {"base": self.optimizer.state_dict(), "pama": pama_state}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"base": base.state_dict(), "pama": pama_state_dict()}``."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = {"base": self.optimizer.state_dict(), "pama": self.pama_state_dict()}
         for hook in self._optimizer_state_dict_post_hooks.values():
             out = hook(self, sd)
             if out is not None:
@@ -590,7 +616,13 @@ class PAMA(Optimizer):
                 self.optimizer.load_state_dict(state_dict)
                 return
             raise ValueError("PAMA.load_state_dict: expected a dict with 'base' and 'pama' entries")
-        pama_state = state_dict["pama"]
+        self._check_pama_state(state_dict["pama"])
+        self.optimizer.load_state_dict(state_dict["base"])
+        self.load_pama_state_dict(state_dict["pama"])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _check_pama_state(self, pama_state: Dict[str, Any]) -> None:
         cfg = pama_state["config"]
         for key in ("num_objectives", "combiner"):
             if cfg[key] != getattr(self, key):
@@ -598,7 +630,11 @@ class PAMA(Optimizer):
                     f"PAMA.load_state_dict: the checkpoint has {key}={cfg[key]!r}, this optimizer "
                     f"{key}={getattr(self, key)!r}"
                 )
-        self.optimizer.load_state_dict(state_dict["base"])
+
+    def load_pama_state_dict(self, pama_state: Dict[str, Any]) -> None:
+        """Restore what ``pama_state_dict`` saved (the base optimizer's state is left alone)."""
+        self._check_pama_state(pama_state)
+        cfg = pama_state["config"]
         self.granularity = cfg["granularity"]
         self.clip_eps = float(cfg["clip_eps"])
         self.loss_agg = cfg["loss_agg"]
@@ -611,5 +647,3 @@ class PAMA(Optimizer):
         last = pama_state.get("last_weights")
         self._last_weights = None if last is None else last.clone()
         self._last_stats = None
-        for hook in self._optimizer_load_state_dict_post_hooks.values():
-            hook(self)

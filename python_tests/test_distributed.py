@@ -128,6 +128,13 @@ def _worker(rank: int, init_file: str, out_dir: str):
             opt.step()
             res[f"{combiner}_weights"] = _gathered(opt.last_weights)
             res[f"{combiner}_params"] = [p.detach().clone() for p in model.module.parameters()]
+        # 6. two loss calls before a step, no accumulation: each uses its own batch's weights
+        model = Policy()
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ)
+        for kind in ("ragged", "balanced"):
+            tokens, old, adv, mask = (shard(t, rank) for t in global_batch(kind))
+            opt.loss(model(tokens)[0], old, adv, mask)
+            res[f"second_call_{kind}"] = _gathered(opt.last_weights)
     finally:
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -226,3 +233,12 @@ def test_mgda_baselines_distributed(ranks, combiner):
         torch.testing.assert_close(ranks[r][f"{combiner}_weights"][0], w_single, rtol=1e-9, atol=1e-10)
         for p, q in zip(ranks[r][f"{combiner}_params"], p_single):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_each_loss_call_solves_its_own_batch(ranks):
+    for kind in ("ragged", "balanced"):
+        w_single, _ = single_process(kind)
+        for r in range(WORLD):
+            assert_identical_on_ranks(ranks[r][f"second_call_{kind}"])
+            torch.testing.assert_close(ranks[r][f"second_call_{kind}"][0], w_single, rtol=0, atol=1e-12)
+    assert not torch.allclose(ranks[0]["second_call_ragged"][0], ranks[0]["second_call_balanced"][0])

@@ -335,3 +335,26 @@ def test_state_dict_keeps_an_unfinished_accumulation_and_the_config():
         pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.1), 2, combiner="linear").load_state_dict(sd)
     with pytest.warns(UserWarning, match="plain optimizer state dict"):
         third.load_state_dict(sd["base"])
+
+
+def test_pama_state_dict_beside_a_base_checkpoint():
+    """The split form for FSDP / torch.distributed.checkpoint: base state by their helpers,
+    PAMA's own state beside it."""
+    model = Policy()
+    opt = pama_ext.PAMA(torch.optim.AdamW(model.parameters(), lr=1e-2), N_OBJ, granularity="batch_mean")
+    tokens, old, adv, mask = batch(seed=9)
+    for _ in range(2):
+        opt.zero_grad()
+        opt.loss(model(tokens), old, adv, mask).backward()
+        opt.step()
+    with torch.no_grad():
+        opt.accumulate(model(tokens), old, adv, mask)
+    base_sd, pama_sd = opt.optimizer.state_dict(), opt.pama_state_dict()
+    other = pama_ext.PAMA(torch.optim.AdamW(model.parameters(), lr=1e-2), N_OBJ)
+    other.optimizer.load_state_dict(base_sd)
+    other.load_pama_state_dict(pama_sd)
+    assert other.step_count == 2 and other.granularity == "batch_mean"
+    assert torch.equal(other.accumulated_statistics.data, opt.accumulated_statistics.data)
+    assert torch.equal(other.last_weights, opt.last_weights)
+    with pytest.raises(ValueError, match="num_objectives=2"):
+        pama_ext.PAMA(torch.optim.AdamW(model.parameters()), 3).load_pama_state_dict(pama_sd)
