@@ -1,0 +1,421 @@
+"""Host side of the Triton backend: launches, ``torch.library`` ops, backend registration.
+
+``pama_ext::triton_forward`` / ``pama_ext::triton_backward`` have the schemas of
+``pama_forward`` / ``pama_backward`` (``pama_ext/_ops.py``) and the same contract
+(``csrc/README.md``). Their kernels are registered for CUDA, and also for CPU when
+``TRITON_INTERPRET=1`` is set at import (Triton's interpreter runs the same kernels on CPU
+tensors; the CPU CI uses it). Triton itself is imported at the first call, not at import.
+
+Host synchronisation: none on the default path. Two documented exceptions, each one
+small device-to-host read:
+
+* ``check_finite=True`` (``pama_loss(nonfinite="raise")``, the default): raising a Python
+  ``ValueError`` that names the bad argument needs the three non-finite counts on the
+  host. On a GPU use ``nonfinite="mask"`` for a sync-free call (non-finite tokens are then
+  dropped and counted in the statistics; read them when convenient).
+* ``granularity="batch"`` with N > ``ENUM_MAX_N`` (10) objectives: the N x N Gram matrix
+  is copied to the host and solved there by the exact Wolfe solver (C++ if built, else
+  the reference). For N <= 10 the exact solve runs on the device (support enumeration).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _ops, reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_GRAN = {"batch": 0, "token": 1, "sequence": 2, "batch_mean": 3}
+_AGG = {"token_mean": 0, "seq_mean_token_mean": 1}
+ENUM_MAX_N = 10  # == kernels.ENUM_MAX_N (kept here so importing ops does not import Triton)
+TOKENS_PER_PROGRAM = 2048  # target tokens per program of the token pass
+PARTIAL_ROWS = 256  # reduce_rows_kernel writes at most this many partial vectors
+N_FIXED_SLOTS = 11
+
+_kernels = None
+
+
+def _k():
+    """The kernels module (imports Triton on first use)."""
+    global _kernels
+    if _kernels is None:
+        from . import kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+# --------------------------------------------------------------------------- launch parameters
+# Every constexpr is a function of (N, granularity, dtype) only, never of B or T, so the set
+# of compiled specialisations is small and enumerable (python_tests/test_triton_aot.py
+# compiles every one of them for sm_90).
+def block_n(n: int) -> int:
+    return _next_pow2(n)
+
+
+def token_chunk(bn: int, gram: bool) -> int:
+    """Tokens per inner step of the token pass: bounded register tiles."""
+    if gram:  # the [CHUNK, BN, BN] float64 Gram accumulator
+        return max(2, min(256, 4096 // (bn * bn)))  # CHUNK = 1 crashes the compiler (fp64, BN = 64)
+    return max(16, min(512, 2048 // bn))
+
+
+def block_k(bn: int, gram: bool) -> int:
+    """Width of a statistics vector tile: the layout of the largest N with this BN."""
+    return _next_pow2(N_FIXED_SLOTS + 3 * bn + (bn * bn if gram else 0))
+
+
+def candidates_per_program(bn1: int, n_supports: int = 0, interpret: bool = False) -> int:
+    """Supports solved side by side by one program: a [SB, BN1, BN1] float64 tile.
+
+    On the GPU the tile holds 4096 numbers. Under the interpreter one program takes every
+    support (the same code with a wider tile): the interpreter's cost is per operation, not
+    per element, and 2^N - 1 programs of N = 8..10 would take minutes."""
+    if interpret:
+        return _next_pow2(n_supports)
+    return max(1, 4096 // (bn1 * bn1))
+
+
+def backward_block(bn: int) -> int:
+    return max(64, min(1024, 4096 // bn))
+
+
+def num_warps_for(elems: int) -> int:
+    return 8 if elems >= 4096 else 4
+
+
+def compute_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weights_shape(granularity: str, b: int, n: int):
+    return {"batch": (n,), "batch_mean": (n,), "sequence": (b, n), "token": (0,)}[granularity]
+
+
+class _Device:
+    """``torch.cuda.device(t.device)`` on CUDA (Triton launches on the current device)."""
+
+    def __init__(self, t: Tensor):
+        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _raise_nonfinite(tot: Tensor) -> None:
+    """check_finite: the counts of non-finite logp, old_logp, advantages (one small read)."""
+    counts = tot[2:5].tolist()
+    for name, bad in zip(("logp", "old_logp", "advantages"), counts):
+        if bad:
+            raise ValueError(
+                f"pama_loss: `{name}` has {int(bad)} non-finite value(s) at masked positions; "
+                "pass nonfinite='mask' to drop such tokens instead"
+            )
+
+
+def _host_min_norm(gram: Tensor) -> Tensor:
+    """Exact Wolfe solve on the host for N > ENUM_MAX_N (a documented synchronisation)."""
+    from .._backends import _C
+
+    g = gram.detach().to(device="cpu", dtype=torch.float64)
+    if _C is not None and hasattr(_C, "min_norm_weights"):
+        return _C.min_norm_weights(g)
+    return reference.min_norm_weights(g)
+
+
+def forward_impl(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    granularity: str,
+    loss_agg: str,
+    check_finite: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    k = _k()
+    if granularity not in _GRAN:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    if loss_agg not in _AGG:
+        raise ValueError(f"unknown loss_agg {loss_agg!r}")
+    logp = logp.contiguous()
+    old_logp = old_logp.contiguous()
+    advantages = advantages.contiguous()
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    b, t = logp.shape
+    n = advantages.shape[-1]
+    dev = logp.device
+    acc = acc_dtype(logp.dtype)
+    f64 = torch.float64
+    gran = _GRAN[granularity]
+    gram = granularity == "batch"
+    bn = block_n(n)
+    ks = N_FIXED_SLOTS + 3 * n + (n * n if gram else 0)
+    blk_k = block_k(bn, gram)
+    chunk = token_chunk(bn, gram)
+    nch = max(1, min(triton_cdiv(t, chunk), max(1, TOKENS_PER_PROGRAM // chunk)))
+    nblk = max(1, triton_cdiv(t, nch * chunk))
+    rows_per_prog = max(1, triton_cdiv(b, PARTIAL_ROWS))
+    n_part2 = max(1, triton_cdiv(b, rows_per_prog))
+    per_seq = advantages.dim() == 2
+    stride_ab = n if per_seq else t * n
+    stride_at = 0 if per_seq else n
+    thr = 1.0 + float(clip_eps)
+    cd = compute_dtype(logp.dtype)
+
+    part = torch.empty((max(1, b * nblk), ks), dtype=f64, device=dev)
+    part2 = torch.zeros((n_part2, ks), dtype=f64, device=dev) if b == 0 else torch.empty((n_part2, ks), dtype=f64, device=dev)
+    row_m = torch.empty((b,), dtype=f64, device=dev)
+    weights = torch.empty(_weights_shape(granularity, b, n), dtype=acc, device=dev)
+    tot = torch.empty((ks,), dtype=f64, device=dev)
+    loss = torch.empty((), dtype=acc, device=dev)
+    row_scale = torch.empty((b,), dtype=acc, device=dev)
+    stats = torch.empty((8,), dtype=f64, device=dev)
+
+    with _Device(logp):
+        if b > 0:
+            k.reduce_tokens_kernel[(b * nblk,)](
+                logp, old_logp, advantages, mask_u8, part,
+                t, n, nblk, nch, stride_ab, stride_at, ks, *split3(thr),
+                CD=cd, BN=bn, CHUNK=chunk, DO_GRAM=gram,
+                num_warps=num_warps_for(chunk * bn * (bn if gram else 2)),
+            )
+            k.reduce_rows_kernel[(n_part2,)](
+                part, part2, row_m, weights if granularity == "sequence" else row_m,
+                b, n, nblk, ks, rows_per_prog,
+                SEQ=granularity == "sequence", BN=bn, BLOCK_K=blk_k,
+                BLOCK_P=max(1, 4096 // blk_k), BLOCK_J=16, num_warps=4,
+            )
+        k.reduce_total_kernel[(1,)](
+            part2, tot, n_part2, ks, BLOCK_K=min(blk_k, 4096), BLOCK_R=max(1, 4096 // min(blk_k, 4096)),
+            num_warps=4,
+        )
+        if check_finite:
+            _raise_nonfinite(tot)
+        wmode, n_s, bn1 = k.WMODE_CLOSED, 1, 1
+        cand, cobj, wgiven = tot, tot, tot
+        if gram and n >= 3:
+            if n <= ENUM_MAX_N:
+                wmode = k.WMODE_CANDIDATES
+                n_s = (1 << n) - 1
+                bn1 = _next_pow2(n + 1)
+                cand = torch.empty((n_s, bn1), dtype=f64, device=dev)
+                cobj = torch.empty((n_s,), dtype=f64, device=dev)
+                sb = candidates_per_program(bn1, n_s, INTERPRET)
+                k.support_candidates_kernel[(triton_cdiv(n_s, sb),)](
+                    tot, cand, cobj, n, n_s, N_FIXED_SLOTS + 3 * n, BN1=bn1, SB=sb, num_warps=8
+                )
+            else:
+                wmode = k.WMODE_GIVEN
+                g_off = N_FIXED_SLOTS + 3 * n
+                wgiven = _host_min_norm(tot[g_off : g_off + n * n].view(n, n)).to(device=dev, dtype=f64)
+        k.finalize_kernel[(1,)](
+            tot, row_m, cand, cobj, wgiven,
+            weights if gran in (0, 3) else tot, row_scale, loss, stats,
+            b, n, n_s, _AGG[loss_agg],
+            GRAN=gran, WMODE=wmode, BN=bn, BN1=bn1, BLOCK_S=_next_pow2(n_s), BLOCK_B=1024,
+            num_warps=4,
+        )
+    return loss, weights, row_scale, stats
+
+
+def backward_impl(
+    grad_loss: Tensor,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    clip_eps: float,
+    granularity: str,
+) -> Tensor:
+    k = _k()
+    logp = logp.contiguous()
+    old_logp = old_logp.contiguous()
+    advantages = advantages.contiguous()
+    mask_u8 = mask.contiguous().view(torch.uint8) if mask.dtype == torch.bool else (mask != 0).view(torch.uint8)
+    b, t = logp.shape
+    n = advantages.shape[-1]
+    acc = acc_dtype(logp.dtype)
+    per_seq = advantages.dim() == 2
+    out = torch.empty_like(logp)
+    total = b * t
+    if total == 0:
+        return out
+    bn = block_n(n)
+    blk = backward_block(bn)
+    token = granularity == "token"
+    weights = weights.to(acc).contiguous()
+    grad_loss = grad_loss.to(device=logp.device, dtype=acc).contiguous()
+    with _Device(logp):
+        k.backward_kernel[(triton_cdiv(total, blk),)](
+            grad_loss, logp, old_logp, advantages, mask_u8,
+            row_scale if token else weights, row_scale.to(acc).contiguous(), out,
+            total, t, n,
+            n if per_seq else t * n, 0 if per_seq else n,
+            n if granularity == "sequence" else 0,
+            *split3(1.0 + float(clip_eps)),
+            CD=compute_dtype(logp.dtype), BN=bn, BLOCK=blk, TOKEN_MIN=token,
+            num_warps=num_warps_for(blk * bn),
+        )
+    return out
+
+
+def split3(x: float) -> Tuple[float, float, float]:
+    """x = hi + mid + lo exactly, each a float32 value.
+
+    Triton passes Python floats to kernels as float32 (and the interpreter ignores a
+    float64 annotation), so 1 + clip_eps travels as three float32 numbers that the kernels
+    add in float64: hi + mid has at most 48 significant bits, lo the remaining <= 5."""
+    hi = float(np.float32(x))
+    r = x - hi
+    mid = float(np.float32(r))
+    lo = float(np.float32(r - mid))
+    assert hi + mid + lo == x
+    return hi, mid, lo
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+# --------------------------------------------------------------------------- the specialisations
+def specialisations() -> Dict[str, list]:
+    """Every (signature, constexprs, num_warps) each kernel is launched with, for 1 <= N <= 64,
+    every granularity and every input dtype: what the AOT test compiles for sm_90."""
+    ptr = {torch.float32: "*fp32", torch.float64: "*fp64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+    out: Dict[str, dict] = {name: {} for name in (
+        "reduce_tokens_kernel", "reduce_rows_kernel", "reduce_total_kernel",
+        "support_candidates_kernel", "finalize_kernel", "backward_kernel")}
+
+    def add(name, sig, const, warps):
+        key = (tuple(sorted(sig.items())), tuple(sorted((k_, str(v)) for k_, v in const.items())), warps)
+        out[name][key] = (sig, const, warps)
+
+    for dtype, p in ptr.items():
+        acc_p = "*fp64" if dtype == torch.float64 else "*fp32"
+        cd = compute_dtype(dtype)
+        for n in range(1, 65):
+            bn = block_n(n)
+            for gram in (False, True):
+                chunk = token_chunk(bn, gram)
+                add("reduce_tokens_kernel",
+                    {"logp_ptr": p, "old_ptr": p, "adv_ptr": p, "mask_ptr": "*u8", "part_ptr": "*fp64",
+                     "T": "i32", "N": "i32", "nblk": "i32", "nch": "i32", "stride_ab": "i32",
+                     "stride_at": "i32", "KS": "i32", "thr_hi": "fp32", "thr_mid": "fp32", "thr_lo": "fp32",
+                     "CD": "constexpr", "BN": "constexpr", "CHUNK": "constexpr", "DO_GRAM": "constexpr"},
+                    {"CD": cd, "BN": bn, "CHUNK": chunk, "DO_GRAM": gram},
+                    num_warps_for(chunk * bn * (bn if gram else 2)))
+            for token_min in (False, True):
+                blk = backward_block(bn)
+                add("backward_kernel",
+                    {"grad_ptr": acc_p, "logp_ptr": p, "old_ptr": p, "adv_ptr": p, "mask_ptr": "*u8",
+                     "weights_ptr": acc_p, "row_scale_ptr": acc_p, "out_ptr": p, "total": "i32", "T": "i32",
+                     "N": "i32", "stride_ab": "i32", "stride_at": "i32", "stride_wb": "i32",
+                     "thr_hi": "fp32", "thr_mid": "fp32", "thr_lo": "fp32",
+                     "CD": "constexpr", "BN": "constexpr", "BLOCK": "constexpr", "TOKEN_MIN": "constexpr"},
+                    {"CD": cd, "BN": bn, "BLOCK": blk, "TOKEN_MIN": token_min},
+                    num_warps_for(blk * bn))
+            if dtype not in (torch.float32, torch.float64):
+                continue  # the kernels below see only float64 statistics and acc-dtype outputs
+            for gran_name, gran in _GRAN.items():
+                gram = gran_name == "batch"
+                blk_k = block_k(bn, gram)
+                add("reduce_rows_kernel",
+                    {"part_ptr": "*fp64", "part2_ptr": "*fp64", "row_m_ptr": "*fp64",
+                     "weights_ptr": acc_p if gran_name == "sequence" else "*fp64",
+                     "B": "i32", "N": "i32", "nblk": "i32", "KS": "i32", "rows_per_prog": "i32",
+                     "SEQ": "constexpr", "BN": "constexpr", "BLOCK_K": "constexpr", "BLOCK_P": "constexpr",
+                     "BLOCK_J": "constexpr"},
+                    {"SEQ": gran_name == "sequence", "BN": bn, "BLOCK_K": blk_k,
+                     "BLOCK_P": max(1, 4096 // blk_k), "BLOCK_J": 16}, 4)
+                add("reduce_total_kernel",
+                    {"part2_ptr": "*fp64", "tot_ptr": "*fp64", "n_rows": "i32", "KS": "i32",
+                     "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"},
+                    {"BLOCK_K": min(blk_k, 4096), "BLOCK_R": max(1, 4096 // min(blk_k, 4096))}, 4)
+                wmode, n_s, bn1 = 0, 1, 1
+                if gram and n >= 3:
+                    if n <= ENUM_MAX_N:
+                        wmode, n_s, bn1 = 1, (1 << n) - 1, _next_pow2(n + 1)
+                        add("support_candidates_kernel",
+                            {"tot_ptr": "*fp64", "cand_ptr": "*fp64", "obj_ptr": "*fp64", "N": "i32",
+                             "NS": "i32", "off_g": "i32", "BN1": "constexpr", "SB": "constexpr"},
+                            {"BN1": bn1, "SB": candidates_per_program(bn1)}, 8)
+                    else:
+                        wmode = 2
+                add("finalize_kernel",
+                    {"tot_ptr": "*fp64", "row_m_ptr": "*fp64", "cand_ptr": "*fp64", "cobj_ptr": "*fp64",
+                     "wgiven_ptr": "*fp64", "weights_ptr": acc_p if gran in (0, 3) else "*fp64",
+                     "row_scale_ptr": acc_p, "loss_ptr": acc_p, "stats_ptr": "*fp64",
+                     "B": "i32", "N": "i32", "NS": "i32", "seq_agg": "i32",
+                     "GRAN": "constexpr", "WMODE": "constexpr", "BN": "constexpr", "BN1": "constexpr",
+                     "BLOCK_S": "constexpr", "BLOCK_B": "constexpr"},
+                    {"GRAN": gran, "WMODE": wmode, "BN": bn, "BN1": bn1, "BLOCK_S": _next_pow2(n_s),
+                     "BLOCK_B": 1024}, 4)
+    return {name: list(v.values()) for name, v in out.items()}
+
+
+# --------------------------------------------------------------------------- torch.library
+_lib = torch.library.Library("pama_ext", "FRAGMENT")
+_lib.define(
+    "triton_forward(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_eps, "
+    "str granularity, str loss_agg, bool check_finite) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_lib.define(
+    "triton_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+    "Tensor weights, Tensor row_scale, float clip_eps, str granularity) -> Tensor"
+)
+
+DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
+for _key in ("CUDA", "CPU") if INTERPRET else ("CUDA",):
+    _lib.impl("triton_forward", forward_impl, _key)
+    _lib.impl("triton_backward", backward_impl, _key)
+
+torch.library.register_fake("pama_ext::triton_forward")(_ops._forward_fake)
+torch.library.register_fake("pama_ext::triton_backward")(_ops._backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
+    _loss, weights, row_scale, _stats = output
+    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
+    ctx.clip_eps = clip_eps
+    ctx.granularity = granularity
+
+
+def _backward(ctx, grad_loss, _gw, _gr, _gs):
+    logp, old_logp, advantages, mask, weights, row_scale = ctx.saved_tensors
+    grad_logp = torch.ops.pama_ext.triton_backward(
+        grad_loss, logp, old_logp, advantages, mask, weights, row_scale, ctx.clip_eps, ctx.granularity
+    )
+    return grad_logp, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("pama_ext::triton_forward", _backward, setup_context=_setup_context)
+
+
+def forward(*args):
+    """The ``forward`` of the ``triton`` backend entry (differentiable through the op)."""
+    return torch.ops.pama_ext.triton_forward(*args)
