@@ -26,6 +26,8 @@ Methods:
 * ``pama_accum``: the gradient-accumulation path with the statistics taken from ``old_logp``
   (the first-epoch shortcut: no extra forward): ``accumulate`` + ``solve`` + the
   fixed-weights loss.
+* ``pama_accum_fwd``: the same with the statistics from an extra no-grad forward (what a
+  later PPO epoch, where ``logp != old_logp``, needs).
 * ``linear``: ``PAMA(..., combiner="linear")`` (MORLHF, signed PPO clip).
 * ``mgda_ub``: ``combiner="mgda_ub"`` with ``shared`` = the last hidden states.
 * ``mgda``: ``combiner="mgda"``: N per-objective backward passes over all parameters + 1.
@@ -64,7 +66,7 @@ RESULTS = HERE / "results" / "optimizer.json"
 CFG = dict(vocab_size=8192, n_positions=64, n_embd=256, n_layer=4, n_head=4)
 B, T, PROMPT = 8, 64, 16
 CLIP_EPS = 0.2
-METHODS = ("noon", "pama", "pama_accum", "linear", "mgda_ub", "mgda")
+METHODS = ("noon", "pama", "pama_accum", "pama_accum_fwd", "linear", "mgda_ub", "mgda")
 
 if os.environ.get("PAMA_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PAMA_BENCH_THREADS"]))
@@ -117,13 +119,17 @@ class Runner:
             self.opt = base
             self.adv1 = adv[..., 0].contiguous()
         else:
-            combiner = {"pama": "pama", "pama_accum": "pama"}.get(method, method)
+            combiner = method if method in pama_ext.COMBINERS else "pama"
             self.opt = pama_ext.PAMA(base, n, combiner=combiner, clip_eps=CLIP_EPS)
 
     def step(self):
         hidden = self.method == "mgda_ub"
         if self.method == "pama_accum":
             self.opt.accumulate(self.old_logp, self.old_logp, self.adv, self.mask)
+            self.opt.solve()
+        elif self.method == "pama_accum_fwd":
+            with torch.no_grad():
+                self.opt.accumulate(forward(self.policy, self.tokens)[0], self.old_logp, self.adv, self.mask)
             self.opt.solve()
         logp, h = forward(self.policy, self.tokens, hidden)
         if self.method == "noon":
@@ -136,7 +142,6 @@ class Runner:
         return loss
 
 
-LOSS_METHODS = ("noon", "pama", "pama_accum", "linear")
 
 
 def loss_only_fns(n: int):
