@@ -200,7 +200,11 @@ def weighted_noon_loss_and_stats(
     nonfinite: str = "raise",
 ) -> Tuple[Tensor, Tensor]:
     """``weighted_noon_loss`` that also returns its statistics: a float64 [3] tensor
-    ``(masked_tokens, clipped_tokens, zero_advantage_tokens)`` (``COMBINE_STATS_FIELDS``)."""
+    ``(masked_tokens, clipped_tokens, zero_advantage_tokens)`` (``COMBINE_STATS_FIELDS``),
+    no gradient. ``masked_tokens`` counts valid tokens; ``clipped_tokens`` those on the
+    clipped branch, which get no gradient (Noon: ``u > 1 + eps``; signed: ``u > 1 + eps`` with
+    ``s_t > 0`` or ``u < 1 - eps`` with ``s_t < 0``); ``zero_advantage_tokens`` those with
+    ``s_t == 0``."""
     fn = "weighted_noon_loss"
     clip_eps = check_clip_eps(fn, clip_eps)
     check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_close_rel, leaf, make_inputs
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pama_ext
 from pama_ext import reference
@@ -161,3 +163,25 @@ def test_solve_gram_matches_min_norm_weights():
         assert_close_rel(sol.weights, pama_ext.min_norm_weights(gram), 0, 1e-12, f"N={n}")
         assert float(sol.kkt_residual) <= 1e-10 * float(gram.diagonal().max())
         assert float(sol.objective) == pytest.approx(float(sol.weights @ gram @ sol.weights))
+
+
+@given(
+    b=st.integers(1, 7),
+    t=st.integers(1, 9),
+    n=st.integers(1, 5),
+    per_sequence=st.booleans(),
+    mask_kind=st.sampled_from(["ragged", "random", "full", "empty"]),
+    granularity=st.sampled_from(["batch", "batch_mean"]),
+    cuts=st.lists(st.integers(0, 7), max_size=3),
+    seed=st.integers(0, 1000),
+)
+def test_any_split_gives_the_whole_batch_weights(b, t, n, per_sequence, mask_kind, granularity, cuts, seed):
+    x = make_inputs(b, t, n, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    bounds = sorted({0, b, *[min(c, b) for c in cuts]})
+    total = BatchStatistics.zeros(n)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        total += batch_statistics(*(v[lo:hi] for v in x), granularity=granularity)
+    w = total.solve(granularity).weights
+    expect = pama_ext.pama_weights(*x, granularity=granularity, backend="torch")
+    assert_close_rel(w, expect, 0, 1e-9, "weights")
+    assert float(w.sum()) == pytest.approx(1.0) and bool((w >= 0).all())
