@@ -9,8 +9,16 @@ compile against that instead, so always pass --no-build-isolation.
 
 Environment switches:
     PAMA_EXT_NO_EXT=1        skip the compiled extension; the pure-PyTorch package still installs
-    PAMA_EXT_CUDA=auto|0|1   CUDA kernels (not part of this build yet; see below)
+    PAMA_EXT_CUDA=auto|0|1   CUDA kernels: auto (default) iff torch has CUDA and a CUDA toolkit
+                             is found; 0 never; 1 required (clear error otherwise)
+    TORCH_CUDA_ARCH_LIST     CUDA architectures, default "8.0;9.0" (A100, H100/H200)
+    NVCC_THREADS=N           nvcc --threads N
     MAX_JOBS=N               parallel compile jobs (torch.utils.cpp_extension / ninja)
+
+The decisions live in pama_ext/_build_config.py (unit-tested). A CUDA wheel for a cluster:
+
+    TORCH_CUDA_ARCH_LIST="8.0;9.0" PAMA_EXT_CUDA=1 MAX_JOBS=8 \
+        pip wheel --no-build-isolation --no-deps -w dist .
 """
 
 import os
@@ -26,52 +34,64 @@ def _flag(name: str, default: str) -> str:
     return os.environ.get(name, default).strip().lower()
 
 
+def _load_build_config():
+    """pama_ext/_build_config.py, loaded by path: importing the pama_ext package here would
+    import the extension being built."""
+    import importlib.util
+
+    path = os.path.join(HERE, "pama_ext", "_build_config.py")
+    spec = importlib.util.spec_from_file_location("_pama_ext_build_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def _extensions():
     if _flag("PAMA_EXT_NO_EXT", "0") in ("1", "true", "yes", "on"):
         print("pama_ext: PAMA_EXT_NO_EXT=1, building the pure-PyTorch package only", file=sys.stderr)
         return [], {}
 
-    cuda = _flag("PAMA_EXT_CUDA", "auto")
-    if cuda not in ("auto", "0", "1"):
-        sys.exit(f"pama_ext: PAMA_EXT_CUDA must be auto, 0 or 1, got {cuda!r}")
-    # ------------------------------------------------------------------------------------
-    # CUDA EXTENSION GOES HERE (later issue): with PAMA_EXT_CUDA=1 (or auto and a CUDA
-    # toolchain + CUDA torch), build a CUDAExtension from csrc/pama_cpu.cpp + csrc/*.cu
-    # (pama_math.h is already __host__ __device__). Until then:
-    #   PAMA_EXT_CUDA=1    -> a clear error (asked for something this build cannot give)
-    #   PAMA_EXT_CUDA=auto -> CPU kernels only
-    # ------------------------------------------------------------------------------------
-    if cuda == "1":
-        try:
-            import torch
+    import torch
+    from torch.utils import cpp_extension
 
-            have = f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"
-        except ImportError:
-            have = "no torch installed"
-        sys.exit(
-            "pama_ext: PAMA_EXT_CUDA=1 was requested, but CUDA kernels are not part of this "
-            f"build yet (build environment: {have}); unset it or use PAMA_EXT_CUDA=0/auto to "
-            "build the CPU extension"
-        )
-
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    cfg = _load_build_config()
+    try:
+        cuda = cfg.decide_cuda(os.environ, torch.__version__, torch.version.cuda, cpp_extension.CUDA_HOME)
+    except cfg.BuildConfigError as exc:
+        sys.exit(str(exc))
+    print(f"pama_ext: {cuda.reason}", file=sys.stderr)
 
     # -O3 for the hot loops; deliberately no -march/-mtune: wheels must run on any x86-64 /
-    # aarch64 machine. OpenMP comes from torch's at::parallel_for (its flags are added by
-    # CppExtension through torch's own configuration).
-    cxx_flags = ["-O3", "-fno-trapping-math", "-fvisibility=hidden"]
+    # aarch64 machine (the kernels are written to vectorise on the SSE2/NEON baseline).
+    # -fno-trapping-math lets the compiler if-convert and vectorise float compares (it only
+    # drops the guarantee about FP exception flags, not IEEE results). -g0 overrides the -g
+    # of Python's CFLAGS: debug info made the module 15x larger and the build slower.
+    # at::parallel_for is OpenMP in the torch wheels, hence -fopenmp.
+    cxx_flags = ["-O3", "-g0", "-fno-trapping-math", "-fvisibility=hidden"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
-    ext = CppExtension(
+    # pama_cpu.cpp owns PYBIND11_MODULE; the other files register their ops through
+    # csrc/bindings.h (gae_cpu.cpp: per-objective GAE for pama_ext.rl; pama_cuda.cpp +
+    # pama_cuda_kernels.cu: the CUDA kernels, only in a CUDA build)
+    sources = [os.path.join(CSRC, "pama_cpu.cpp"), os.path.join(CSRC, "gae_cpu.cpp")]
+    common = dict(
         name="pama_ext._C",
-        # pama_cpu.cpp owns PYBIND11_MODULE; the other files register their ops through
-        # csrc/bindings.h (gae_cpu.cpp: per-objective GAE for pama_ext.rl)
-        sources=[os.path.join(CSRC, "pama_cpu.cpp"), os.path.join(CSRC, "gae_cpu.cpp")],
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    if cuda.build:
+        # CUDAExtension reads the architectures from TORCH_CUDA_ARCH_LIST
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda.arch_list
+        ext = cpp_extension.CUDAExtension(
+            sources=sources + [os.path.join(CSRC, "pama_cuda.cpp"), os.path.join(CSRC, "pama_cuda_kernels.cu")],
+            define_macros=cuda.define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": cuda.nvcc_flags},
+            **common,
+        )
+    else:
+        ext = cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx_flags}, **common)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -919,7 +919,32 @@ py::dict build_info() {
 #endif
   d["num_threads"] = at::get_num_threads();
   d["torch_version"] = std::string(TORCH_VERSION);
+#ifdef PAMA_WITH_CUDA
+  backends.append("cuda");
+  {
+    py::dict cu;
+    const int v = pama_cuda_runtime_version();  // CUDART_VERSION of pama_cuda_kernels.cu
+    cu["version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+#ifdef PAMA_CUDA_ARCHS
+#define PAMA_STR_(...) #__VA_ARGS__
+#define PAMA_STR(...) PAMA_STR_(__VA_ARGS__)
+    const std::string archs = PAMA_STR(PAMA_CUDA_ARCHS);  // "sm_80,sm_90" (setup.py)
+#else
+    const std::string archs;
+#endif
+    py::list al;
+    for (size_t i = 0; i < archs.size();) {
+      size_t j = archs.find(',', i);
+      if (j == std::string::npos) j = archs.size();
+      if (j > i) al.append(archs.substr(i, j - i));
+      i = j + 1;
+    }
+    cu["archs"] = al;
+    d["cuda"] = cu;
+  }
+#else
   d["cuda"] = py::none();
+#endif
   d["max_objectives"] = PAMA_MAX_N;
   d["block_tokens"] = kBlock;
   d["specialised_n"] = py::make_tuple(1, 2, 3, 4, 8);
@@ -945,4 +970,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "what this extension was compiled with");
   // ops of the other source files of the module (csrc/bindings.h)
   register_gae_bindings(m);
+#ifdef PAMA_WITH_CUDA
+  register_cuda_bindings(m);  // csrc/pama_cuda.cpp (CUDA builds only)
+#endif
 }

@@ -102,5 +102,7 @@ def decide_cuda(
     archs = arch_names(arch_list)
     # no -std here: torch.utils.cpp_extension adds the standard its headers need
     flags = ["-O3"] + nvcc_threads_flags(env)
-    macros = [("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", '"' + " ".join(archs) + '"')]
+    # no quotes or spaces in the macro (they do not survive every build-command quoting):
+    # pama_cpu.cpp stringifies the comma-separated list for build_info
+    macros = [("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", ",".join(archs))]
     return CudaDecision(True, f"CUDA kernels for {' '.join(archs)} (torch CUDA {torch_cuda})", arch_list, flags, macros)

@@ -1,0 +1,87 @@
+"""The build decisions of setup.py (pama_ext/_build_config.py): PAMA_EXT_CUDA, the arch
+list, NVCC_THREADS, and the message of a CUDA build asked for without a CUDA torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    # loaded by path, as setup.py does (not through the pama_ext package)
+    spec = importlib.util.spec_from_file_location("_pama_build_config", os.path.join(ROOT, "pama_ext", "_build_config.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bc = _load()
+
+
+def test_cuda_off_by_switch():
+    d = bc.decide_cuda({"PAMA_EXT_CUDA": "0"}, "2.5.0", "12.4", "/usr/local/cuda")
+    assert not d.build
+
+
+def test_auto_without_cuda_torch_builds_cpu_only():
+    d = bc.decide_cuda({}, "2.5.0+cpu", None, "/usr/local/cuda")
+    assert not d.build and "no CUDA" in d.reason
+
+
+def test_auto_without_toolkit_builds_cpu_only():
+    d = bc.decide_cuda({"PAMA_EXT_CUDA": "auto"}, "2.5.0", "12.4", None)
+    assert not d.build and "toolkit" in d.reason
+
+
+def test_required_without_cuda_torch_is_a_clear_error():
+    with pytest.raises(bc.BuildConfigError) as exc:
+        bc.decide_cuda({"PAMA_EXT_CUDA": "1"}, "2.5.0+cpu", None, "/usr/local/cuda")
+    msg = str(exc.value)
+    assert "2.5.0+cpu" in msg and "PAMA_EXT_CUDA=1" in msg and "download.pytorch.org" in msg
+
+
+def test_required_without_toolkit_is_a_clear_error():
+    with pytest.raises(bc.BuildConfigError, match="CUDA_HOME"):
+        bc.decide_cuda({"PAMA_EXT_CUDA": "1"}, "2.5.0", "12.4", None)
+
+
+def test_bad_switch_values():
+    with pytest.raises(bc.BuildConfigError, match="auto, 0 or 1"):
+        bc.decide_cuda({"PAMA_EXT_CUDA": "maybe"}, "2.5.0", "12.4", "/usr/local/cuda")
+    with pytest.raises(bc.BuildConfigError, match="NVCC_THREADS"):
+        bc.decide_cuda({"PAMA_EXT_CUDA": "1", "NVCC_THREADS": "x"}, "2.5.0", "12.4", "/usr/local/cuda")
+
+
+def test_cuda_build_default_archs_and_macros():
+    d = bc.decide_cuda({"PAMA_EXT_CUDA": "1"}, "2.5.0", "12.4", "/usr/local/cuda")
+    assert d.build and d.arch_list == "8.0;9.0"
+    assert ("PAMA_WITH_CUDA", None) in d.define_macros
+    assert ("PAMA_CUDA_ARCHS", "sm_80,sm_90") in d.define_macros
+    assert "--threads" not in d.nvcc_flags
+
+
+def test_cuda_build_arch_list_and_threads():
+    env = {"TORCH_CUDA_ARCH_LIST": "8.0;8.6;9.0+PTX", "NVCC_THREADS": "4"}
+    d = bc.decide_cuda(env, "2.5.0", "12.4", "/usr/local/cuda")
+    assert d.build and d.arch_list == "8.0;8.6;9.0+PTX"
+    assert bc.arch_names(d.arch_list) == ["sm_80", "sm_86", "sm_90"]
+    assert d.nvcc_flags[-2:] == ["--threads", "4"]
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch failure path")
+def test_setup_py_cuda_required_fails_clearly_on_cpu_torch(tmp_path):
+    env = dict(os.environ, PAMA_EXT_CUDA="1")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "setup.py"), "--name"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "PAMA_EXT_CUDA=1" in proc.stderr and torch.__version__ in proc.stderr
