@@ -27,6 +27,14 @@ def _nvcc():
 
 NVCC = _nvcc()
 CU_FILES = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
+# the defines torch.utils.cpp_extension passes to nvcc (no implicit half / bfloat16
+# conversions or operators): the kernels must compile under them, as in a CUDAExtension build
+TORCH_NVCC_DEFINES = [
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+]
 ARCHS = [a.strip() for a in os.environ.get("PAMA_NVCC_ARCHS", "80,90").split(",") if a.strip()]
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME or put nvcc on PATH)")
@@ -50,7 +58,7 @@ def test_there_are_cuda_sources():
 def test_nvcc_compiles(src, arch, tmp_path):
     out = tmp_path / (os.path.basename(src) + f".sm{arch}.o")
     cmd = [NVCC, "-c", "-std=c++17", "-O3", f"-arch=sm_{arch}", "-I", CSRC, "-Werror", "all-warnings",
-           src, "-o", str(out)]
+           *TORCH_NVCC_DEFINES, src, "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert out.exists() and out.stat().st_size > 0
