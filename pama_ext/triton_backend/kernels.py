@@ -555,17 +555,19 @@ def backward_kernel(
     TOKEN_MIN: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    g = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    g = pid * BLOCK + tl.arange(0, BLOCK)  # int32: the host checks B * T < 2^31
     inb = g < total
     b = g // T
     t = g - b * T
+    b64 = b.to(tl.int64)
+    t64 = t.to(tl.int64)
     ln = tl.arange(0, BN)
     nmask = ln < N
     thr_c = tl.cast(tl.cast(thr_hi, tl.float64) + tl.cast(thr_mid, tl.float64) + tl.cast(thr_lo, tl.float64), CD)
     mk = tl.load(mask_ptr + g, mask=inb, other=0) != 0
     lp = tl.load(logp_ptr + g, mask=inb, other=0.0).to(CD)
     old = tl.load(old_ptr + g, mask=inb, other=0.0).to(CD)
-    aoff = b[:, None] * stride_ab + t[:, None] * stride_at + ln[None, :]
+    aoff = b64[:, None] * stride_ab + t64[:, None] * stride_at + ln[None, :]
     a = tl.load(adv_ptr + aoff, mask=inb[:, None] & nmask[None, :], other=0.0).to(CD)
     fin_adv = tl.reduce((~(tl.abs(a) < float("inf"))).to(tl.int32), 1, _sum_combine) == 0
     valid = mk & (tl.abs(lp) < float("inf")) & (tl.abs(old) < float("inf")) & fin_adv
@@ -579,7 +581,7 @@ def backward_kernel(
     if TOKEN_MIN:
         s = tl.reduce(tl.where(nmask[None, :], an, float("inf")), 1, _elementwise_min)
     else:
-        w = tl.load(weights_ptr + b[:, None] * stride_wb + ln[None, :], mask=inb[:, None] & nmask[None, :], other=0.0)
+        w = tl.load(weights_ptr + b64[:, None] * stride_wb + ln[None, :], mask=inb[:, None] & nmask[None, :], other=0.0)
         s = tl.reduce(an * w.to(CD), 1, _sum_combine)
     go = tl.load(grad_ptr).to(CD)
     rs = tl.load(row_scale_ptr + b, mask=inb, other=0.0).to(CD)

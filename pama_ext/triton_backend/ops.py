@@ -87,7 +87,11 @@ def candidates_per_program(bn1: int, n_supports: int = 0, interpret: bool = Fals
 
 
 def backward_block(bn: int) -> int:
-    return max(64, min(1024, 4096 // bn))
+    return max(64, min(1024, 2048 // bn))
+
+
+def backward_warps(bn: int) -> int:
+    return 8 if backward_block(bn) * bn >= 2048 else 4
 
 
 def num_warps_for(elems: int) -> int:
@@ -178,6 +182,8 @@ def forward_impl(
     nblk = max(1, triton_cdiv(t, nch * chunk))
     rows_per_prog = max(1, triton_cdiv(b, PARTIAL_ROWS))
     n_part2 = max(1, triton_cdiv(b, rows_per_prog))
+    if b * t >= 2**31:
+        raise ValueError(f"pama_loss[triton]: B * T = {b * t} tokens; the Triton kernels support fewer than 2^31")
     per_seq = advantages.dim() == 2
     stride_ab = n if per_seq else t * n
     stride_at = 0 if per_seq else n
@@ -264,6 +270,8 @@ def backward_impl(
     total = b * t
     if total == 0:
         return out
+    if total >= 2**31:
+        raise ValueError(f"pama_loss[triton]: B * T = {total} tokens; the Triton kernels support fewer than 2^31")
     bn = block_n(n)
     blk = backward_block(bn)
     token = granularity == "token"
@@ -278,7 +286,7 @@ def backward_impl(
             n if granularity == "sequence" else 0,
             *split3(1.0 + float(clip_eps)),
             CD=compute_dtype(logp.dtype), BN=bn, BLOCK=blk, TOKEN_MIN=token,
-            num_warps=num_warps_for(blk * bn),
+            num_warps=backward_warps(bn),
         )
     return out
 
@@ -337,7 +345,7 @@ def specialisations() -> Dict[str, list]:
                      "thr_hi": "fp32", "thr_mid": "fp32", "thr_lo": "fp32",
                      "CD": "constexpr", "BN": "constexpr", "BLOCK": "constexpr", "TOKEN_MIN": "constexpr"},
                     {"CD": cd, "BN": bn, "BLOCK": blk, "TOKEN_MIN": token_min},
-                    num_warps_for(blk * bn))
+                    backward_warps(bn))
             if dtype not in (torch.float32, torch.float64):
                 continue  # the kernels below see only float64 statistics and acc-dtype outputs
             for gran_name, gran in _GRAN.items():
@@ -399,7 +407,8 @@ torch.library.register_fake("pama_ext::triton_backward")(_ops._backward_fake)
 
 def _setup_context(ctx, inputs, output):
     logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
-    _loss, weights, row_scale, _stats = output
+    _loss, weights, row_scale, stats = output
+    ctx.mark_non_differentiable(weights, row_scale, stats)  # only the loss carries a gradient
     ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
     ctx.clip_eps = clip_eps
     ctx.granularity = granularity

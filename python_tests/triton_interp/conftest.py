@@ -1,0 +1,54 @@
+"""Configuration of the Triton kernel tests (``interp_triton_vs_reference.py``).
+
+These tests run the Triton backend's kernels against the float64 reference. They are not
+part of the plain ``pytest`` run (the module is named ``interp_*.py``, which the default
+``python_files`` pattern does not match): ``python_tests/test_triton_interpreter.py`` runs
+them in a subprocess with ``TRITON_INTERPRET=1`` (Triton's interpreter, CPU tensors)::
+
+    TRITON_INTERPRET=1 python -m pytest python_tests/triton_interp -q -p no:cacheprovider -o "python_files=interp_*.py"
+
+and on a GPU machine the same tests run compiled, on CUDA tensors::
+
+    PAMA_TRITON_TEST_DEVICE=cuda python -m pytest python_tests/triton_interp -q -p no:cacheprovider -o "python_files=interp_*.py"
+
+The helpers of ``python_tests/conftest.py`` (inputs, tolerances) are loaded from that file
+under another module name and re-exported here: pytest imports every ``conftest.py`` as
+module ``conftest``, so from a test module here ``from conftest import ...`` means this file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+DEVICE = os.environ.get("PAMA_TRITON_TEST_DEVICE", "cpu")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_spec = importlib.util.spec_from_file_location("pama_tests_common", Path(__file__).resolve().parent.parent / "conftest.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+
+Inputs = _common.Inputs
+TOLS = _common.TOLS
+assert_close_rel = _common.assert_close_rel
+make_inputs = _common.make_inputs
+upcast = _common.upcast
+leaf = _common.leaf
+
+
+def pytest_configure(config):
+    # the interpreter's own numpy use (scalar conversions, overflow in exp by design)
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:triton.runtime.interpreter")
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def pytest_report_header(config):
+    return f"pama_ext Triton kernel tests: device={DEVICE}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return DEVICE

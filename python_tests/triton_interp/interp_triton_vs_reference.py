@@ -1,0 +1,399 @@
+"""The Triton kernels (pama_ext/triton_backend) against the float64 reference.
+
+Runs in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, started by
+``python_tests/test_triton_interpreter.py``) or compiled on a GPU
+(``PAMA_TRITON_TEST_DEVICE=cuda``); see ``conftest.py`` here for the commands.
+
+Every comparison is against ``pama_ext.reference.fused_forward`` / ``fused_backward`` in
+float64 on the same (already rounded) inputs: loss, gradient with respect to ``logp``,
+weights, ``row_scale`` and the eight statistics. The interpreter is slow (its cost is per
+operation), so the shapes are small; they are odd on purpose (T = 1, T = 17, rows shorter
+than one block, rows spanning several blocks, N from 1 to 64).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from conftest import DEVICE, INTERPRET, TOLS, Inputs, assert_close_rel, leaf, make_inputs, upcast
+
+if DEVICE == "cpu" and not INTERPRET:
+    raise RuntimeError(
+        "these tests run the Triton kernels on CPU tensors through Triton's interpreter: set "
+        "TRITON_INTERPRET=1 (python_tests/test_triton_interpreter.py does), or "
+        "PAMA_TRITON_TEST_DEVICE=cuda on a GPU machine"
+    )
+
+import pama_ext  # noqa: E402
+from pama_ext import reference  # noqa: E402
+from pama_ext.triton_backend import ops as tops  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+GRANS = pama_ext.GRANULARITIES
+AGGS = pama_ext.LOSS_AGGS
+EPS = 0.2
+COUNT_FIELDS = ("masked_tokens", "clipped_tokens", "nonfinite_logp", "nonfinite_old_logp",
+                "nonfinite_advantages", "nonempty_rows")
+
+
+def to_dev(x: Inputs) -> Inputs:
+    return Inputs(*(t.to(DEVICE) for t in x))
+
+
+def run_triton(x: Inputs, granularity, loss_agg, clip_eps=EPS, nonfinite="raise", grad_out=None):
+    """(loss, grad, PamaStats) through the public API with backend='triton', on DEVICE."""
+    xd = to_dev(x)
+    lp = leaf(xd.logp)
+    loss, st = pama_ext.pama_loss_and_stats(
+        lp, xd.old_logp, xd.advantages, xd.mask, clip_eps=clip_eps, granularity=granularity,
+        loss_agg=loss_agg, backend="triton", nonfinite=nonfinite,
+    )
+    go = None if grad_out is None else torch.tensor(grad_out, dtype=loss.dtype, device=DEVICE)
+    (grad,) = torch.autograd.grad(loss, lp, grad_outputs=go)
+    return loss.detach(), grad, st
+
+
+def run_reference(x: Inputs, granularity, loss_agg, clip_eps=EPS, check=True, grad_out=1.0):
+    xu = upcast(x)
+    loss, w, rs, stats = reference.fused_forward(*xu, clip_eps, granularity, loss_agg, check)
+    grad = reference.fused_backward(torch.tensor(grad_out, dtype=F64), *xu, w, rs, clip_eps, granularity)
+    return loss, grad, w, rs, stats
+
+
+def check_case(x: Inputs, granularity, loss_agg, clip_eps=EPS, nonfinite="raise", grad_out=None):
+    dtype = x.logp.dtype
+    loss_rtol, grad_rtol, w_atol = TOLS[dtype]
+    acc = F64 if dtype == F64 else F32
+    loss, grad, st = run_triton(x, granularity, loss_agg, clip_eps, nonfinite, grad_out)
+    r_loss, r_grad, r_w, r_rs, r_stats = run_reference(
+        x, granularity, loss_agg, clip_eps, nonfinite == "raise", 1.0 if grad_out is None else grad_out
+    )
+    tag = f"{granularity}/{loss_agg}/{dtype}/B{x.logp.shape[0]}T{x.logp.shape[1]}N{x.advantages.shape[-1]}"
+    assert loss.shape == () and loss.dtype == acc, tag
+    assert grad.dtype == dtype and grad.shape == x.logp.shape and grad.device.type == DEVICE, tag
+    assert st.weights.dtype == acc and st.row_scale.dtype == acc and st.stats.dtype == F64, tag
+    assert st.weights.shape == r_w.shape, (tag, st.weights.shape, r_w.shape)
+    assert_close_rel(loss, r_loss, loss_rtol, atol=1e-300, msg=f"loss {tag}")
+    assert_close_rel(grad, r_grad, grad_rtol, msg=f"grad {tag}")
+    assert_close_rel(st.weights, r_w, 0.0, atol=w_atol, msg=f"weights {tag}")
+    assert_close_rel(st.row_scale, r_rs, 1e-6 if dtype != F64 else 1e-14, msg=f"row_scale {tag}")
+    stats = st.as_dict()
+    ref = dict(zip(pama_ext.STATS_FIELDS, r_stats.tolist()))
+    for key in COUNT_FIELDS:
+        assert stats[key] == ref[key], (tag, key, stats[key], ref[key])
+    assert stats["objective"] == pytest.approx(ref["objective"], rel=1e-5, abs=1e-300), tag
+    assert 0.0 <= stats["kkt_residual"] <= 1e-9 * max(1.0, stats["objective"]) + 1e-12, tag
+    return loss, grad, st
+
+
+# --------------------------------------------------------------------------- every granularity x aggregation
+# (B, T, N, mask kind, seed): odd shapes; T = 17 and 40 are no multiple of any block size
+CASES = [
+    (1, 1, 1, "full", 0),
+    (1, 1, 3, "full", 1),
+    (3, 17, 2, "ragged", 2),
+    (3, 17, 5, "random", 3),
+    (4, 9, 8, "ragged", 4),
+    (2, 6, 3, "empty", 5),
+    (2, 40, 3, "ragged", 6),
+    (5, 7, 1, "random", 7),
+]
+
+
+def _case_id(c):
+    return f"B{c[0]}T{c[1]}N{c[2]}-{c[3]}"
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("loss_agg", AGGS)
+@pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_float32_matches_reference(case, granularity, loss_agg, per_sequence):
+    B, T, N, mask_kind, seed = case
+    x = make_inputs(B, T, N, F32, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    check_case(x, granularity, loss_agg)
+
+
+@pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("case", [(3, 17, 3, "ragged", 21), (2, 9, 5, "random", 22)], ids=_case_id)
+def test_float64_matches_reference_tightly(case, granularity):
+    """float64 inputs: per-token maths in double too, agreement to ~1e-10."""
+    B, T, N, mask_kind, seed = case
+    for i, agg in enumerate(AGGS):
+        x = make_inputs(B, T, N, F64, per_sequence=bool(i), mask_kind=mask_kind, seed=seed)
+        check_case(x, granularity, agg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_inputs(dtype):
+    """16-bit inputs: float32 per-token maths, float64 sums, the gradient in the input dtype."""
+    x = make_inputs(3, 17, 3, dtype, mask_kind="ragged", seed=31)
+    for g in GRANS:
+        check_case(x, g, AGGS[GRANS.index(g) % 2])
+
+
+# --------------------------------------------------------------------------- blocks, rows, widths
+def test_rows_spanning_several_blocks(monkeypatch):
+    """Rows of several token blocks and groups of several rows per partial vector: the
+    fixed-order reductions at every level (small block sizes forced through the module)."""
+    monkeypatch.setattr(tops, "TOKENS_PER_PROGRAM", 16)  # one chunk per block
+    monkeypatch.setattr(tops, "PARTIAL_ROWS", 2)  # ceil(B / 2) rows per reduce_rows program
+    x = make_inputs(5, 600, 3, F32, mask_kind="ragged", seed=41)
+    assert tops.triton_cdiv(600, tops.token_chunk(4, True)) >= 3  # >= 3 blocks per row (batch)
+    for i, g in enumerate(GRANS):
+        check_case(x, g, AGGS[i % 2])
+
+
+@pytest.mark.parametrize("n", [10, 12, 64])
+def test_many_objectives(n):
+    """N = 10: the largest on-device support enumeration; N = 12 and 64: the host solve."""
+    x = make_inputs(2, 5, n, F64, mask_kind="random", seed=50 + n)
+    check_case(x, "batch", "token_mean")
+    if n == 64:
+        for g in ("token", "sequence", "batch_mean"):
+            check_case(x, g, "seq_mean_token_mean")
+
+
+@pytest.mark.parametrize("n", [3, 4, 6, 8])
+def test_min_norm_on_device_is_exact(n):
+    """The support enumeration reaches the true minimum: the KKT residual is ~0 and the
+    combined direction d = sum c_i v_i satisfies <d, v_j> >= ||d||^2 for every j."""
+    x = make_inputs(3, 11, n, F64, mask_kind="full", seed=60 + n, noise=0.05)
+    _, _, st = check_case(x, "batch", "token_mean")
+    xu = upcast(x)
+    u = torch.exp(xu.logp - xu.old_logp)
+    v = torch.where((u <= 1 + EPS)[..., None], xu.advantages.clamp_min(0), 0.0).reshape(-1, n)
+    d = v @ st.weights.cpu().to(F64)
+    assert bool(((v.T @ d) >= (d @ d) * (1 - 1e-9) - 1e-12).all())
+
+
+def test_duplicate_and_dominated_objectives():
+    """Identical advantage columns share their weight (the duplicate rule); an all-negative
+    column (a zero vector after the Noon clamp) takes all the weight: objective 0."""
+    x = make_inputs(3, 10, 3, F64, mask_kind="full", seed=70)
+    adv = torch.cat([x.advantages, x.advantages[..., :1], x.advantages[..., 1:2]], dim=-1)  # N = 5
+    x5 = x._replace(advantages=adv)
+    _, _, st = check_case(x5, "batch", "token_mean")
+    w = st.weights.cpu()
+    assert float(w[0]) == pytest.approx(float(w[3]), abs=1e-12) and float(w[1]) == pytest.approx(float(w[4]), abs=1e-12)
+    neg = x.advantages.clone()
+    neg[..., 2] = -1.0 - neg[..., 2].abs()
+    _, _, st = check_case(x._replace(advantages=neg), "batch", "token_mean")
+    assert st.weights.cpu().tolist() == pytest.approx([0.0, 0.0, 1.0], abs=1e-12)
+    assert st.as_dict()["objective"] == 0.0
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_all_advantages_negative_gives_uniform_weights(n):
+    x = make_inputs(2, 7, n, F64, mask_kind="full", seed=80 + n)
+    x = x._replace(advantages=-x.advantages.abs() - 0.1)
+    for g in GRANS:
+        loss, grad, st = check_case(x, g, "token_mean")
+        assert float(loss) == 0.0 and not bool(grad.any())
+        if g in ("batch", "batch_mean"):
+            assert st.weights.cpu().tolist() == pytest.approx([1.0 / n] * n)
+
+
+# --------------------------------------------------------------------------- contract details
+@pytest.mark.parametrize("loss_agg", AGGS)
+@pytest.mark.parametrize("granularity", GRANS)
+def test_empty_mask_zero_loss_zero_grad(granularity, loss_agg):
+    x = make_inputs(3, 5, 3, F32, mask_kind="empty", seed=91)
+    x = x._replace(logp=x.logp.clone().index_fill_(1, torch.tensor([2]), float("nan")))  # unmasked garbage
+    loss, grad, st = check_case(x, granularity, loss_agg)
+    assert float(loss) == 0.0 and torch.equal(grad.cpu(), torch.zeros_like(x.logp))
+    assert bool(torch.isfinite(st.weights).all()) and bool((st.row_scale == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_indicator_is_one_at_the_clip_boundary(dtype):
+    """u = 1 + eps exactly is not clipped: exp(ln 2) == 2.0 == 1 + eps with eps = 1."""
+    ln2 = math.log(2.0)
+    lp = torch.tensor([[ln2, 0.0, ln2 + 0.1]], dtype=dtype)
+    assert float(torch.exp(lp[0, 0])) == 2.0
+    x = Inputs(lp, torch.zeros(1, 3, dtype=dtype), torch.tensor([[[1.5], [0.5], [2.0]]], dtype=dtype),
+               torch.ones(1, 3, dtype=torch.bool))
+    for g in GRANS:
+        loss, grad, st = run_triton(x, g, "token_mean", clip_eps=1.0)
+        assert grad.cpu()[0].tolist() == pytest.approx([-1.5 * 2.0 / 3, -0.5 / 3, 0.0], rel=1e-6)
+        assert float(loss) == pytest.approx(-(1.5 * 2.0 + 0.5 + 2.0 * 2.0) / 3, rel=1e-6)
+        assert st.as_dict()["clipped_tokens"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=str)
+def test_ratio_overflow_gives_finite_zero_grad(dtype):
+    x = make_inputs(2, 6, 3, F64, mask_kind="full", seed=101)
+    lp, old, adv = x.logp.clone(), x.old_logp.clone(), x.advantages.clone()
+    old[0, 2], lp[0, 2] = -10.0, 990.0  # u = e^1000: inf in float32 and float64
+    old[1, 3], lp[1, 3] = -5.0, 95.0  # u = e^100: inf in float32 only
+    x = Inputs(lp.to(dtype), old.to(dtype), adv.to(dtype), x.mask)
+    for g in GRANS:
+        loss, grad, st = check_case(x, g, "token_mean")
+        assert bool(torch.isfinite(grad).all()) and float(grad[0, 2]) == 0.0 and float(grad[1, 3]) == 0.0
+        assert st.as_dict()["clipped_tokens"] >= 2
+
+
+def test_grad_output_is_propagated():
+    x = make_inputs(3, 7, 3, F64, mask_kind="full", seed=151)
+    for g in GRANS:
+        check_case(x, g, "token_mean", grad_out=-2.5)
+
+
+@pytest.mark.parametrize("which", ["logp", "old_logp", "advantages"])
+def test_nonfinite_raise_names_the_argument(which):
+    x = make_inputs(3, 8, 3, F32, mask_kind="full", seed=111)
+    bad = getattr(x, which).clone()
+    bad.view(-1)[7] = float("nan")
+    bad_x = x._replace(**{which: bad})
+    with pytest.raises(ValueError, match=f"`{which}` has 1 non-finite"):
+        run_triton(bad_x, "batch", "token_mean")
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("granularity", GRANS)
+def test_nonfinite_mask_drops_the_tokens_and_counts_them(granularity, per_sequence):
+    x = make_inputs(4, 9, 3, F32, per_sequence=per_sequence, mask_kind="full", seed=121)
+    lp, old, adv = x.logp.clone(), x.old_logp.clone(), x.advantages.clone()
+    lp[0, 1] = float("nan")
+    old[2, 5] = float("inf")
+    if per_sequence:
+        adv[3, 0] = -float("inf")
+    else:
+        adv[3, 0, 0] = -float("inf")
+    bad = Inputs(lp, old, adv, x.mask)
+    loss, grad, st = check_case(bad, granularity, "seq_mean_token_mean", nonfinite="mask")
+    stats = st.as_dict()
+    assert (stats["nonfinite_logp"], stats["nonfinite_old_logp"]) == (1.0, 1.0)
+    assert stats["nonfinite_advantages"] == (9.0 if per_sequence else 1.0)
+    assert float(grad[0, 1]) == 0.0 and float(grad[2, 5]) == 0.0
+
+
+def test_deterministic_bitwise():
+    x = to_dev(make_inputs(3, 33, 4, F32, mask_kind="ragged", seed=131))
+    for g in GRANS:
+        a = torch.ops.pama_ext.triton_forward(*x, EPS, g, "token_mean", True)
+        b = torch.ops.pama_ext.triton_forward(*x, EPS, g, "token_mean", True)
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), g
+        ga = torch.ops.pama_ext.triton_backward(a[0].new_ones(()), *x, a[1], a[2], EPS, g)
+        gb = torch.ops.pama_ext.triton_backward(b[0].new_ones(()), *x, b[1], b[2], EPS, g)
+        assert torch.equal(ga, gb), g
+
+
+def test_agrees_with_the_cpp_backend():
+    if "cpp" not in pama_ext.available_backends() or DEVICE != "cpu":
+        pytest.skip("compares CPU backends")  # only meaningful under the interpreter on CPU
+    x = make_inputs(3, 17, 4, F64, mask_kind="ragged", seed=141)
+    for g in GRANS:
+        t = torch.ops.pama_ext.triton_forward(*x, EPS, g, "seq_mean_token_mean", True)
+        c = torch.ops.pama_ext.pama_forward(*x, EPS, g, "seq_mean_token_mean", True)
+        for p, q in zip(t, c):
+            assert_close_rel(p, q, 1e-13, atol=1e-15, msg=g)
+
+
+@pytest.mark.parametrize("granularity", GRANS)
+def test_pama_weights(granularity):
+    x = make_inputs(3, 9, 4, F32, mask_kind="random", seed=171)
+    w = pama_ext.pama_weights(*to_dev(x), granularity=granularity, backend="triton")
+    expected = reference.pama_weights(*upcast(x), EPS, granularity)
+    assert w.dtype == F32 and w.device.type == DEVICE
+    assert_close_rel(w, expected, 0.0, atol=1e-5, msg=granularity)
+
+
+def test_non_contiguous_inputs():
+    x = make_inputs(4, 12, 3, F32, mask_kind="random", seed=161)
+    lp_nc = x.logp.T.contiguous().T
+    adv_nc = torch.zeros(4, 12, 6)[..., ::2]
+    adv_nc.copy_(x.advantages)
+    a = run_triton(x, "batch", "token_mean")
+    b = run_triton(Inputs(lp_nc, x.old_logp, adv_nc, x.mask), "batch", "token_mean")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------- registration
+def test_backend_is_registered_for_this_device():
+    assert "triton" in pama_ext.available_backends()
+    assert DEVICE in pama_ext._backends._REGISTRY["triton"].devices
+    for op in ("triton_forward", "triton_backward"):
+        key = "CPU" if DEVICE == "cpu" else "CUDA"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pama_ext::{op}", key), op
+
+
+@pytest.mark.parametrize("granularity", GRANS)
+def test_opcheck_forward(granularity):
+    x = to_dev(make_inputs(3, 7, 3, F32, per_sequence=granularity == "sequence", mask_kind="random", seed=181))
+    torch.library.opcheck(
+        torch.ops.pama_ext.triton_forward.default,
+        (x.logp.requires_grad_(), x.old_logp, x.advantages, x.mask, EPS, granularity, "token_mean", True),
+    )
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sequence", "token"])
+def test_opcheck_backward(granularity):
+    x = to_dev(make_inputs(3, 7, 3, F32, mask_kind="random", seed=182))
+    _, w, rs, _ = torch.ops.pama_ext.triton_forward(*x, EPS, granularity, "seq_mean_token_mean", True)
+    torch.library.opcheck(
+        torch.ops.pama_ext.triton_backward.default,
+        (torch.tensor(1.5, device=DEVICE), x.logp, x.old_logp, x.advantages, x.mask, w, rs, EPS, granularity),
+    )
+
+
+@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+def test_torch_compile_fullgraph(granularity):
+    """pama_loss(backend='triton') inside torch.compile(fullgraph=True): the op is opaque to
+    dynamo (traced through its fake kernel), forward and backward match eager."""
+    torch._dynamo.reset()
+    x = to_dev(make_inputs(3, 11, 3, F32, mask_kind="ragged", seed=191))
+
+    def f(lp, old, adv, mask):
+        loss, st = pama_ext.pama_loss_and_stats(lp, old, adv, mask, granularity=granularity,
+                                                backend="triton", nonfinite="mask")
+        return loss * 2.0, st.weights
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    lp1, lp2 = leaf(x.logp), leaf(x.logp)
+    l1, w1 = f(lp1, *x[1:])
+    l2, w2 = compiled(lp2, *x[1:])
+    (g1,) = torch.autograd.grad(l1, lp1)
+    (g2,) = torch.autograd.grad(l2, lp2)
+    assert torch.equal(l1, l2) and torch.equal(w1, w2) and torch.equal(g1, g2)
+
+
+def test_auto_never_picks_triton_over_a_faster_backend():
+    """auto: triton has priority 5, below cpp (10) and cuda (20)."""
+    entry = pama_ext._backends._REGISTRY["triton"]
+    assert entry.priority == 5
+    chosen = pama_ext._backends.resolve("pama_loss", "auto", torch.device(DEVICE))
+    faster = [b for b in pama_ext.available_backends()
+              if b != "torch" and DEVICE in pama_ext._backends._REGISTRY[b].devices
+              and pama_ext._backends._REGISTRY[b].priority > 5]
+    assert chosen == (faster[0] if faster else "triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a GPU notion")
+def test_no_host_sync_on_cuda():
+    x = to_dev(make_inputs(4, 300, 4, F32, mask_kind="ragged", seed=201))
+    for g in GRANS:
+        lp = leaf(x.logp)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = pama_ext.pama_loss(lp, *x[1:], granularity=g, backend="triton", nonfinite="mask")
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert bool(torch.isfinite(lp.grad).all())
+
+
+if os.environ.get("PAMA_TRITON_TEST_LARGE") == "1":  # GPU-only: realistic sizes
+
+    @pytest.mark.parametrize("granularity", GRANS)
+    @pytest.mark.parametrize("case", [(64, 1024, 2), (16, 4096, 8), (1000, 100, 3)], ids=lambda c: f"B{c[0]}T{c[1]}N{c[2]}")
+    def test_large_matches_reference(case, granularity):
+        B, T, N = case
+        x = make_inputs(B, T, N, F32, mask_kind="ragged", seed=B + T + N)
+        check_case(x, granularity, AGGS[N % 2])
