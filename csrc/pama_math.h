@@ -14,9 +14,8 @@
 #define PAMA_HD
 #endif
 
-#ifndef __CUDACC__
+// <cmath> in every pass: nvcc's host pass (__CUDACC__ without __CUDA_ARCH__) uses std::
 #include <cmath>
-#endif
 
 #define PAMA_MAX_N 64
 

@@ -601,8 +601,9 @@ def test_zero_sized_batches():
 
 def test_build_info():
     info = _C.build_info()
-    assert info["backends"] == ["cpu"]
+    assert info["backends"][0] == "cpu"
     assert isinstance(info["openmp"], bool)
-    assert info["cuda"] is None
+    if "cuda" not in info["backends"]:  # CPU-only build
+        assert info["cuda"] is None
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["max_objectives"] == 64
