@@ -8,6 +8,8 @@ the import without Triton.
 * ``test_import_without_triton``: ``import pama_ext`` with Triton hidden works, and the
   backend says why it is unavailable.
 * ``test_import_does_not_import_triton``: Triton is imported lazily, at the first call.
+* ``test_gpu_benchmark_dry_run``: ``benchmarks/bench_gpu_loss.py --dry-run`` (tiny sizes on
+  CPU through the interpreter) runs end to end, so the GPU benchmark stays runnable.
 """
 
 from __future__ import annotations
@@ -126,3 +128,27 @@ def test_backend_registration_in_this_process():
     bwd = torch.ops.pama_ext.triton_backward.default._schema
     ref_b = torch.ops.pama_ext.pama_backward.default._schema
     assert [a.type for a in bwd.arguments] == [a.type for a in ref_b.arguments]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_gpu_benchmark_dry_run(tmp_path):
+    import json
+
+    out = tmp_path / "dry.json"
+    cmd = [sys.executable, "benchmarks/bench_gpu_loss.py", "--dry-run", "--ns", "3", "--dtypes", "fp32",
+           "--impls", "triton,torch,eager,compiled", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert set(row["impls"]) == {"triton", "torch", "eager", "compiled"}, row
+    for name, entry in row["impls"].items():
+        assert "error" not in entry, (name, entry)
+        for key, err in entry.items():
+            if key.endswith("_vs_triton"):
+                assert err < 1e-5, (name, key, err)
+    # and without a GPU the real run stops with a clear message
+    if not __import__("torch").cuda.is_available():
+        proc = subprocess.run([sys.executable, "benchmarks/bench_gpu_loss.py"], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and "no CUDA device" in proc.stderr, proc.stderr[-2000:]

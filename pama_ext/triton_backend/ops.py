@@ -182,7 +182,7 @@ def forward_impl(
     nblk = max(1, triton_cdiv(t, nch * chunk))
     rows_per_prog = max(1, triton_cdiv(b, PARTIAL_ROWS))
     n_part2 = max(1, triton_cdiv(b, rows_per_prog))
-    if b * t >= 2**31:
+    if b * t > 2**31 - 2**16:
         raise ValueError(f"pama_loss[triton]: B * T = {b * t} tokens; the Triton kernels support fewer than 2^31")
     per_seq = advantages.dim() == 2
     stride_ab = n if per_seq else t * n
@@ -270,7 +270,7 @@ def backward_impl(
     total = b * t
     if total == 0:
         return out
-    if total >= 2**31:
+    if total > 2**31 - 2**16:
         raise ValueError(f"pama_loss[triton]: B * T = {total} tokens; the Triton kernels support fewer than 2^31")
     bn = block_n(n)
     blk = backward_block(bn)

@@ -208,6 +208,19 @@ def test_empty_mask_zero_loss_zero_grad(granularity, loss_agg):
     assert bool(torch.isfinite(st.weights).all()) and bool((st.row_scale == 0).all())
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["B0", "T0"])
+def test_empty_batch_or_rows(shape):
+    b, t = shape
+    x = to_dev(Inputs(torch.zeros(b, t), torch.zeros(b, t), torch.ones(b, t, 3), torch.ones(b, t, dtype=torch.bool)))
+    for g in GRANS:
+        out = torch.ops.pama_ext.triton_forward(*x, EPS, g, "seq_mean_token_mean", True)
+        ref = reference.fused_forward(*(v.cpu() for v in x), EPS, g, "seq_mean_token_mean", True)
+        for a, r in zip(out, ref):
+            assert a.shape == r.shape and torch.allclose(a.cpu().double(), r.double()), (g, a, r)
+        grad = torch.ops.pama_ext.triton_backward(out[0].new_ones(()), *x, out[1], out[2], EPS, g)
+        assert grad.shape == (b, t)
+
+
 @pytest.mark.parametrize("dtype", [F64, F32], ids=str)
 def test_indicator_is_one_at_the_clip_boundary(dtype):
     """u = 1 + eps exactly is not clipped: exp(ln 2) == 2.0 == 1 + eps with eps = 1."""
