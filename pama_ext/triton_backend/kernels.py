@@ -20,10 +20,11 @@ nothing reads the tokens twice and nothing synchronises with the host:
    scalars, written to ``weights``; the per-row sums ``seq_mean_token_mean`` needs, such
    as sum_b S_b / M_b) and sums its rows, in a fixed order, into one partial vector.
 3. ``reduce_total_kernel`` (one program) sums those partial vectors in a fixed order.
-4. ``support_candidates_kernel`` (``batch`` with 3 <= N <= ENUM_MAX_N only; one program per
-   non-empty support S of the simplex): solves the bordered KKT system of the affine
-   minimiser on S (Gaussian elimination with partial pivoting, on G / max_j G_jj) and
-   writes the candidate weights (clamped at 0, normalised) and their objective c^T H c.
+4. ``support_candidates_kernel`` (``batch`` with 3 <= N <= ENUM_MAX_N only; each program
+   takes SB of the 2^N - 1 non-empty supports S side by side): solves the bordered KKT
+   system of the affine minimiser on S (Gaussian elimination with partial pivoting, on
+   G / max_j G_jj; a pivot below 1e-15 rejects the support) and writes the candidate
+   weights (clamped at 0, normalised) and their objective c^T H c.
 5. ``finalize_kernel`` (one program): the weights (Theorem 1, the N = 2 closed form, or
    the best candidate followed by duplicate splitting), the objective and KKT residual,
    the loss, ``row_scale`` and the statistics.
@@ -80,11 +81,7 @@ N_FIXED_SLOTS = 11
 
 ENUM_MAX_N = 10  # batch with 3 <= N <= ENUM_MAX_N: exact support enumeration on the device
 
-GRAN_BATCH = 0
-GRAN_TOKEN = 1
-GRAN_SEQUENCE = 2
-GRAN_BATCH_MEAN = 3
-
+# finalize_kernel's GRAN: 0 batch, 1 token, 2 sequence, 3 batch_mean (ops._GRAN)
 WMODE_CLOSED = 0  # batch, N <= 2: the closed form
 WMODE_CANDIDATES = 1  # batch, 3 <= N <= ENUM_MAX_N: best of the support candidates
 WMODE_GIVEN = 2  # batch, N > ENUM_MAX_N: weights solved on the host (documented sync)
@@ -93,14 +90,11 @@ WMODE_GIVEN = 2  # batch, N > ENUM_MAX_N: weights solved on the host (documented
 # 1e-12 relative (as csrc/pama_math.h), pivots of the scale-free bordered system 1e-15
 
 
-def n_slots(n: int, gram: bool) -> int:
-    return N_FIXED_SLOTS + 3 * n + (n * n if gram else 0)
-
-
 # exp: libdevice's accurate expf/exp on the GPU (tl.exp lowers to the approximate ex2 for
 # float32, which would move tokens across the clip boundary u = 1 + eps); the interpreter
 # has no libdevice and uses numpy's exp.
 USE_LIBDEVICE = tl.constexpr(not INTERPRET)
+
 
 # --------------------------------------------------------------------------- pass 1
 @triton.jit

@@ -401,8 +401,21 @@ for _key in ("CUDA", "CPU") if INTERPRET else ("CUDA",):
     _lib.impl("triton_forward", forward_impl, _key)
     _lib.impl("triton_backward", backward_impl, _key)
 
-torch.library.register_fake("pama_ext::triton_forward")(_ops._forward_fake)
-torch.library.register_fake("pama_ext::triton_backward")(_ops._backward_fake)
+@torch.library.register_fake("pama_ext::triton_forward")
+def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
+    acc = acc_dtype(logp.dtype)
+    b, n = logp.shape[0], advantages.shape[-1]
+    return (
+        logp.new_empty((), dtype=acc),
+        logp.new_empty(_weights_shape(granularity, b, n), dtype=acc),
+        logp.new_empty((b,), dtype=acc),
+        logp.new_empty((_ops.N_STATS,), dtype=torch.float64),
+    )
+
+
+@torch.library.register_fake("pama_ext::triton_backward")
+def _backward_fake(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):
+    return torch.empty_like(logp)
 
 
 def _setup_context(ctx, inputs, output):
