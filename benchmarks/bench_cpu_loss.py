@@ -192,6 +192,27 @@ def test_pama_loss_fwd_bwd(benchmark, size, n, granularity, method):
 
 
 # --------------------------------------------------------------------------- summary
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_head() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def summarise(bench_json: dict) -> dict:
     """Ratios per (size, N, granularity) from a pytest-benchmark JSON."""
     rows = {}
@@ -221,7 +242,7 @@ def summarise(bench_json: dict) -> dict:
     return {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -229,6 +250,7 @@ def summarise(bench_json: dict) -> dict:
             "pama_ext_backends": pama_ext.available_backends(),
         },
         "datetime": bench_json.get("datetime"),
+        "git_head": _git_head(),
         "timing": "forward + backward, float32; ratios of the fastest round (min_s), median ratios alongside",
         "rows": out,
     }
