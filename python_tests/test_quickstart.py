@@ -14,7 +14,19 @@ from pama_ext.examples import quickstart
 STEPS = 4
 
 
-@pytest.fixture(scope="module", params=pama_ext.available_backends())
+def _cpu_backends():
+    """Available backends that run the example's CPU tensors (not e.g. 'cuda')."""
+    out = []
+    for name in pama_ext.available_backends():
+        try:
+            quickstart.cpu_backend(name)
+        except (ValueError, RuntimeError):
+            continue
+        out.append(name)
+    return out
+
+
+@pytest.fixture(scope="module", params=_cpu_backends())
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "summary.json"
     threads = torch.get_num_threads()
@@ -83,6 +95,12 @@ def test_methods_share_the_first_batch(run):
     _, _, s = run
     first = [res["history"][0]["reward"] for res in s["methods"].values()]
     assert first[0] == first[1]
+
+
+def test_bad_backend_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        quickstart.main(["--steps", "1", "--backend", "no-such-backend"])
+    assert "no-such-backend" in capsys.readouterr().err
 
 
 def test_granularities_run():

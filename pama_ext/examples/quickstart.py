@@ -176,6 +176,22 @@ def pama_ppo_loss(logp, old_logp, advantages, mask, backend: str, granularity: s
     return loss, w
 
 
+def cpu_backend(backend: str) -> str:
+    """The concrete backend that ``backend`` means for this example's CPU tensors (``auto``
+    resolved as pama_ext resolves it: the highest-priority one that runs on CPU). Raises
+    ValueError / RuntimeError when ``backend`` cannot run CPU tensors here."""
+    x, adv, mask = torch.zeros(1, 1), torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool)
+    candidates = pama_ext.available_backends() if backend == "auto" else [backend]
+    for name in candidates:
+        try:
+            pama_ext.pama_loss(x, x, adv, mask, backend=name)
+            return name
+        except (ValueError, RuntimeError):
+            if backend != "auto":
+                raise
+    return "torch"
+
+
 # --------------------------------------------------------------------------- training
 @torch.no_grad()
 def evaluate(policy: Policy, seed: int, n: int = EVAL_SAMPLES) -> Dict[str, float]:
@@ -241,7 +257,11 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     )
     p.add_argument("--steps", type=int, default=60, help="policy updates per method (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial policy, prompts and sampling")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "cpp"), help="pama_ext backend")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        help="pama_ext backend for CPU tensors: auto (default), torch, cpp, ... (pama_ext.available_backends())",
+    )
     p.add_argument("--out", default=None, help="write a JSON summary to this file")
     p.add_argument("--batch", type=int, default=32, help="prompts per step (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=4, help="PPO epochs per step (default: %(default)s)")
@@ -263,8 +283,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be >= 1")
-    if args.backend == "cpp" and "cpp" not in pama_ext.available_backends():
-        p.error(f"backend 'cpp' is not available here ({pama_ext.build_info()['extension_error']})")
+    try:
+        args.backend_used = cpu_backend(args.backend)
+    except (ValueError, RuntimeError) as exc:
+        p.error(str(exc))
     return args
 
 
@@ -272,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run both methods; print the per-step log and the final table; return the summary
     (also written as JSON to ``--out``)."""
     args = parse_args(argv)
-    backend_used = pama_ext.available_backends()[0] if args.backend == "auto" else args.backend
+    backend_used = args.backend_used
     print(
         f"pama_ext {pama_ext.__version__}: backends {pama_ext.available_backends()}, using {backend_used!r}; "
         f"{args.steps} steps x {args.batch} prompts x {args.epochs} PPO epochs, "
