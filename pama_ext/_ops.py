@@ -107,7 +107,10 @@ if _C is not None and hasattr(_C, "pama_forward_cuda"):
 # --------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
-    _loss, weights, row_scale, _stats = output
+    _loss, weights, row_scale, stats = output
+    # only the loss is differentiable: without this the weights/stats a caller keeps for
+    # logging would carry a grad_fn and keep the whole batch's saved inputs alive
+    ctx.mark_non_differentiable(weights, row_scale, stats)
     ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
     ctx.clip_eps = clip_eps
     ctx.granularity = granularity
