@@ -1,0 +1,217 @@
+"""Command line of the demo: ``python -m pama_ext.examples.rlhf_demo --help``.
+
+The default run (no downloads, a few minutes on 2 CPU cores): a small GPT-2 built from a
+config over a word-level vocabulary, warmed up on generated movie reviews, then trained with
+PPO on three conflicting objectives (VADER sentiment, clipped length, lexical diversity)
+with a KL penalty to the warmed-up policy, once per method and seed: PAMA (batch Gram and
+per-token), MORLHF (linear, uniform preference) and MGDA-UB, same seeds, same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+import pama_ext
+
+from . import corpus, report
+from .policy import build_tiny_gpt2, build_tokenizer, load_pretrained, warm_up
+from .ppo import DEFAULT_METHODS, METHODS, PPOConfig, banned_logits, evaluate, train
+from .rewards import DEFAULT_OBJECTIVES, OBJECTIVES, build_objectives
+
+EVAL_SEED = 12345  # the held-out evaluation samples with this seed for every method and seed
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _csv(kind):
+    def parse(text: str):
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        try:
+            return [kind(x) for x in items]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from exc
+
+    return parse
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pama_ext.examples.rlhf_demo",
+        description="Multi-objective RLHF (PPO) with pama_ext.PAMA against MORLHF and MGDA-UB; writes a results folder.",
+    )
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="local Hugging Face causal-LM checkpoint directory (default: the embedded small GPT-2, warmed up here)")
+    p.add_argument("--reward-model", default=None, metavar="PATH",
+                   help="local sequence-classification model directory, scored as the `reward_model` objective (added to --objectives)")
+    p.add_argument("--reward-label", type=int, default=None,
+                   help="which logit of --reward-model is the reward (default: the last label)")
+    p.add_argument("--objectives", type=_csv(str), default=list(DEFAULT_OBJECTIVES),
+                   help=f"comma-separated, from {', '.join(OBJECTIVES)} (default: %(default)s)")
+    p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
+    p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of a --model policy (default: %(default)s)")
+    p.add_argument("--out", default="pama_demo_results", help="results folder (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=32, help="prompts per rollout (default: %(default)s)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="gradient accumulation: split each rollout into this many micro-batches (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4, help="PPO epochs per rollout (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="response budget in tokens (default: %(default)s)")
+    p.add_argument("--kl-coef", type=float, default=0.2, help="initial KL coefficient beta (default: %(default)s)")
+    p.add_argument("--target-kl", type=float, default=3.0, help="KL per response beta adapts towards (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=300, help="supervised warm-up steps of the embedded model (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every k steps (default: %(default)s)")
+    p.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt (default: %(default)s)")
+    p.add_argument("--backend", default="auto", help="pama_ext backend of the fused op (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads on CPU (default: %(default)s: the tensors are small)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch", "epochs", "max_new_tokens", "eval_every", "eval_samples", "micro_batches", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.batch % args.micro_batches:
+        p.error(f"--batch {args.batch} is not a multiple of --micro-batches {args.micro_batches}")
+    if not args.seeds:
+        p.error("--seeds: give at least one seed")
+    if len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {args.seeds} repeats a seed")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad or not args.methods:
+        p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.reward_model is not None and "reward_model" not in args.objectives:
+        args.objectives = list(args.objectives) + ["reward_model"]
+    if args.model is not None and args.dtype != "float32" and args.device == "cpu":
+        p.error("--dtype other than float32 needs a GPU --device")
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def _progress(total: int, disable: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        disable = True
+    if disable:
+        class _Null:
+            def update(self, n=1): ...
+            def set_description(self, s): ...
+            def set_postfix_str(self, s): ...
+            def close(self): ...
+        return _Null()
+    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def initial_policy(args, device: torch.device, log):
+    """The policy every run starts from: ``--model PATH`` or the embedded GPT-2, warmed up
+    (and saved to OUT/initial_policy, loadable with ``--model`` to skip the warm-up)."""
+    if args.model is not None:
+        model, tokenizer = load_pretrained(args.model, device, DTYPES[args.dtype] if args.dtype != "float32" else None)
+        log(f"policy: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
+        return model.eval(), tokenizer, None
+    tokenizer = build_tokenizer()
+    model = build_tiny_gpt2(tokenizer, seed=0, n_positions=max(96, 16 + args.max_new_tokens)).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    log(f"policy: embedded GPT-2 ({n / 1e6:.2f}M parameters, {len(tokenizer)} words); "
+        f"supervised warm-up for {args.warmup_steps} steps on generated reviews")
+    bar = _progress(args.warmup_steps, args.no_progress)
+    bar.set_description("warm-up")
+
+    def on_step(step, loss):
+        bar.update(1)
+        bar.set_postfix_str(f"loss {loss:.3f}")
+
+    losses = warm_up(model, tokenizer, steps=args.warmup_steps, seed=0, device=device, on_step=on_step) if args.warmup_steps else []
+    bar.close()
+    saved = Path(args.out) / "initial_policy"
+    model.save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    return model.eval(), tokenizer, {"losses": losses, "saved": str(saved)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = print
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer, warm = initial_policy(args, device, log)
+        objectives = build_objectives(args.objectives, max_new_tokens=args.max_new_tokens, device=device,
+                                      reward_model=args.reward_model, reward_label=args.reward_label)
+        names = [o.name for o in objectives]
+        train_prompts, held_prompts = corpus.prompts()
+        banned = banned_logits(tokenizer, model.config.vocab_size, device)
+
+        def eval_fn(m):
+            return evaluate(m, tokenizer, objectives, held_prompts, args.eval_samples, EVAL_SEED, args.max_new_tokens, banned)
+
+        initial, initial_samples = eval_fn(model)
+        cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
+                        micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
+                        target_kl=args.target_kl, backend=args.backend)
+        log(f"objectives: " + "; ".join(f"{o.name} = {o.description}" for o in objectives))
+        log(f"methods {args.methods} x seeds {args.seeds}, {args.steps} PPO steps each "
+            f"({args.batch} prompts, {args.epochs} epochs, lr {args.lr:g}, KL beta {args.kl_coef:g} -> target {args.target_kl:g}); "
+            f"held-out: {len(held_prompts)} prompts x {args.eval_samples} samples; device {device}, "
+            f"pama_ext backends {pama_ext.available_backends()}")
+        bar = _progress(len(args.methods) * len(args.seeds) * args.steps, args.no_progress)
+        runs: List[dict] = []
+        for seed in args.seeds:
+            for method in args.methods:
+                bar.set_description(f"{method} seed {seed}")
+
+                def on_step(rec):
+                    bar.update(1)
+                    bar.set_postfix_str(" ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rec["rewards"])))
+
+                t = time.perf_counter()
+                run = train(method, seed, model, tokenizer, objectives, train_prompts, eval_fn, cfg, args.steps,
+                            args.eval_every, device, on_step=on_step, initial_eval=initial)
+                run["seconds"] = time.perf_counter() - t
+                runs.append(run)
+        bar.close()
+    finally:
+        torch.set_num_threads(threads)
+    config = {k: v for k, v in vars(args).items()}
+    config.update({"device": str(device), "eval_seed": EVAL_SEED, "ppo": cfg.as_dict(), "pama_ext": pama_ext.__version__,
+                   "held_out_prompts": held_prompts, "seconds": time.perf_counter() - t0})
+    if warm is not None:
+        config["warm_up"] = {"first_loss": warm["losses"][0] if warm["losses"] else None,
+                             "last_loss": warm["losses"][-1] if warm["losses"] else None, "saved": warm["saved"]}
+    summary = report.summarize(names, [o.lower for o in objectives], initial, runs, config)
+    summary["initial"]["samples"] = initial_samples[:: max(1, len(initial_samples) // 8)][:8]
+    paths = report.write_all(out, summary, runs)
+    log("")
+    log(f"held-out mean rewards, median over seeds {args.seeds} (reference point for the hypervolume: "
+        f"{[round(x, 3) for x in summary['reference_point']]}):")
+    log(report.table(summary))
+    log(f"\n{time.perf_counter() - t0:.0f} s; results in {out}/: " + ", ".join(p.name for p in paths.values()))
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

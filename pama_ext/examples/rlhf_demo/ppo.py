@@ -1,0 +1,321 @@
+"""One PPO run of the demo: rollouts from a causal LM, N objective scores, a KL penalty to
+the reference policy, per-objective GAE on N value heads, and ``pama_ext.PAMA`` (with the
+method's combiner) as the optimizer.
+
+The loop follows shared/PAMA.md: every objective's per-token reward is its score on the
+last response token plus the KL penalty ``-beta (logp_old - logp_ref)`` on every token
+(beta adapted towards a target KL, as in Ziegler et al. / TRL); GAE per objective with
+gamma = 1, lambda = 0.95 and value targets taken before whitening; each objective's
+advantages whitened separately over the batch's response tokens; then ``epochs`` PPO epochs
+in which ``opt.loss`` combines the N advantages (PAMA, MORLHF's linear scalarisation or
+MGDA-UB) and the N value heads regress their returns.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+import pama_ext
+from pama_ext.rl import MultiHeadValueModel, per_objective_gae, scores_to_token_rewards, whiten_per_objective
+
+from .policy import encode_texts, positions
+from .rewards import Objective, score_all
+
+# name -> PAMA keyword arguments. "pama" is the paper's method with the batch Gram; "pama_token"
+# solves Theorem 1 per token; "linear" is MORLHF (uniform preference, signed PPO clip);
+# "mgda_ub" takes the min-norm point of the per-objective gradients w.r.t. the last hidden
+# states; "mgda" the exact one over all parameters (N extra backward passes: small models).
+METHODS: Dict[str, Dict[str, str]] = {
+    "pama": {"combiner": "pama", "granularity": "batch"},
+    "pama_token": {"combiner": "pama", "granularity": "token"},
+    "linear": {"combiner": "linear"},
+    "mgda_ub": {"combiner": "mgda_ub"},
+    "mgda": {"combiner": "mgda"},
+}
+DEFAULT_METHODS = ("pama", "pama_token", "linear", "mgda_ub")
+
+
+@dataclass
+class PPOConfig:
+    batch: int = 32  # prompts (one response each) per rollout
+    max_new_tokens: int = 30
+    epochs: int = 4  # PPO epochs per rollout
+    micro_batches: int = 1  # gradient accumulation: one optimizer step per epoch
+    lr: float = 1e-3
+    clip_eps: float = 0.2
+    vf_coef: float = 0.5
+    value_clip: float = 0.2
+    kl_coef: float = 0.2  # the spec: beta 0.2 ...
+    target_kl: float = 3.0  # ... adapted towards a target KL of 3 (per response, summed over tokens)
+    kl_horizon: int = 10_000
+    gamma: float = 1.0
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    backend: str = "auto"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class AdaptiveKL:
+    """beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon) (Ziegler et al. 2019)."""
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target > 0:
+            err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n / self.horizon
+
+
+class Rollout:
+    """A batch of prompts and sampled responses: token ids, masks, decoded texts."""
+
+    def __init__(self, prompts, prompt_ids, prompt_mask, responses, response_mask, texts, lengths, sample_logp=None):
+        self.prompts: List[str] = prompts
+        self.prompt_ids: Tensor = prompt_ids  # [B, P] left-padded
+        self.prompt_mask: Tensor = prompt_mask  # [B, P] long
+        self.responses: Tensor = responses  # [B, T]
+        self.response_mask: Tensor = response_mask  # [B, T] bool: the response tokens, end token included
+        self.texts: List[str] = texts
+        self.lengths: List[int] = lengths  # response tokens before the end token
+        self.sample_logp: Optional[Tensor] = sample_logp  # [B, T] log-prob of each token when it was sampled
+
+    @property
+    def sequences(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.responses], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.long()], dim=1)
+
+    def rows(self, idx: slice) -> "Rollout":
+        return Rollout(
+            self.prompts[idx], self.prompt_ids[idx], self.prompt_mask[idx], self.responses[idx],
+            self.response_mask[idx], self.texts[idx], self.lengths[idx],
+            None if self.sample_logp is None else self.sample_logp[idx],
+        )
+
+
+def banned_logits(tokenizer, vocab_size: int, device) -> Tensor:
+    """-inf on the pad and unknown tokens (when they are not the end token): the policy never
+    samples them, and the training log-probabilities use the same renormalised distribution."""
+    bias = torch.zeros(vocab_size, device=device)
+    for tid in {tokenizer.pad_token_id, tokenizer.unk_token_id} - {tokenizer.eos_token_id, None}:
+        if tid < vocab_size:
+            bias[tid] = -math.inf
+    return bias
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, gen: torch.Generator, banned: Tensor) -> Rollout:
+    """Sample one response per prompt (temperature 1, KV cache, left padding)."""
+    device = banned.device
+    prompt_ids, prompt_mask = encode_texts(tokenizer, prompts, device, add_eos=False)
+    eos = tokenizer.eos_token_id
+    B = prompt_ids.shape[0]
+    attn = prompt_mask
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1].float()
+    next_pos = positions(attn)[:, -1] + 1
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    toks, live, lps = [], [], []
+    for _ in range(max_new_tokens):
+        logprobs = torch.log_softmax(logits + banned, dim=-1)
+        tok = torch.multinomial(logprobs.exp(), 1, generator=gen)[:, 0]
+        tok = torch.where(done, torch.full_like(tok, eos), tok)
+        toks.append(tok)
+        lps.append(logprobs.gather(-1, tok[:, None])[:, 0])
+        live.append(~done)
+        done = done | (tok == eos)
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=past, use_cache=True
+        )
+        past, logits = out.past_key_values, out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    responses = torch.stack(toks, dim=1)
+    mask = torch.stack(live, dim=1)
+    ended = ((responses == eos) & mask).any(dim=1)
+    lengths = (mask.sum(1) - ended.long()).tolist()
+    texts = [
+        tokenizer.decode(responses[i, :n].tolist(), skip_special_tokens=True).strip() for i, n in enumerate(lengths)
+    ]
+    return Rollout(list(prompts), prompt_ids, prompt_mask, responses, mask, texts, lengths, torch.stack(lps, dim=1))
+
+
+def forward(vmodel: MultiHeadValueModel, ro: Rollout, banned: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(logp [B, T], values [B, T, N], hidden [B, L, H])`` of the response tokens.
+
+    The logits at position P + t - 1 score response token t; the value at that position is
+    the value of the state in which token t is generated (MultiHeadValueModel's alignment).
+    ``hidden`` is the last hidden state, the shared representation of MGDA-UB.
+    """
+    seqs, attn = ro.sequences, ro.attention_mask
+    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
+    out = vmodel.model(
+        input_ids=seqs, attention_mask=attn, position_ids=positions(attn), output_hidden_states=True, use_cache=False
+    )
+    hidden = out.hidden_states[-1]
+    logits = out.logits[:, P - 1 : P + T - 1].float() + banned
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ro.responses[..., None])[..., 0]
+    values = vmodel.value_heads(hidden[:, P - 1 : P + T - 1].to(vmodel.value_heads.weight.dtype))
+    return logp, values.float(), hidden
+
+
+def mean_weights(w: Tensor, mask: Tensor) -> List[float]:
+    """The step's weights as one [N] list: as they are for ``batch`` combiners, the mean over
+    the response tokens of per-token weights [B, T, N] (``pama_token``)."""
+    w = w.detach()
+    if w.dim() == 3:
+        w = w[mask] if bool(mask.any()) else w.reshape(-1, w.shape[-1])
+    elif w.dim() == 2:
+        w = w[mask.any(1)] if bool(mask.any()) else w
+    return (w.mean(0) if w.dim() == 2 else w).tolist()
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """PPO's clipped value loss, mean over the response tokens and the N heads."""
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    err = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2).mean(-1)
+    m = mask.to(err.dtype)
+    return 0.5 * (err * m).sum() / m.sum().clamp_min(1)
+
+
+def evaluate(model, tokenizer, objectives: Sequence[Objective], prompts: Sequence[str], samples: int, seed: int,
+             max_new_tokens: int, banned: Tensor, batch: int = 128) -> Tuple[List[float], List[dict]]:
+    """Mean reward per objective over ``samples`` responses to every held-out prompt, sampled
+    with a generator seeded by ``seed`` (the same for every method), and the samples."""
+    gen = torch.Generator(device=banned.device).manual_seed(seed)
+    todo = [p for p in prompts for _ in range(samples)]
+    rows: List[Tensor] = []
+    examples: List[dict] = []
+    for i in range(0, len(todo), batch):
+        ro = generate(model, tokenizer, todo[i : i + batch], max_new_tokens, gen, banned)
+        r = score_all(objectives, ro.prompts, ro.texts, ro.lengths)
+        rows.append(r)
+        for p, t, rr in zip(ro.prompts, ro.texts, r.tolist()):
+            examples.append({"prompt": p, "response": t, "rewards": dict(zip([o.name for o in objectives], rr))})
+    return torch.cat(rows).mean(0).tolist(), examples
+
+
+def train(
+    method: str,
+    seed: int,
+    initial_model,
+    tokenizer,
+    objectives: Sequence[Objective],
+    train_prompts: Sequence[str],
+    eval_fn: Callable[[torch.nn.Module], Tuple[List[float], List[dict]]],
+    cfg: PPOConfig,
+    steps: int,
+    eval_every: int,
+    device: torch.device,
+    on_step: Optional[Callable[[dict], None]] = None,
+    initial_eval: Optional[List[float]] = None,
+) -> dict:
+    """Train a copy of ``initial_model`` with ``method`` for ``steps`` rollouts; return the
+    history (train rewards, weights, KL, losses per step; held-out rewards every
+    ``eval_every`` steps and at the end) and the final samples. ``initial_eval``: the
+    held-out rewards of ``initial_model`` when the caller has them (the evaluation seed is
+    the same for every run, so they are the same for every method and seed)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    n = len(objectives)
+    torch.manual_seed(seed)
+    policy = MultiHeadValueModel(copy.deepcopy(initial_model), n, objective_names=[o.name for o in objectives])
+    policy.to(device).train()
+    ref = copy.deepcopy(initial_model).to(device).eval().requires_grad_(False)
+    banned = banned_logits(tokenizer, policy.config.vocab_size, device)
+    base = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    opt = pama_ext.PAMA(base, num_objectives=n, clip_eps=cfg.clip_eps, backend=cfg.backend, **METHODS[method])
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    rng = random.Random(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    history: List[dict] = []
+    evals: List[dict] = []
+
+    def run_eval(step: int):
+        policy.eval()
+        means, examples = eval_fn(policy.model)
+        policy.train()
+        evals.append({"step": step, "rewards": means})
+        return examples
+
+    if initial_eval is None:
+        run_eval(0)
+    else:
+        evals.append({"step": 0, "rewards": list(initial_eval)})
+    for step in range(1, steps + 1):
+        prompts = [rng.choice(train_prompts) for _ in range(cfg.batch)]
+        policy.eval()
+        ro = generate(policy.model, tokenizer, prompts, cfg.max_new_tokens, gen, banned)
+        policy.train()
+        scores = score_all(objectives, ro.prompts, ro.texts, ro.lengths).to(device)
+        mask = ro.response_mask
+        with torch.no_grad():
+            old_logp, old_values, _ = forward(policy, ro, banned)
+            ref_logp, _, _ = forward_ref(ref, ro, banned)
+            kl = torch.where(mask, old_logp - ref_logp, torch.zeros((), device=device))
+            rewards = scores_to_token_rewards(scores, mask, kl=kl, kl_coef=kl_ctl.value)
+            gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+            adv = whiten_per_objective(gae.advantages, mask)
+        K = cfg.micro_batches
+        micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
+        weights = []
+        for epoch in range(cfg.epochs):
+            if K > 1:
+                with torch.no_grad():  # PAMA's statistics pass: one set of batch weights for the step
+                    for mb in micro:
+                        logp_mb = old_logp[mb] if epoch == 0 else forward(policy, ro.rows(mb), banned)[0]
+                        opt.accumulate(logp_mb, old_logp[mb], adv[mb], mask[mb])
+            opt.zero_grad(set_to_none=True)
+            for mb in micro:
+                sub = ro.rows(mb)
+                logp, values, hidden = forward(policy, sub, banned)
+                shared = hidden if method == "mgda_ub" else None
+                pol = opt.loss(logp, old_logp[mb], adv[mb], mask[mb], shared=shared)
+                vl = value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
+                ((pol + cfg.vf_coef * vl) / K).backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            weights.append(mean_weights(opt.last_weights, mask[micro[-1]]))  # the last micro-batch's
+            opt.step()
+        seq_kl = float((kl.sum(1)).mean())
+        kl_ctl.update(seq_kl, cfg.batch)
+        rec = {
+            "step": step,
+            "rewards": scores.mean(0).tolist(),
+            "weights": [sum(c) / len(c) for c in zip(*weights)],
+            "kl": seq_kl,
+            "kl_coef": kl_ctl.value,
+            "policy_loss": float(pol.detach()),
+            "value_loss": float(vl.detach()),
+            "response_tokens": float(mask.sum(1).float().mean()),
+        }
+        history.append(rec)
+        examples = None
+        if step % eval_every == 0 or step == steps:
+            examples = run_eval(step)
+            rec["eval"] = evals[-1]["rewards"]
+        if on_step is not None:
+            on_step(rec)
+    return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or []}
+
+
+def forward_ref(ref, ro: Rollout, banned: Tensor):
+    """``forward`` for the reference policy (a bare LM, no value heads)."""
+    seqs, attn = ro.sequences, ro.attention_mask
+    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
+    out = ref(input_ids=seqs, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    logits = out.logits[:, P - 1 : P + T - 1].float() + banned
+    return torch.log_softmax(logits, dim=-1).gather(-1, ro.responses[..., None])[..., 0], None, None

@@ -1,0 +1,296 @@
+"""The main job, ``python -m pama_ext.examples.rlhf_demo``: its parts (corpus, tokenizer,
+scorers, rollouts, hypervolume) and the whole pipeline end to end with a few steps,
+including a policy and a reward model loaded from directories the test saves itself."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("vaderSentiment")
+pytest.importorskip("matplotlib")
+
+import transformers  # noqa: E402
+
+from pama_ext.examples.rlhf_demo import cli, corpus, ppo, report  # noqa: E402
+from pama_ext.examples.rlhf_demo import policy as demo_policy  # noqa: E402
+from pama_ext.examples.rlhf_demo import rewards as demo_rewards  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = [  # a few seconds per run on one CPU thread
+    "--steps", "2", "--warmup-steps", "5", "--batch", "8", "--epochs", "2", "--max-new-tokens", "8",
+    "--eval-every", "1", "--eval-samples", "1", "--no-progress",
+]
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- corpus, tokenizer
+def test_vocabulary_covers_the_corpus_and_prompts():
+    vocab = corpus.vocabulary()
+    assert len(vocab) == len(set(vocab)) and vocab[:3] == [corpus.PAD, corpus.EOS, corpus.UNK]
+    train, held = corpus.prompts()
+    words = corpus.word_counts(corpus.reviews(500, seed=3) + train + held)
+    assert set(words) <= set(vocab)
+    assert held and train and not set(held) & set(train)
+    # every review starts with a prompt opening: the prompts are in distribution
+    openings = [o.format(n=n) for o in corpus.OPENERS for n in corpus.NOUNS]
+    assert all(any(r.startswith(o + " ") for o in openings) for r in corpus.reviews(200, seed=4))
+
+
+def test_reviews_are_deterministic_and_varied():
+    a, b = corpus.reviews(300, seed=7), corpus.reviews(300, seed=7)
+    assert a == b and corpus.reviews(300, seed=8) != a
+    lengths = [len(r.split()) for r in a]
+    assert min(lengths) < 10 and max(lengths) > 30  # the length objective has room both ways
+
+
+def test_word_tokenizer_round_trip():
+    tok = demo_policy.build_tokenizer()
+    text = "this film was really great ! i loved the ending ."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    ids2, mask = demo_policy.encode_texts(tok, ["the plot", "i thought the movie"], torch.device("cpu"), add_eos=True)
+    assert ids2.shape == mask.shape == (2, 6)
+    assert mask[0].tolist() == [0, 0, 1, 1, 1, 1]  # left padding
+    assert ids2[0, 2] == tok.eos_token_id and ids2[0, -1] == tok.eos_token_id  # <eos> text <eos>
+    assert demo_policy.positions(mask)[0].tolist() == [0, 0, 0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- scorers
+def test_scorers():
+    objs = demo_rewards.build_objectives(
+        ["sentiment", "length", "diversity", "conciseness"], max_new_tokens=30, device=torch.device("cpu")
+    )
+    prompts = ["the movie", "the movie", "the movie"]
+    responses = ["was great , i loved it !", "was terrible and boring .", "was great great great great great"]
+    lengths = [7, 5, 6]
+    r = demo_rewards.score_all(objs, prompts, responses, lengths)
+    assert r.shape == (3, 4) and r.dtype == torch.float32
+    assert r[0, 0] > 0.5 and r[1, 0] < -0.5  # VADER
+    # clip(l / (30 / 1.5), 0.5, 1.5): the paper's form scaled to the budget
+    assert r[:, 1].tolist() == pytest.approx([0.5, 0.5, 0.5])
+    assert demo_rewards.clipped_length(15, 20.0) == pytest.approx(0.75)
+    assert demo_rewards.clipped_length(30, 20.0) == pytest.approx(1.5)
+    assert demo_rewards.clipped_length(100, 20.0) == pytest.approx(1.5)
+    assert r[2, 2] == pytest.approx(2 / 6)  # "was" + 5 x "great": 2 distinct of 6 words
+    assert r[0, 2] == pytest.approx(1.0)  # punctuation is not a word
+    assert r[:, 3].tolist() == pytest.approx([1 - 7 / 30, 1 - 5 / 30, 1 - 6 / 30])
+    assert demo_rewards.lexical_diversity("") == 0.0 and demo_rewards.lexical_diversity(". !") == 0.0
+    assert [o.lower for o in objs] == [-1.0, 0.5, 0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "names, kwargs, match",
+    [
+        (["sentiment", "nope"], {}, "unknown objective 'nope'"),
+        (["length", "length"], {}, "twice"),
+        ([], {}, "at least one"),
+        (["reward_model"], {}, "needs --reward-model"),
+        (["length"], {"reward_model": "/x"}, "not in --objectives"),
+    ],
+)
+def test_build_objectives_rejects(names, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        demo_rewards.build_objectives(names, max_new_tokens=10, device=torch.device("cpu"), **kwargs)
+
+
+# --------------------------------------------------------------------------- rollouts
+def _tiny_policy(seed=0):
+    tok = demo_policy.build_tokenizer()
+    model = demo_policy.build_tiny_gpt2(tok, seed=seed, n_embd=32, n_layer=1, n_head=2, n_positions=48)
+    return model.eval(), tok
+
+
+def test_generation_matches_a_full_forward_under_left_padding(one_thread):
+    """The KV-cache sampler and the training forward see the same distribution: the
+    log-probability of every sampled token equals the one the PPO forward computes (so the
+    first PPO ratio is 1), with prompts of different lengths (left padding)."""
+    model, tok = _tiny_policy()
+    vmodel = ppo.MultiHeadValueModel(model, 3)
+    banned = ppo.banned_logits(tok, model.config.vocab_size, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    prompts = ["the plot", "in my opinion the movie", "this film was", "honestly , the cast"]
+    ro = ppo.generate(model, tok, prompts, 12, gen, banned)
+    B, T = ro.responses.shape
+    assert B == 4 and 1 <= T <= 12 and ro.response_mask.shape == (B, T)
+    logp, values, hidden = ppo.forward(vmodel, ro, banned)
+    m = ro.response_mask
+    torch.testing.assert_close(logp[m], ro.sample_logp[m], rtol=1e-4, atol=1e-4)
+    assert values.shape == (B, T, 3) and hidden.shape[:2] == ro.sequences.shape
+    # masks: live up to and including the end token, lengths exclude it, never pad/unk
+    for i in range(B):
+        row, n = ro.responses[i][m[i]].tolist(), ro.lengths[i]
+        ended = tok.eos_token_id in row
+        assert len(row) == n + int(ended) and (not ended or row.index(tok.eos_token_id) == n)
+        assert tok.pad_token_id not in row[:n] and tok.unk_token_id not in row
+    assert bool(torch.isinf(banned[[tok.pad_token_id, tok.unk_token_id]]).all()) and banned[tok.eos_token_id] == 0
+
+
+def test_value_loss_and_mean_weights():
+    v = torch.tensor([[[1.0, 2.0]], [[0.0, 0.0]]])
+    old = torch.zeros_like(v)
+    ret = torch.zeros_like(v)
+    mask = torch.tensor([[True], [False]])
+    # clipped to +-0.2 from old; max(unclipped, clipped) error: (1 + 4) / 2 heads, halved
+    assert float(ppo.value_loss(v, old, ret, mask, 0.2)) == pytest.approx(0.5 * 2.5)
+    w = torch.tensor([[[0.2, 0.8], [1.0, 0.0]], [[0.5, 0.5], [0.0, 1.0]]])
+    m = torch.tensor([[True, True], [True, False]])
+    assert ppo.mean_weights(w, m) == pytest.approx([1.7 / 3, 1.3 / 3])
+    assert ppo.mean_weights(torch.tensor([0.25, 0.75]), m) == [0.25, 0.75]
+
+
+def test_adaptive_kl_moves_towards_target():
+    c = ppo.AdaptiveKL(0.2, target=3.0, horizon=100)
+    c.update(6.0, n=10)  # error clipped at +0.2
+    assert c.value == pytest.approx(0.2 * 1.02)
+    c.update(0.0, n=10)
+    assert c.value == pytest.approx(0.2 * 1.02 * 0.98)
+
+
+# --------------------------------------------------------------------------- hypervolume
+def test_point_hypervolume_and_reference():
+    assert report.point_hv([0.5, 1.0, 0.8], [-1.0, 0.5, 0.0]) == pytest.approx(1.5 * 0.5 * 0.8)
+    assert report.point_hv([0.5, 0.5, 0.8], [-1.0, 0.5, 0.0]) == 0.0  # at the floor of one objective
+    assert report.point_hv([1.0] * 5, [0.0] * 5) is None
+    runs = [{"evals": [{"rewards": [0.1, 2.0]}, {"rewards": [0.2, -1.0]}]}]
+    ref = report.reference_point([0.0, None], runs, initial=[0.0, 1.0])
+    assert ref[0] == 0.0 and ref[1] == pytest.approx(-1.0 - 0.3)
+
+
+# --------------------------------------------------------------------------- end to end
+def _run(tmp_path, *extra):
+    out = tmp_path / "results"
+    summary = cli.main([*TINY, "--out", str(out), *extra])
+    return out, summary
+
+
+def test_demo_end_to_end(tmp_path, one_thread):
+    methods = ["pama", "pama_token", "linear", "mgda_ub"]
+    out, s = _run(tmp_path, "--seeds", "0,1", "--methods", ",".join(methods), "--micro-batches", "2")
+    names = ["sentiment", "length", "diversity"]
+    assert s["objectives"] == names
+    for f in ["summary.json", "summary.csv", "train_curves.csv", "samples.jsonl", "samples.md"]:
+        assert (out / f).stat().st_size > 0, f
+    for f in ["reward_curves.png", "pareto_front.png"]:
+        data = (out / f).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, f
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["objectives"] == names and set(on_disk["methods"]) == set(methods)
+    assert on_disk["reference_point"] == [-1.0, 0.5, 0.0]
+    assert len(s["runs"]) == len(methods) * 2
+    for r in s["runs"]:
+        assert [e["step"] for e in r["evals"]] == [0, 1, 2]
+        assert r["evals"][0]["rewards"] == s["initial"]["rewards"]  # every run starts from the same policy
+        for e in r["evals"]:
+            want = math.prod(max(x - lo, 0.0) for x, lo in zip(e["rewards"], [-1.0, 0.5, 0.0]))
+            assert e["hypervolume"] == pytest.approx(want)
+            assert -1 <= e["rewards"][0] <= 1 and 0.5 <= e["rewards"][1] <= 1.5 and 0 <= e["rewards"][2] <= 1
+        assert len(r["history"]) == 2
+        for h in r["history"]:
+            w = h["weights"]
+            assert len(w) == 3 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
+            assert math.isfinite(h["kl"]) and math.isfinite(h["policy_loss"]) and math.isfinite(h["value_loss"])
+        if r["method"] == "linear":
+            assert all(h["weights"] == pytest.approx([1 / 3] * 3) for h in r["history"])
+    # the same seed gives every method the same first rollout (same prompts, same samples)
+    for seed in (0, 1):
+        firsts = [r["history"][0]["rewards"] for r in s["runs"] if r["seed"] == seed]
+        assert all(f == firsts[0] for f in firsts)
+    for m in methods:
+        info = s["methods"][m]
+        assert sorted(info["seeds"]) == [0, 1]
+        finals = [r["final"]["rewards"] for r in s["runs"] if r["method"] == m]
+        for i, n in enumerate(names):
+            assert info["median_final"][n] == pytest.approx(sorted(f[i] for f in finals)[0] / 2 + sorted(f[i] for f in finals)[1] / 2)
+    assert s["pareto_front"]  # at least one run is non-dominated
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(methods) * 2 * 3 and set(rows[0]) == {"method", "seed", "step", *names, "hypervolume"}
+    with (out / "train_curves.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(methods) * 2 * 2
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    _, held = corpus.prompts()
+    assert len(samples) == len(methods) * 2 * len(held)
+    assert all(set(x["rewards"]) == set(names) and x["prompt"] in held for x in samples)
+    # the warmed-up initial policy is saved and loads as a --model directory
+    saved = out / "initial_policy"
+    assert transformers.AutoModelForCausalLM.from_pretrained(saved).config.vocab_size == len(corpus.vocabulary())
+
+
+def test_demo_is_reproducible(tmp_path, one_thread):
+    _, a = _run(tmp_path / "a", "--seeds", "3", "--methods", "pama")
+    _, b = _run(tmp_path / "b", "--seeds", "3", "--methods", "linear,pama")
+    ra = [r for r in a["runs"] if r["method"] == "pama"][0]
+    rb = [r for r in b["runs"] if r["method"] == "pama"][0]
+    assert ra["evals"] == rb["evals"] and ra["history"] == rb["history"]  # independent of the other methods
+
+
+def _save_tiny_lm(path):
+    model, tok = _tiny_policy(seed=5)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def _save_tiny_reward_model(path):
+    tok = demo_policy.build_tokenizer()
+    cfg = transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, num_labels=2, pad_token_id=tok.pad_token_id
+    )
+    torch.manual_seed(11)
+    rm = transformers.GPT2ForSequenceClassification(cfg).eval()
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return rm, tok
+
+
+def test_demo_loads_policy_and_reward_model_from_paths(tmp_path, one_thread):
+    _save_tiny_lm(tmp_path / "lm")
+    rm, tok = _save_tiny_reward_model(tmp_path / "rm")
+    out, s = _run(
+        tmp_path, "--model", str(tmp_path / "lm"), "--reward-model", str(tmp_path / "rm"),
+        "--objectives", "sentiment,length", "--seeds", "0", "--methods", "pama,linear",
+    )
+    assert s["objectives"] == ["sentiment", "length", "reward_model"]  # --reward-model adds its objective
+    assert s["config"]["model"] == str(tmp_path / "lm") and "warm_up" not in s["config"]
+    assert not (out / "initial_policy").exists()  # nothing to save: the policy came from disk
+    # the reward_model column is the last logit of the saved classifier on prompt + response
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()][:6]
+    with torch.no_grad():
+        for x in samples:
+            enc = tok(f"{x['prompt']} {x['response']}", return_tensors="pt")
+            want = float(rm(**enc).logits[0, 1])
+            assert x["rewards"]["reward_model"] == pytest.approx(want, rel=1e-4, abs=1e-5)
+    # an unbounded objective's hypervolume reference lies below every evaluation
+    ref = s["reference_point"][2]
+    assert all(e["rewards"][2] > ref for r in s["runs"] for e in r["evals"])
+
+
+def test_demo_rejects_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--model"):
+        cli.main([*TINY, "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+    for bad in (
+        ["--methods", "pama,bogus"],
+        ["--batch", "6", "--micro-batches", "4"],
+        ["--steps", "0"],
+        ["--seeds", "1,1"],
+        ["--seeds", "a,b"],
+        ["--warmup-steps", "-1"],
+    ):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+    with pytest.raises(ValueError, match="unknown objective"):
+        cli.main([*TINY, "--objectives", "sentiment,humour", "--out", str(tmp_path / "o2"), "--warmup-steps", "0"])
