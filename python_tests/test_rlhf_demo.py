@@ -230,12 +230,16 @@ def test_demo_end_to_end(tmp_path, one_thread):
     assert transformers.AutoModelForCausalLM.from_pretrained(saved).config.vocab_size == len(corpus.vocabulary())
 
 
-def test_demo_is_reproducible(tmp_path, one_thread):
-    _, a = _run(tmp_path / "a", "--seeds", "3", "--methods", "pama")
-    _, b = _run(tmp_path / "b", "--seeds", "3", "--methods", "linear,pama")
+def test_demo_is_reproducible_and_independent_of_workers(tmp_path, one_thread):
+    """A run depends on its method and seed only: not on the other runs, nor on whether it
+    trains in this process or in a worker that loads the saved initial policy from disk."""
+    _, a = _run(tmp_path / "a", "--seeds", "3", "--methods", "pama", "--workers", "1")
+    _, b = _run(tmp_path / "b", "--seeds", "3", "--methods", "linear,pama", "--workers", "2")
+    assert b["config"]["workers"] == 2
     ra = [r for r in a["runs"] if r["method"] == "pama"][0]
     rb = [r for r in b["runs"] if r["method"] == "pama"][0]
-    assert ra["evals"] == rb["evals"] and ra["history"] == rb["history"]  # independent of the other methods
+    assert ra["evals"] == rb["evals"] and ra["history"] == rb["history"]
+    assert [r["method"] for r in b["runs"]] == ["linear", "pama"]
 
 
 def _save_tiny_lm(path):
@@ -289,6 +293,8 @@ def test_demo_rejects_bad_arguments(tmp_path):
         ["--seeds", "1,1"],
         ["--seeds", "a,b"],
         ["--warmup-steps", "-1"],
+        ["--workers", "0"],
+        ["--workers", "many"],
     ):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)

@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -74,11 +75,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="pama_ext backend of the fused op (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (default: %(default)s: the tensors are small)")
+    p.add_argument("--workers", default="auto",
+                   help="runs trained in parallel processes: auto (CPU: one per core / --threads; GPU: 1) or a count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "epochs", "max_new_tokens", "eval_every", "eval_samples", "micro_batches", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers != "auto" and (not args.workers.isdigit() or int(args.workers) < 1):
+        p.error(f"--workers must be auto or a count >= 1, got {args.workers!r}")
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.batch % args.micro_batches:
@@ -148,6 +153,104 @@ def initial_policy(args, device: torch.device, log):
     return model.eval(), tokenizer, {"losses": losses, "saved": str(saved)}
 
 
+@dataclass
+class Context:
+    """What every run needs, built once per process (the main one, or each worker)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    objectives: list
+    train_prompts: List[str]
+    held_prompts: List[str]
+    banned: torch.Tensor
+    cfg: PPOConfig
+
+    @property
+    def names(self) -> List[str]:
+        return [o.name for o in self.objectives]
+
+    def evaluate(self, model):
+        a = self.args
+        return evaluate(model, self.tokenizer, self.objectives, self.held_prompts, a.eval_samples, EVAL_SEED,
+                        a.max_new_tokens, self.banned)
+
+    def run(self, method: str, seed: int, initial: List[float], on_step=None) -> dict:
+        t = time.perf_counter()
+        run = train(method, seed, self.model, self.tokenizer, self.objectives, self.train_prompts, self.evaluate,
+                    self.cfg, self.args.steps, self.args.eval_every, self.device, on_step=on_step, initial_eval=initial)
+        run["seconds"] = time.perf_counter() - t
+        return run
+
+
+def make_context(args, device: torch.device, model, tokenizer) -> Context:
+    objectives = build_objectives(args.objectives, max_new_tokens=args.max_new_tokens, device=device,
+                                  reward_model=args.reward_model, reward_label=args.reward_label)
+    train_prompts, held_prompts = corpus.prompts()
+    cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
+                    micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
+                    target_kl=args.target_kl, backend=args.backend)
+    banned = banned_logits(tokenizer, model.config.vocab_size, device)
+    return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
+
+
+# ------------------------------------------------------------------ worker processes (--workers)
+_WORKER: Optional[Context] = None
+
+
+def _worker_init(args, model_dir: str, device: str) -> None:
+    """Each worker loads the initial policy from disk (the saved warm-up, or --model) and
+    builds its own scorers; one intra-op thread each, so W workers use W cores."""
+    global _WORKER
+    torch.set_num_threads(args.threads)
+    dev = torch.device(device)
+    model, tokenizer = load_pretrained(model_dir, dev, DTYPES[args.dtype] if args.dtype != "float32" else None)
+    _WORKER = make_context(args, dev, model.eval(), tokenizer)
+
+
+def _worker_run(method: str, seed: int, initial: List[float], events) -> dict:
+    return _WORKER.run(method, seed, initial, on_step=lambda rec: events.put((method, seed, rec["rewards"])))
+
+
+def run_all(ctx: Context, jobs, initial, model_dir: Optional[str], workers: int, bar) -> List[dict]:
+    """Every (method, seed) run, in this process or in ``workers`` processes; the runs are
+    returned in ``jobs`` order, and their results do not depend on ``workers`` (each run
+    seeds its own generators)."""
+    names = ctx.names
+
+    def show(method, seed, rewards):
+        bar.update(1)
+        bar.set_description(f"{method} seed {seed}")
+        bar.set_postfix_str(" ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rewards)))
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [ctx.run(m, s, initial, on_step=lambda rec, m=m, s=s: show(m, s, rec["rewards"])) for m, s in jobs]
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import ProcessPoolExecutor
+
+    mpc = mp.get_context("spawn")  # no fork of a process that holds torch threads
+    with mpc.Manager() as manager:
+        events = manager.Queue()
+        with ProcessPoolExecutor(workers, mp_context=mpc, initializer=_worker_init,
+                                 initargs=(ctx.args, model_dir, str(ctx.device))) as pool:
+            futures = [pool.submit(_worker_run, m, s, initial, events) for m, s in jobs]
+            pending = set(futures)
+            while pending:
+                try:
+                    show(*events.get(timeout=0.2))
+                except queue_mod.Empty:
+                    pass
+                pending = {f for f in pending if not f.done()}
+            while True:  # the last steps' events
+                try:
+                    show(*events.get_nowait())
+                except queue_mod.Empty:
+                    break
+            return [f.result() for f in futures]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -158,51 +261,32 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
+    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    workers = resolve_workers(args.workers, device, len(jobs), args.threads)
     try:
         model, tokenizer, warm = initial_policy(args, device, log)
-        objectives = build_objectives(args.objectives, max_new_tokens=args.max_new_tokens, device=device,
-                                      reward_model=args.reward_model, reward_label=args.reward_label)
-        names = [o.name for o in objectives]
-        train_prompts, held_prompts = corpus.prompts()
-        banned = banned_logits(tokenizer, model.config.vocab_size, device)
-
-        def eval_fn(m):
-            return evaluate(m, tokenizer, objectives, held_prompts, args.eval_samples, EVAL_SEED, args.max_new_tokens, banned)
-
-        initial, initial_samples = eval_fn(model)
-        cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
-                        micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
-                        target_kl=args.target_kl, backend=args.backend)
-        log(f"objectives: " + "; ".join(f"{o.name} = {o.description}" for o in objectives))
+        ctx = make_context(args, device, model, tokenizer)
+        initial, initial_samples = ctx.evaluate(model)
+        log("objectives: " + "; ".join(f"{o.name} = {o.description}" for o in ctx.objectives))
         log(f"methods {args.methods} x seeds {args.seeds}, {args.steps} PPO steps each "
             f"({args.batch} prompts, {args.epochs} epochs, lr {args.lr:g}, KL beta {args.kl_coef:g} -> target {args.target_kl:g}); "
-            f"held-out: {len(held_prompts)} prompts x {args.eval_samples} samples; device {device}, "
-            f"pama_ext backends {pama_ext.available_backends()}")
-        bar = _progress(len(args.methods) * len(args.seeds) * args.steps, args.no_progress)
-        runs: List[dict] = []
-        for seed in args.seeds:
-            for method in args.methods:
-                bar.set_description(f"{method} seed {seed}")
-
-                def on_step(rec):
-                    bar.update(1)
-                    bar.set_postfix_str(" ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rec["rewards"])))
-
-                t = time.perf_counter()
-                run = train(method, seed, model, tokenizer, objectives, train_prompts, eval_fn, cfg, args.steps,
-                            args.eval_every, device, on_step=on_step, initial_eval=initial)
-                run["seconds"] = time.perf_counter() - t
-                runs.append(run)
+            f"held-out: {len(ctx.held_prompts)} prompts x {args.eval_samples} samples; device {device}, "
+            f"{workers} worker(s), pama_ext backends {pama_ext.available_backends()}")
+        bar = _progress(len(jobs) * args.steps, args.no_progress)
+        model_dir = args.model if args.model is not None else (warm or {}).get("saved")
+        runs = run_all(ctx, jobs, initial, model_dir, workers, bar)
         bar.close()
     finally:
         torch.set_num_threads(threads)
+    names = ctx.names
     config = {k: v for k, v in vars(args).items()}
-    config.update({"device": str(device), "eval_seed": EVAL_SEED, "ppo": cfg.as_dict(), "pama_ext": pama_ext.__version__,
-                   "held_out_prompts": held_prompts, "seconds": time.perf_counter() - t0})
+    config.update({"device": str(device), "workers": workers, "eval_seed": EVAL_SEED, "ppo": ctx.cfg.as_dict(),
+                   "pama_ext": pama_ext.__version__, "held_out_prompts": ctx.held_prompts,
+                   "seconds": time.perf_counter() - t0})
     if warm is not None:
         config["warm_up"] = {"first_loss": warm["losses"][0] if warm["losses"] else None,
                              "last_loss": warm["losses"][-1] if warm["losses"] else None, "saved": warm["saved"]}
-    summary = report.summarize(names, [o.lower for o in objectives], initial, runs, config)
+    summary = report.summarize(names, [o.lower for o in ctx.objectives], initial, runs, config)
     summary["initial"]["samples"] = initial_samples[:: max(1, len(initial_samples) // 8)][:8]
     paths = report.write_all(out, summary, runs)
     log("")
@@ -211,6 +295,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log(report.table(summary))
     log(f"\n{time.perf_counter() - t0:.0f} s; results in {out}/: " + ", ".join(p.name for p in paths.values()))
     return summary
+
+
+def resolve_workers(requested: str, device: torch.device, jobs: int, threads: int) -> int:
+    """``--workers auto``: one per pair of free cores' worth of ``--threads`` on CPU (capped by
+    the number of runs), 1 on a GPU (the runs would share it)."""
+    if requested != "auto":
+        return int(requested)
+    if device.type != "cpu":
+        return 1
+    return max(1, min(jobs, (os.cpu_count() or 1) // max(1, threads)))
 
 
 if __name__ == "__main__":  # pragma: no cover
