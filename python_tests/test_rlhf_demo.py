@@ -264,15 +264,20 @@ def _save_tiny_reward_model(path):
 def test_demo_loads_policy_and_reward_model_from_paths(tmp_path, one_thread):
     _save_tiny_lm(tmp_path / "lm")
     rm, tok = _save_tiny_reward_model(tmp_path / "rm")
+    (tmp_path / "train.txt").write_text("the film\nthis movie was\ni thought the plot\n")
+    (tmp_path / "eval.txt").write_text("the ending\noverall the cast\n")
     out, s = _run(
         tmp_path, "--model", str(tmp_path / "lm"), "--reward-model", str(tmp_path / "rm"),
         "--objectives", "sentiment,length", "--seeds", "0", "--methods", "pama,linear",
+        "--prompts", str(tmp_path / "train.txt"), "--eval-prompts", str(tmp_path / "eval.txt"),
     )
+    assert s["config"]["held_out_prompts"] == ["the ending", "overall the cast"]
     assert s["objectives"] == ["sentiment", "length", "reward_model"]  # --reward-model adds its objective
     assert s["config"]["model"] == str(tmp_path / "lm") and "warm_up" not in s["config"]
     assert not (out / "initial_policy").exists()  # nothing to save: the policy came from disk
     # the reward_model column is the last logit of the saved classifier on prompt + response
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()][:6]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 and {x["prompt"] for x in samples} == {"the ending", "overall the cast"}
     with torch.no_grad():
         for x in samples:
             enc = tok(f"{x['prompt']} {x['response']}", return_tensors="pt")
@@ -281,6 +286,25 @@ def test_demo_loads_policy_and_reward_model_from_paths(tmp_path, one_thread):
     # an unbounded objective's hypervolume reference lies below every evaluation
     ref = s["reference_point"][2]
     assert all(e["rewards"][2] > ref for r in s["runs"] for e in r["evals"])
+
+
+def test_prompt_files(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(f"prompt {i}" for i in range(12)) + "\n\n")
+    train, held = cli.load_prompts(str(f), None)
+    assert held == ["prompt 4", "prompt 9"] and len(train) == 10 and not set(train) & set(held)
+    g = tmp_path / "eval.txt"
+    g.write_text("a\nb\n")
+    assert cli.load_prompts(str(f), str(g)) == ([f"prompt {i}" for i in range(12)], ["a", "b"])
+    assert cli.load_prompts(None, str(g)) == (corpus.prompts()[0], ["a", "b"])
+    (tmp_path / "few.txt").write_text("x\ny\n")
+    with pytest.raises(ValueError, match="too few"):
+        cli.load_prompts(str(tmp_path / "few.txt"), None)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        cli.load_prompts(str(tmp_path / "empty.txt"), None)
+    with pytest.raises(FileNotFoundError, match="--eval-prompts"):
+        cli.load_prompts(None, str(tmp_path / "missing.txt"))
 
 
 def test_demo_rejects_bad_arguments(tmp_path):

@@ -52,6 +52,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="local sequence-classification model directory, scored as the `reward_model` objective (added to --objectives)")
     p.add_argument("--reward-label", type=int, default=None,
                    help="which logit of --reward-model is the reward (default: the last label)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="training prompts, one per line (default: the embedded review openings; every fifth line is "
+                   "held out unless --eval-prompts is given)")
+    p.add_argument("--eval-prompts", default=None, metavar="FILE", help="held-out prompts, one per line")
     p.add_argument("--objectives", type=_csv(str), default=list(DEFAULT_OBJECTIVES),
                    help=f"comma-separated, from {', '.join(OBJECTIVES)} (default: %(default)s)")
     p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_METHODS),
@@ -187,12 +191,40 @@ class Context:
 def make_context(args, device: torch.device, model, tokenizer) -> Context:
     objectives = build_objectives(args.objectives, max_new_tokens=args.max_new_tokens, device=device,
                                   reward_model=args.reward_model, reward_label=args.reward_label)
-    train_prompts, held_prompts = corpus.prompts()
+    train_prompts, held_prompts = load_prompts(args.prompts, args.eval_prompts)
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
                     target_kl=args.target_kl, backend=args.backend)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
+
+
+def _read_prompts(path: str, flag: str) -> List[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {path!r}: not a file (one prompt per line is expected)")
+    lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{flag} {path!r}: no prompts (the file has no non-empty line)")
+    return lines
+
+
+def load_prompts(train_path: Optional[str], eval_path: Optional[str]):
+    """(train, held-out) prompts: the embedded ones, or ``--prompts FILE`` (one per line;
+    without ``--eval-prompts FILE`` every fifth line is held out)."""
+    if train_path is None:
+        if eval_path is not None:
+            return corpus.prompts()[0], _read_prompts(eval_path, "--eval-prompts")
+        return corpus.prompts()
+    lines = _read_prompts(train_path, "--prompts")
+    if eval_path is not None:
+        return lines, _read_prompts(eval_path, "--eval-prompts")
+    held = lines[4::5]
+    train = [x for i, x in enumerate(lines) if i % 5 != 4]
+    if not held or not train:
+        raise ValueError(f"--prompts {train_path!r}: {len(lines)} prompts are too few to hold every fifth out; "
+                         "give at least 5 or pass --eval-prompts")
+    return train, held
 
 
 # ------------------------------------------------------------------ worker processes (--workers)
@@ -203,6 +235,7 @@ def _worker_init(args, model_dir: str, device: str) -> None:
     """Each worker loads the initial policy from disk (the saved warm-up, or --model) and
     builds its own scorers; one intra-op thread each, so W workers use W cores."""
     global _WORKER
+    _quiet_transformers()
     torch.set_num_threads(args.threads)
     dev = torch.device(device)
     model, tokenizer = load_pretrained(model_dir, dev, DTYPES[args.dtype] if args.dtype != "float32" else None)
@@ -251,8 +284,16 @@ def run_all(ctx: Context, jobs, initial, model_dir: Optional[str], workers: int,
             return [f.result() for f in futures]
 
 
+def _quiet_transformers() -> None:
+    """No progress bars from transformers' save/load (the demo has its own)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    _quiet_transformers()
     device = pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,6 @@ def build_tiny_gpt2(tokenizer, *, seed: int, n_embd: int = 96, n_layer: int = 2,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        loss_type="ForCausalLM",
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg)
@@ -132,14 +131,15 @@ def warm_up(
         chunk = texts[step * batch : (step + 1) * batch]
         rng.shuffle(chunk)
         ids, mask = encode_texts(tokenizer, chunk, device, add_eos=True)
-        labels = torch.where(mask.bool(), ids, -100)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), labels=labels, use_cache=False)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+        target = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)  # token t + 1 from the prefix up to t
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(out.loss.detach()))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step, losses[-1])
     model.eval()
