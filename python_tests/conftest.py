@@ -174,3 +174,13 @@ TOLS = {
 @pytest.fixture(params=BACKENDS, scope="module")
 def backend(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the end-to-end models are tiny, so more threads only add
+    synchronisation (and much of it when other jobs share the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -104,15 +104,6 @@ def params(policy):
     return [p.detach().clone() for p in policy.parameters()]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls: one intra-op thread is faster (and immune to a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_gpt2_ppo_checkpoint_resume_equals_uninterrupted(one_thread):
     # uninterrupted
     policy, opt, sched = make_training(seed=0)

@@ -28,14 +28,6 @@ TINY = [  # a few seconds per run on one CPU thread
 ]
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- corpus, tokenizer
 def test_vocabulary_covers_the_corpus_and_prompts():
     vocab = corpus.vocabulary()
