@@ -235,7 +235,7 @@ def train(
     torch.manual_seed(seed)
     policy = MultiHeadValueModel(copy.deepcopy(initial_model), n, objective_names=[o.name for o in objectives])
     policy.to(device).train()
-    ref = copy.deepcopy(initial_model).to(device).eval().requires_grad_(False)
+    ref = initial_model.eval()  # the frozen reference: never trained (the policy is a copy), only run under no_grad
     banned = banned_logits(tokenizer, policy.config.vocab_size, device)
     base = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
     opt = pama_ext.PAMA(base, num_objectives=n, clip_eps=cfg.clip_eps, backend=cfg.backend, **METHODS[method])
