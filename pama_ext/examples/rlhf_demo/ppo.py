@@ -28,13 +28,15 @@ from pama_ext.rl import MultiHeadValueModel, per_objective_gae, scores_to_token_
 from .policy import encode_texts, positions
 from .rewards import Objective, score_all
 
-# name -> PAMA keyword arguments. "pama" is the paper's method with the batch Gram; "pama_token"
-# solves Theorem 1 per token; "linear" is MORLHF (uniform preference, signed PPO clip);
-# "mgda_ub" takes the min-norm point of the per-objective gradients w.r.t. the last hidden
-# states; "mgda" the exact one over all parameters (N extra backward passes: small models).
+# name -> PAMA keyword arguments. "pama": PAMA with the batch Gram (the library's default
+# granularity); "pama_token": Theorem 1 on each token's scalars; "pama_sequence": Theorem 1
+# on each response's mean advantages; "linear": MORLHF (uniform preference, signed PPO
+# clip); "mgda_ub": the min-norm point of the per-objective gradients w.r.t. the last
+# hidden states; "mgda": the exact one over all parameters (N extra backward passes).
 METHODS: Dict[str, Dict[str, str]] = {
     "pama": {"combiner": "pama", "granularity": "batch"},
     "pama_token": {"combiner": "pama", "granularity": "token"},
+    "pama_sequence": {"combiner": "pama", "granularity": "sequence"},
     "linear": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
