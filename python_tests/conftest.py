@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from typing import NamedTuple
 
@@ -184,3 +186,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def brute_force_min_norm(G: np.ndarray):
+    """The exact oracle of the min-norm solvers: ``(min over the simplex of c^T G c, argmin c)``
+    by enumerating every support and solving its bordered KKT system (N <= ~8)."""
+    n = G.shape[0]
+    best, arg = math.inf, None
+    for k in range(1, n + 1):
+        for S in itertools.combinations(range(n), k):
+            idx = list(S)
+            K = np.zeros((k + 1, k + 1))
+            K[:k, :k] = G[np.ix_(idx, idx)]
+            K[:k, k] = 1.0
+            K[k, :k] = 1.0
+            rhs = np.zeros(k + 1)
+            rhs[k] = 1.0
+            try:
+                mu = np.linalg.solve(K, rhs)[:k]
+            except np.linalg.LinAlgError:
+                continue
+            if not np.all(np.isfinite(mu)) or mu.min() < -1e-12:
+                continue
+            mu = np.clip(mu, 0.0, None)
+            mu /= mu.sum()
+            c = np.zeros(n)
+            c[idx] = mu
+            val = float(c @ G @ c)
+            if val < best:
+                best, arg = val, c
+    return best, arg

@@ -33,6 +33,7 @@ if os.environ.get("PAMA_EXT_NO_EXT", "0") == "1":
 # deliberately not importorskip: a silently missing extension would hide a broken build
 _C = importlib.import_module("pama_ext._C")
 from pama_ext import reference as R  # noqa: E402
+from conftest import brute_force_min_norm  # noqa: E402
 
 GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -41,35 +42,6 @@ BLOCK = 2048  # kBlock in pama_cpu.cpp: rows longer than this are split into seg
 
 
 # ===================================================================== min-norm solver
-def brute_force(G: np.ndarray):
-    """(min objective, argmin) over the simplex by enumerating every support's KKT system."""
-    n = G.shape[0]
-    best, arg = math.inf, None
-    for k in range(1, n + 1):
-        for S in itertools.combinations(range(n), k):
-            idx = list(S)
-            K = np.zeros((k + 1, k + 1))
-            K[:k, :k] = G[np.ix_(idx, idx)]
-            K[:k, k] = 1.0
-            K[k, :k] = 1.0
-            rhs = np.zeros(k + 1)
-            rhs[k] = 1.0
-            try:
-                mu = np.linalg.solve(K, rhs)[:k]
-            except np.linalg.LinAlgError:
-                continue
-            if not np.all(np.isfinite(mu)) or mu.min() < -1e-12:
-                continue
-            mu = np.clip(mu, 0.0, None)
-            mu /= mu.sum()
-            c = np.zeros(n)
-            c[idx] = mu
-            val = float(c @ G @ c)
-            if val < best:
-                best, arg = val, c
-    return best, arg
-
-
 def random_vectors(rng, n, d, kind):
     V = rng.standard_normal((n, d))
     if kind == "noon":  # non-negative, sparse: what Noon-clamped, clipped advantages look like
@@ -103,7 +75,7 @@ def test_min_norm_matches_brute_force(n, kind):
         V = random_vectors(rng, n, d, kind) * 10.0 ** rng.uniform(-8, 8)
         G = V @ V.T
         c = solve(G)
-        best, _ = brute_force(G)
+        best, _ = brute_force_min_norm(G)
         scale = float(np.diag(G).max())
         obj = float(c @ G @ c)
         assert obj <= best + 1e-12 * scale, (n, kind, trial, obj, best)
@@ -174,7 +146,7 @@ def test_min_norm_duplicates_share_weight():
             members = np.flatnonzero(idx == u)
             assert np.ptp(c[members]) <= 1e-15, (idx, c)
         # the same minimum as the problem without the duplicates
-        best, _ = brute_force(U @ U.T)
+        best, _ = brute_force_min_norm(U @ U.T)
         assert abs(float(c @ (V @ V.T) @ c) - best) <= 1e-12 * float((U * U).sum(1).max())
     # permuting the objectives permutes the weights
     V = rng.standard_normal((6, 3))
@@ -397,7 +369,7 @@ def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
     if granularity == "batch":
         G = torch.einsum("bti,btj->ij", I, I).numpy()
         if N <= 6:
-            _, c = brute_force(G)
+            _, c = brute_force_min_norm(G)
             c = torch.from_numpy(c) if c is not None and float(np.diag(G).max()) > 0 else torch.full((N,), 1.0 / N)
         else:
             c = torch.from_numpy(solve(G))

@@ -251,11 +251,14 @@ def run_all(ctx: Context, jobs, initial, model_dir: Optional[str], workers: int,
     returned in ``jobs`` order, and their results do not depend on ``workers`` (each run
     seeds its own generators)."""
     names = ctx.names
+    steps_done = {job: 0 for job in jobs}
 
     def show(method, seed, rewards):
+        steps_done[(method, seed)] += 1
+        finished = sum(n == ctx.args.steps for n in steps_done.values())
         bar.update(1)
-        bar.set_description(f"{method} seed {seed}")
-        bar.set_postfix_str(" ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rewards)))
+        bar.set_description(f"runs {finished}/{len(jobs)} done")
+        bar.set_postfix_str(f"{method} seed {seed}: " + " ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rewards)))
 
     if workers <= 1 or len(jobs) <= 1:
         return [ctx.run(m, s, initial, on_step=lambda rec, m=m, s=s: show(m, s, rec["rewards"])) for m, s in jobs]
