@@ -191,6 +191,8 @@ def test_demo_end_to_end(tmp_path, one_thread):
             assert e["hypervolume"] == pytest.approx(want)
             assert -1 <= e["rewards"][0] <= 1 and 0.5 <= e["rewards"][1] <= 1.5 and 0 <= e["rewards"][2] <= 1
         assert len(r["history"]) == 2
+        assert r["history"][0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1: the policy is still the reference
+        assert r["history"][1]["kl"] != 0.0  # then it has moved, and the KL penalty sees it
         for h in r["history"]:
             w = h["weights"]
             assert len(w) == 3 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7

@@ -169,10 +169,16 @@ def forward(vmodel: MultiHeadValueModel, ro: Rollout, banned: Tensor) -> Tuple[T
         input_ids=seqs, attention_mask=attn, position_ids=positions(attn), output_hidden_states=True, use_cache=False
     )
     hidden = out.hidden_states[-1]
-    logits = out.logits[:, P - 1 : P + T - 1].float() + banned
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ro.responses[..., None])[..., 0]
     values = vmodel.value_heads(hidden[:, P - 1 : P + T - 1].to(vmodel.value_heads.weight.dtype))
-    return logp, values.float(), hidden
+    return response_logp(out.logits, ro, banned), values.float(), hidden
+
+
+def response_logp(logits: Tensor, ro: Rollout, banned: Tensor) -> Tensor:
+    """[B, T] log-probabilities of the response tokens from the logits of the whole sequence
+    (position P + t - 1 scores response token t), under the sampler's renormalisation."""
+    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
+    logits = logits[:, P - 1 : P + T - 1].float() + banned
+    return torch.log_softmax(logits, dim=-1).gather(-1, ro.responses[..., None])[..., 0]
 
 
 def mean_weights(w: Tensor, mask: Tensor) -> List[float]:
@@ -267,7 +273,7 @@ def train(
         mask = ro.response_mask
         with torch.no_grad():
             old_logp, old_values, _ = forward(policy, ro, banned)
-            ref_logp, _, _ = forward_ref(ref, ro, banned)
+            ref_logp = forward_ref(ref, ro, banned)
             kl = torch.where(mask, old_logp - ref_logp, torch.zeros((), device=device))
             rewards = scores_to_token_rewards(scores, mask, kl=kl, kl_coef=kl_ctl.value)
             gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -314,10 +320,8 @@ def train(
     return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or []}
 
 
-def forward_ref(ref, ro: Rollout, banned: Tensor):
-    """``forward`` for the reference policy (a bare LM, no value heads)."""
-    seqs, attn = ro.sequences, ro.attention_mask
-    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
-    out = ref(input_ids=seqs, attention_mask=attn, position_ids=positions(attn), use_cache=False)
-    logits = out.logits[:, P - 1 : P + T - 1].float() + banned
-    return torch.log_softmax(logits, dim=-1).gather(-1, ro.responses[..., None])[..., 0], None, None
+def forward_ref(ref, ro: Rollout, banned: Tensor) -> Tensor:
+    """[B, T] log-probabilities of the response tokens under the reference policy (a bare LM)."""
+    attn = ro.attention_mask
+    out = ref(input_ids=ro.sequences, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return response_logp(out.logits, ro, banned)
