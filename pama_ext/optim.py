@@ -182,6 +182,16 @@ def _acc_of(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _shared_with_base(name: str) -> property:
+    """A live view of the base optimizer's attribute ``name`` (read and assigned through),
+    so LR schedulers and checkpoints that touch ``opt.param_groups`` reach the base's."""
+    return property(
+        lambda self: getattr(self.optimizer, name),
+        lambda self, value: setattr(self.optimizer, name, value),
+        doc=f"The base optimizer's ``{name}``.",
+    )
+
+
 class PAMA(Optimizer):
     """Wrap ``optimizer`` so that ``opt.loss(...)`` gives the multi-objective PPO loss.
 
@@ -265,29 +275,9 @@ class PAMA(Optimizer):
         self._last_stats: Optional[PAMADiagnostics] = None
 
     # ------------------------------------------------------------------ shared with the base
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    param_groups = _shared_with_base("param_groups")
+    state = _shared_with_base("state")
+    defaults = _shared_with_base("defaults")
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         self.optimizer.add_param_group(param_group)

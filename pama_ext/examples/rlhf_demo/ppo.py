@@ -78,18 +78,18 @@ class AdaptiveKL:
             self.value *= 1.0 + err * n / self.horizon
 
 
+@dataclass
 class Rollout:
     """A batch of prompts and sampled responses: token ids, masks, decoded texts."""
 
-    def __init__(self, prompts, prompt_ids, prompt_mask, responses, response_mask, texts, lengths, sample_logp=None):
-        self.prompts: List[str] = prompts
-        self.prompt_ids: Tensor = prompt_ids  # [B, P] left-padded
-        self.prompt_mask: Tensor = prompt_mask  # [B, P] long
-        self.responses: Tensor = responses  # [B, T]
-        self.response_mask: Tensor = response_mask  # [B, T] bool: the response tokens, end token included
-        self.texts: List[str] = texts
-        self.lengths: List[int] = lengths  # response tokens before the end token
-        self.sample_logp: Optional[Tensor] = sample_logp  # [B, T] log-prob of each token when it was sampled
+    prompts: List[str]
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_mask: Tensor  # [B, P] long
+    responses: Tensor  # [B, T]
+    response_mask: Tensor  # [B, T] bool: the response tokens, end token included
+    texts: List[str]
+    lengths: List[int]  # response tokens before the end token
+    sample_logp: Optional[Tensor] = None  # [B, T] log-prob of each token when it was sampled
 
     @property
     def sequences(self) -> Tensor:

@@ -60,14 +60,11 @@ def summarize(names: Sequence[str], lowers, initial: Sequence[float], runs: Sequ
         m["seeds"].append(r["seed"])
         m["final"].append(r["final"]["rewards"])
         m["hypervolume"].append(r["final"]["hypervolume"])
-    for m in methods.values():
+    for name, m in methods.items():
         m["median_final"] = {n: _median([f[i] for f in m["final"]]) for i, n in enumerate(names)}
         m["median_hypervolume"] = _median(m["hypervolume"])
-        m["mean_weights"] = None
-    for name, m in methods.items():
         ws = [h["weights"] for r in runs if r["method"] == name for h in r["history"]]
-        if ws:
-            m["mean_weights"] = [sum(c) / len(c) for c in zip(*ws)]
+        m["mean_weights"] = [sum(c) / len(c) for c in zip(*ws)] if ws else None
     finals = [r["final"]["rewards"] for r in runs]
     front = non_dominated(torch.tensor(finals, dtype=torch.float64)).tolist() if finals else []
     return {
