@@ -5,6 +5,11 @@ Run the interleaved timing and print / save the ratio table
 
     .venv/bin/python benchmarks/bench_optimizer.py [--rounds 15] [--n 2 4] [--threads 2]
 
+on a GPU, GPT-2 small's shape (124 M parameters, B = 16, T = 512; wall-time ratios are the
+figures there, CPU time means nothing for GPU work)::
+
+    python benchmarks/bench_optimizer.py --device cuda --model gpt2 --methods noon pama pama_accum_fwd linear
+
 or the same steps as pytest-benchmark cases::
 
     .venv/bin/python -m pytest benchmarks/bench_optimizer.py --benchmark-only
@@ -65,6 +70,14 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "optimizer.json"
 CFG = dict(vocab_size=8192, n_positions=64, n_embd=256, n_layer=4, n_head=4)
 B, T, PROMPT = 8, 64, 16
+# --model: the policy and minibatch (B, T, PROMPT) of a run. "small" is the CPU default;
+# "gpt2" is GPT-2 small's shape (124 M parameters) with a GPU-sized minibatch, for --device cuda.
+MODELS = {
+    "small": (dict(vocab_size=8192, n_positions=64, n_embd=256, n_layer=4, n_head=4), (8, 64, 16)),
+    "gpt2": (dict(vocab_size=50257, n_positions=512, n_embd=768, n_layer=12, n_head=12), (16, 512, 128)),
+    "tiny": (dict(vocab_size=512, n_positions=32, n_embd=32, n_layer=1, n_head=2), (2, 32, 8)),
+}
+DEVICE = torch.device("cpu")
 CLIP_EPS = 0.2
 METHODS = ("noon", "pama", "pama_accum", "pama_accum_fwd", "linear", "mgda_ub", "mgda")
 
@@ -72,12 +85,25 @@ if os.environ.get("PAMA_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["PAMA_BENCH_THREADS"]))
 
 
+def configure(model: str = "small", device: str = "cpu") -> None:
+    """Select the policy / minibatch shape and the device of this run (module globals, so
+    the pytest-benchmark cases keep the CPU defaults)."""
+    global CFG, B, T, PROMPT, DEVICE
+    CFG, (B, T, PROMPT) = dict(MODELS[model][0]), MODELS[model][1]
+    DEVICE = torch.device(device)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def make_policy():
     import transformers
 
     cfg = transformers.GPT2Config(**CFG, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg)
+    return transformers.GPT2LMHeadModel(cfg).to(DEVICE)
 
 
 def make_batch(n: int):
@@ -87,7 +113,7 @@ def make_batch(n: int):
     pos = torch.arange(T)[None, :]
     mask = (pos >= PROMPT) & (pos < PROMPT + lengths[:, None])
     adv = torch.randn(B, T, n, generator=g) + torch.linspace(-0.3, 0.3, n)
-    return tokens, adv, mask
+    return tokens.to(DEVICE), adv.to(DEVICE), mask.to(DEVICE)
 
 
 def forward(policy, tokens, hidden: bool = False):
@@ -149,8 +175,9 @@ def loss_only_fns(n: int):
     tokens, adv, mask = make_batch(n)
     g = torch.Generator().manual_seed(3)
     old = -4 * torch.rand(B, T, generator=g)
-    logp0 = old + 0.1 * torch.randn(B, T, generator=g)
-    dummy = torch.nn.Parameter(torch.zeros(1))
+    logp0 = (old + 0.1 * torch.randn(B, T, generator=g)).to(DEVICE)
+    old = old.to(DEVICE)
+    dummy = torch.nn.Parameter(torch.zeros(1, device=DEVICE))
     opts = {
         "pama": pama_ext.PAMA(torch.optim.SGD([dummy], lr=0.0), n),
         "pama_accum": pama_ext.PAMA(torch.optim.SGD([dummy], lr=0.0), n),
@@ -180,9 +207,11 @@ def run_loss_only(n: int, rounds: int, calls: int = 50) -> dict:
     cpu = {m: [] for m in fns}
     for i in range(rounds + 1):
         for m, f in fns.items():
+            sync()
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 f(lp).backward()
+            sync()
             if i > 0:  # round 0 is the warm-up
                 wall[m].append((time.perf_counter() - t0) / calls)
                 cpu[m].append((time.process_time() - c0) / calls)
@@ -202,17 +231,18 @@ def setup(n: int, methods=METHODS):
     tokens, adv, mask = make_batch(n)
     with torch.no_grad():
         logp, _ = forward(policy, tokens)
-    old_logp = logp + 0.1 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2))
+    old_logp = logp + 0.1 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     return {m: Runner(m, n, policy, tokens, adv, mask, old_logp) for m in methods}
 
 
-def run(ns=(2, 4), rounds: int = 15, warmup: int = 2, methods=METHODS) -> dict:
+def run(ns=(2, 4), rounds: int = 15, warmup: int = 2, methods=METHODS, loss_calls: int = 50) -> dict:
     out = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
             "cpus": os.cpu_count(),
             "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
             "torch": torch.__version__,
             "backends": pama_ext.available_backends(),
             "loadavg_before": os.getloadavg(),
@@ -232,8 +262,10 @@ def run(ns=(2, 4), rounds: int = 15, warmup: int = 2, methods=METHODS) -> dict:
         for i in range(rounds):
             rot = order[i % len(order):] + order[: i % len(order)]
             for m in rot:
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 runners[m].step()
+                sync()
                 wall[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
         res = {
@@ -253,7 +285,7 @@ def run(ns=(2, 4), rounds: int = 15, warmup: int = 2, methods=METHODS) -> dict:
                 if "pama" in res:
                     r[f"ratio_to_pama_{stat}"] = r[f"{stat}_s"] / res["pama"][f"{stat}_s"]
         out["results"][f"N={n}"] = res
-        lo = run_loss_only(n, rounds)
+        lo = run_loss_only(n, rounds, loss_calls)
         for m, r in lo.items():
             for stat in ("min", "median", "cpu_min", "cpu_median"):
                 r[f"added_{stat}_vs_noon_step"] = (r[f"{stat}_s"] - lo["noon"][f"{stat}_s"]) / base[f"{stat}_s"]
@@ -318,11 +350,18 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (on a GPU, compare the wall-time ratios)")
+    ap.add_argument("--model", default="small", choices=sorted(MODELS),
+                    help="policy and minibatch: small (CPU default), gpt2 (124 M parameters, B=16, T=512), tiny")
+    ap.add_argument("--loss-calls", type=int, default=50, help="loss-only calls per round")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch.cuda.is_available() is False on this machine")
+    configure(args.model, args.device)
     assert "noon" in args.methods
-    data = run(tuple(args.n), args.rounds, args.warmup, tuple(args.methods))
+    data = run(tuple(args.n), args.rounds, args.warmup, tuple(args.methods), args.loss_calls)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1))
     print(json.dumps(data["machine"]), f"\nmodel: {data['model']}")

@@ -102,7 +102,24 @@ def decide_cuda(
     archs = arch_names(arch_list)
     # no -std here: torch.utils.cpp_extension adds the standard its headers need
     flags = ["-O3"] + nvcc_threads_flags(env)
-    # no quotes or spaces in the macro (they do not survive every build-command quoting):
-    # pama_cpu.cpp stringifies the comma-separated list for build_info
-    macros = [("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", ",".join(archs))]
+    # The list is joined with '.', not ',': torch's BuildExtension passes define_macros to
+    # nvcc as -DNAME=VALUE and nvcc splits an option value at commas, so "sm_80,sm_90" would
+    # also define a macro `sm_90` and break <nv/target> (included by cuda_bf16.h). No quotes
+    # or spaces either (they do not survive every build-command quoting). pama_cpu.cpp
+    # stringifies the list for build_info and splits it at '.'.
+    macros = [("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", ".".join(archs))]
+    check_macros(macros)
     return CudaDecision(True, f"CUDA kernels for {' '.join(archs)} (torch CUDA {torch_cuda})", arch_list, flags, macros)
+
+
+# characters a -DNAME=VALUE cannot carry through nvcc (',' splits the option) or through
+# the shell / ninja quoting of the build command
+_MACRO_FORBIDDEN = set(",; \t\"'\\$`")
+
+
+def check_macros(macros) -> None:
+    """Raise BuildConfigError for a macro value that nvcc or the build command would mangle."""
+    for name, value in macros:
+        bad = sorted(set(str(value or "")) & _MACRO_FORBIDDEN)
+        if bad:
+            raise BuildConfigError(f"pama_ext: macro {name}={value!r} contains {bad}, which nvcc or the build command would split")

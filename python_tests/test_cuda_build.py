@@ -64,7 +64,9 @@ def test_cuda_build_default_archs_and_macros():
     d = bc.decide_cuda({"PAMA_EXT_CUDA": "1"}, "2.5.0", "12.4", "/usr/local/cuda")
     assert d.build and d.arch_list == "8.0;9.0"
     assert ("PAMA_WITH_CUDA", None) in d.define_macros
-    assert ("PAMA_CUDA_ARCHS", "sm_80,sm_90") in d.define_macros
+    # nvcc splits -DNAME=VALUE at commas: a comma-separated list broke every multi-arch build
+    assert ("PAMA_CUDA_ARCHS", "sm_80.sm_90") in d.define_macros
+    assert not any("," in str(v or "") for _, v in d.define_macros)
     assert "--threads" not in d.nvcc_flags
 
 
@@ -74,6 +76,13 @@ def test_cuda_build_arch_list_and_threads():
     assert d.build and d.arch_list == "8.0;8.6;9.0+PTX"
     assert bc.arch_names(d.arch_list) == ["sm_80", "sm_86", "sm_90"]
     assert d.nvcc_flags[-2:] == ["--threads", "4"]
+    assert ("PAMA_CUDA_ARCHS", "sm_80.sm_86.sm_90") in d.define_macros
+
+
+def test_macros_that_nvcc_would_split_are_refused():
+    with pytest.raises(bc.BuildConfigError, match="PAMA_CUDA_ARCHS"):
+        bc.check_macros([("PAMA_CUDA_ARCHS", "sm_80,sm_90")])
+    bc.check_macros([("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", "sm_80.sm_90")])
 
 
 @pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU-torch failure path")

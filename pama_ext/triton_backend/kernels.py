@@ -90,6 +90,15 @@ WMODE_GIVEN = 2  # batch, N > ENUM_MAX_N: weights solved on the host (documented
 # 1e-12 relative (as csrc/pama_math.h), pivots of the scale-free bordered system 1e-15
 
 
+# Launch-time specialisation. Triton's JIT turns an int argument equal to 1 into a
+# compile-time constant (a plain Python int, with no .to) and compiles a separate variant
+# for ints divisible by 16. So (a) N, which stays specialised (one kernel per N anyway),
+# is only ever used through operators and tl.cast, never N.to(...); (b) every shape
+# argument (T, B, strides, block counts) is listed in do_not_specialize, so one compiled
+# kernel serves every padded length of a dtype / N / granularity instead of recompiling
+# whenever T changes. python_tests/test_triton_aot.py compiles the launches exactly as
+# the JIT specialises them.
+
 # exp: libdevice's accurate expf/exp on the GPU (tl.exp lowers to the approximate ex2 for
 # float32, which would move tokens across the clip boundary u = 1 + eps); the interpreter
 # has no libdevice and uses numpy's exp.
@@ -97,7 +106,7 @@ USE_LIBDEVICE = tl.constexpr(not INTERPRET)
 
 
 # --------------------------------------------------------------------------- pass 1
-@triton.jit
+@triton.jit(do_not_specialize=["T", "nblk", "nch", "stride_ab", "stride_at"])
 def reduce_tokens_kernel(
     logp_ptr,
     old_ptr,
@@ -214,7 +223,7 @@ def _theorem1(a, valid, N):
     mixed = tl.where(k_zero > 0.0, zero, two)
     c = tl.where(lo > 0.0, pos, tl.where(hi < 0.0, neg, mixed))
     finite = (tl.abs(lo) < float("inf")) & (tl.abs(hi) < float("inf"))
-    uniform = tl.where(valid, 1.0 / N.to(tl.float64), 0.0)
+    uniform = tl.where(valid, 1.0 / tl.cast(N, tl.float64), 0.0)  # N may be a constexpr (see the note above)
     return tl.where(finite, c, uniform)
 
 
@@ -241,7 +250,7 @@ def _row_sum_vector(pbase, nblk, KS, off, N, BLOCK_J: tl.constexpr, BN: tl.const
 
 
 # --------------------------------------------------------------------------- pass 2a: rows
-@triton.jit
+@triton.jit(do_not_specialize=["B", "nblk", "rows_per_prog"])
 def reduce_rows_kernel(
     part_ptr,  # [B * nblk, KS]
     part2_ptr,  # [cdiv(B, rows_per_prog), KS]
@@ -313,7 +322,7 @@ def reduce_rows_kernel(
 
 
 # --------------------------------------------------------------------------- pass 2b: total
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def reduce_total_kernel(part2_ptr, tot_ptr, n_rows, KS, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     k = tl.arange(0, BLOCK_K)
     lr = tl.arange(0, BLOCK_R)
@@ -422,7 +431,7 @@ def _split_duplicates(g, c, N, BN: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- finalize
-@triton.jit
+@triton.jit(do_not_specialize=["B", "seq_agg"])
 def finalize_kernel(
     tot_ptr,  # [KS] float64 totals
     row_m_ptr,  # [B] float64
@@ -446,7 +455,7 @@ def finalize_kernel(
 ):
     ln = tl.arange(0, BN)
     nmask = ln < N
-    nf = N.to(tl.float64)
+    nf = tl.cast(N, tl.float64)  # not N.to: N == 1 arrives as a constexpr int
     big_m = tl.load(tot_ptr + SLOT_M)
     nonempty = tl.load(tot_ptr + SLOT_NONEMPTY)
     inv_m = tl.where(big_m > 0.0, 1.0 / tl.maximum(big_m, 1.0), 0.0)
@@ -524,7 +533,7 @@ def finalize_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=["total", "T", "stride_ab", "stride_at", "stride_wb"])
 def backward_kernel(
     grad_ptr,  # [] dL/dloss
     logp_ptr,
