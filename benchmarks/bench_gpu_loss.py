@@ -28,6 +28,11 @@ point: an implementation's bandwidth is its compulsory traffic, 2 x input bytes 
 bytes (the forward reads the inputs once, the backward reads them again and writes
 dL/dlogp), divided by its time, reported as a fraction of the copy's bandwidth.
 Timing: CUDA events around each call after warm-up; median and minimum over ``--reps``.
+An eager call's time includes the host's per-call work whenever the host, not the GPU, is
+the slower of the two (always at small sizes), so the fused backends (``GRAPHED``) are also
+timed as a CUDA-graph replay of the same step (``graph_min_ms``, ``graph_frac_of_copy_bw``):
+the device time of their kernels. ``--host-overhead`` measures the per-call host time on a
+tiny batch, in units of ``(logp * 2).sum().backward()``.
 A no-sync check runs each implementation once under ``torch.cuda.set_sync_debug_mode("error")``.
 """
 
@@ -56,6 +61,8 @@ if str(HERE.parent) not in sys.path:
 import pama_ext  # noqa: E402
 
 SIZES = {"64k": (64, 1024), "1M": (256, 4096), "16M": (4096, 4096)}
+# the fused backends are sync-free with nonfinite="mask": also timed as a CUDA-graph replay
+GRAPHED = ("cuda", "triton")
 DRY_SIZES = {"tiny": (2, 48)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIP_EPS = 0.2
@@ -162,6 +169,51 @@ def fwd_bwd(loss_fn, x):
     return logp, step
 
 
+def graph_times(step, timer, reps: int, device):
+    """Device time of one step: the step captured in a CUDA graph and replayed, so the
+    host's per-call work (Python, dispatch, launches) is out of the figure. Returns the
+    list of replay times, or raises when the step cannot be captured (a host sync)."""
+    if device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph requires
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    try:
+        return timer.time(graph.replay, reps, 2)
+    finally:
+        del graph
+
+
+def host_overhead(fn, device, calls: int = 200) -> dict:
+    """Per-call host time of fwd + bwd on a tiny batch (B=1, T=8, N=2): the fixed cost a
+    call adds however small the batch, next to ``(logp * 2).sum().backward()`` on the same
+    leaf (one elementwise op, one reduction and their backward) as the unit."""
+    lp0, old, adv, mask = make_inputs(1, 8, 2, torch.float32, device)
+    lp = lp0.detach().clone().requires_grad_(True)
+
+    def per_call(f):
+        for _ in range(min(20, calls)):
+            f()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / calls
+
+    unit = per_call(lambda: (lp * 2).sum().backward())
+    t = per_call(lambda: fn(lp, old, adv, mask).backward())
+    return {"us_per_call": 1e6 * t, "unit_us": 1e6 * unit, "x_unit": t / unit}
+
+
 def check_no_sync(step, device) -> str:
     """'ok', or the error raised under set_sync_debug_mode('error')."""
     if device.type != "cuda":
@@ -242,6 +294,14 @@ def run(args) -> dict:
     }
     impls = implementations(args, device)
     results = []
+    overhead = {}
+    if args.host_overhead:
+        for name in ("cuda", "triton", "torch"):
+            if name in impls:
+                overhead[name] = host_overhead(impls[name], device, calls=3 if args.dry_run else 200)
+                print(f"host overhead {name}: {overhead[name]['us_per_call']:.0f} us per fwd+bwd call "
+                      f"({overhead[name]['x_unit']:.1f}x a (logp * 2).sum().backward())", flush=True)
+    meta["host_overhead"] = overhead
     for size_name in args.sizes:
         b, t = sizes[size_name]
         for n in args.ns:
@@ -282,6 +342,12 @@ def run(args) -> dict:
                             median_ms=1e3 * med, min_ms=1e3 * mn, GBps=moved / mn / 1e9,
                             frac_of_copy_bw=(moved / mn) / copy_bw, x_copy_time=mn / copy_s,
                         )
+                        if args.graphs and name in GRAPHED and device.type == "cuda":
+                            try:
+                                gt = min(graph_times(step, timer, args.reps, device))
+                                entry.update(graph_min_ms=1e3 * gt, graph_frac_of_copy_bw=(moved / gt) / copy_bw)
+                            except Exception as exc:  # not capturable (a host sync): said, not hidden
+                                entry["graph_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     except Exception as exc:  # recorded, the run goes on (e.g. out of memory)
                         entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                     row["impls"][name] = entry
@@ -309,7 +375,8 @@ def format_row(row) -> str:
         if "error" in e:
             parts.append(f"{name} ERROR")
         else:
-            parts.append(f"{name} {e['min_ms']:.3f} ms ({100 * e['frac_of_copy_bw']:.0f}% of copy bw, sync: {e['no_sync']})")
+            graph = f", graph {e['graph_min_ms']:.3f} ms = {100 * e['graph_frac_of_copy_bw']:.0f}%" if "graph_min_ms" in e else ""
+            parts.append(f"{name} {e['min_ms']:.3f} ms ({100 * e['frac_of_copy_bw']:.0f}% of copy bw{graph}, sync: {e['no_sync']})")
     return head + "\n    " + "\n    ".join(parts)
 
 
@@ -323,6 +390,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/gpu_loss_<gpu>.json)")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="skip the CUDA-graph replay timing of the fused backends (device time)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="also measure the per-call host time of a tiny fwd+bwd for each fused backend")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes on CPU tensors through Triton's interpreter: checks the script, times nothing useful")
     args = p.parse_args(argv)

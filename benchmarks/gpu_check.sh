@@ -149,6 +149,9 @@ sanitize() {  # memcheck + racecheck of the CUDA and Triton kernels, when the sa
     return
   fi
   local b
+  for b in cuda triton; do  # nonfinite="raise": a ValueError naming the argument, never a crash
+    stage "raise_paths_$b" 60 "$PY" benchmarks/gpu_sanitize_case.py --backend $b --raise-paths
+  done
   for b in cuda triton; do  # plain runs first: the workload's own check, and Triton's cache warmed
     stage "sanitize_plain_$b" 90 "$PY" benchmarks/gpu_sanitize_case.py --backend $b
   done
@@ -161,10 +164,35 @@ sanitize() {  # memcheck + racecheck of the CUDA and Triton kernels, when the sa
 sanitize &
 wait
 
+# ------------------------------------------------------------------ a crash gets a native backtrace
+# A segfault shows only Python frames; cuda-gdb (on these machines; it debugs host code
+# too) gives the C++ ones. One crashed test (pytest-xdist's "crashed while running") or
+# crashed raise-path run is rerun under it.
+crash_cmd=()
+crashed=$(grep -ho "crashed while running '[^']*'" "$LOGS"/tests_*.log 2>/dev/null | head -n1 | sed "s/.*running '//; s/'\$//")
+if [ -n "$crashed" ]; then
+  crash_cmd=("$PY" -m pytest -x -q -p no:cacheprovider -p no:xdist -o addopts= "$crashed")
+else
+  for b in cuda triton; do
+    if grep -qs "^raise_paths_$b	FAIL	\(139\|134\|135\)	" "$LOGS/stages.tsv"; then
+      crash_cmd=("$PY" benchmarks/gpu_sanitize_case.py --backend $b --raise-paths); break
+    fi
+  done
+fi
+if [ ${#crash_cmd[@]} -gt 0 ]; then
+  if command -v cuda-gdb >/dev/null; then
+    stage crash_backtrace 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 40" --args "${crash_cmd[@]}"
+    # the rerun's own status says nothing (gdb exits 0): its log holds the backtrace
+    grep -E "^#[0-9]+ " "$LOGS/crash_backtrace.log" | head -n 25 | sed 's/^/[crash_backtrace] /'
+  else
+    skip crash_backtrace "a crash in ${crash_cmd[*]}, and no cuda-gdb for its backtrace"
+  fi
+fi
+
 # ------------------------------------------------------------------ benchmarks (alone on the GPU)
 if [ "$DRY" = 0 ]; then
   BENCH=("$PY" benchmarks/bench_gpu_loss.py --reps 10 --warmup 3)
-  stage bench_goal 150 "${BENCH[@]}" --sizes 16M --ns 4 --dtypes bf16 --impls cuda,triton,eager,compiled \
+  stage bench_goal 150 "${BENCH[@]}" --sizes 16M --ns 4 --dtypes bf16 --impls cuda,triton,eager,compiled --host-overhead \
     --out "$LOGS/bench_goal.json"
   stage bench_n_sweep 120 "${BENCH[@]}" --sizes 16M --ns 1,2,3,4,5,6,7,8,16,64 --dtypes bf16 --impls cuda,triton \
     --out "$LOGS/bench_n_sweep.json"
@@ -173,7 +201,9 @@ if [ "$DRY" = 0 ]; then
   stage optimizer 90 "$PY" benchmarks/bench_optimizer.py --device cuda --model gpt2 --n 4 --rounds 8 --warmup 2 \
     --loss-calls 20 --methods noon pama pama_accum_fwd linear --out "$LOGS/optimizer.json"
 else
-  stage bench_goal 180 "$PY" benchmarks/bench_gpu_loss.py --dry-run --impls triton,eager --ns 4 --out "$LOGS/bench_goal.json"
+  stage bench_goal 180 "$PY" benchmarks/bench_gpu_loss.py --dry-run --impls triton,eager --ns 4 --host-overhead \
+    --out "$LOGS/bench_goal.json"
+  stage raise_paths_cpp 60 "$PY" benchmarks/gpu_sanitize_case.py --backend cpp --device cpu --raise-paths
   stage optimizer 120 "$PY" benchmarks/bench_optimizer.py --device cpu --model tiny --n 2 --rounds 1 --warmup 1 \
     --loss-calls 2 --methods noon pama --out "$LOGS/optimizer.json"
 fi

@@ -61,15 +61,42 @@ def one(backend, device, b, t, n, per_seq, gran, agg, dtype, seed) -> float:
     return err
 
 
+def raise_paths(backend, device) -> int:
+    """nonfinite="raise" (the default) must raise ValueError naming the argument, on the
+    backend's own raise path (for cuda: the C++ glue's one documented host read). A crash
+    here (a signal, not an exception) is what gpu_check.sh reruns under cuda-gdb."""
+    checked = 0
+    for n, per_seq, gran in itertools.product((1, 3, 8), (False, True), ("batch", "token", "sequence")):
+        logp, old, adv, mask = make_case(4, 40, n, per_seq, torch.float32, device, seed=n)
+        adv = torch.nan_to_num(adv, posinf=1.0)
+        mask[:] = True
+        for name in ("logp", "old_logp", "advantages"):
+            bad = {"logp": logp.clone(), "old_logp": old.clone(), "advantages": adv.clone()}
+            bad[name].view(-1)[3] = float("nan")
+            try:
+                pama_ext.pama_loss(bad["logp"], bad["old_logp"], bad["advantages"], mask, granularity=gran, backend=backend)
+            except ValueError as exc:
+                if f"`{name}` has " not in str(exc):
+                    raise AssertionError(f"{backend} N={n} {gran}: the error names the wrong argument: {exc}") from exc
+            else:
+                raise AssertionError(f"{backend} N={n} per_seq={per_seq} {gran}: NaN in `{name}` did not raise")
+            checked += 1
+    print(f"gpu_sanitize_case: backend={backend} device={device}: {checked} raise paths ok")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", required=True, help="cuda, triton (GPU) or cpp, torch (CPU flow check)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="float32, batch and token only (racecheck is slower)")
+    ap.add_argument("--raise-paths", action="store_true", help="check nonfinite='raise' errors instead")
     args = ap.parse_args(argv)
     if args.backend not in pama_ext.available_backends():
         print(f"gpu_sanitize_case: backend {args.backend!r} is not available here: {pama_ext.available_backends()}")
         return 2
+    if args.raise_paths:
+        return raise_paths(args.backend, args.device)
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
     grans = ("batch", "token") if args.quick else pama_ext.GRANULARITIES
     count, worst = 0, 0.0
