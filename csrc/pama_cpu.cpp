@@ -405,6 +405,10 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
     fa &= finite_mask(v);
     A[i] = pama::noon(v);
   }
+  // A row with a non-finite advantage has no valid token (sum_m = n_ind = 0): zero its
+  // advantages with a select, so that the products below are 0, not inf * 0 = NaN (+inf
+  // survives the Noon clamp), exactly as for a masked-out row.
+  for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
   ChunkBuf<op_t, 1, kChunk> cb;
   double acc_m[LN] = {};
   int64_t m_cnt = 0, n_ind = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
@@ -572,6 +576,8 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
       fa &= finite_mask(v);
       A[i] = pama::noon(v);
     }
+    // a row with a non-finite advantage is invalid: zero it (a select) so that s stays finite
+    for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
     op_t s = A[0];
     if constexpr (TOKEN) {
       for (int i = 1; i < n; ++i) s = pama::pmin(s, A[i]);
@@ -597,8 +603,8 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
       const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
       chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
       chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, L, cb, fa);
-      for (int i = 0; i < n; ++i)  // Noon clamp (NaN -> 0; such tokens are invalid anyway)
-        for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
+      for (int i = 0; i < n; ++i)  // Noon clamp, zero for tokens with a non-finite advantage
+        for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(fa[j] & mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
       if constexpr (TOKEN) {
         for (int j = 0; j < L; ++j) s[j] = cb.At[0][j];
         for (int i = 1; i < n; ++i)
@@ -928,13 +934,13 @@ py::dict build_info() {
 #ifdef PAMA_CUDA_ARCHS
 #define PAMA_STR_(...) #__VA_ARGS__
 #define PAMA_STR(...) PAMA_STR_(__VA_ARGS__)
-    const std::string archs = PAMA_STR(PAMA_CUDA_ARCHS);  // "sm_80,sm_90" (setup.py)
+    const std::string archs = PAMA_STR(PAMA_CUDA_ARCHS);  // "sm_80.sm_90" (setup.py: no commas, nvcc splits -D at them)
 #else
     const std::string archs;
 #endif
     py::list al;
     for (size_t i = 0; i < archs.size();) {
-      size_t j = archs.find(',', i);
+      size_t j = archs.find('.', i);
       if (j == std::string::npos) j = archs.size();
       if (j > i) al.append(archs.substr(i, j - i));
       i = j + 1;

@@ -7,12 +7,16 @@
 //   1. reduce: one block per unit. A unit is a group of whole rows (T <= kBlockTokens) or one
 //      kBlockTokens-token segment of a row (T > kBlockTokens), as on the CPU, so a unit never
 //      crosses a sequence. Per row piece the block accumulates M_b, S_{b,i}, Q_{b,i}, Smin_b in
-//      double (per thread, fixed token stride), reduces them with a fixed warp-shuffle tree
-//      then a fixed sum over warps, and writes them to its own row-partial slot; the Gram
-//      upper triangle and the counts are reduced once per unit into the unit's slot.
+//      double in a fixed order and writes them to its own row-partial slot; the Gram upper
+//      triangle and the counts are reduced once per unit into the unit's slot. Short rows are
+//      reduced several at a time (group_sum); N outside 1, 2, 3, 4, 8 goes through the
+//      shared-memory tile kernel reduce_kernel_any.
 //   2. finalise: one block. Sums unit slots and row segments in a fixed order, computes M,
-//      the non-empty rows, the weights (min_norm_weights / theorem1), row scales, the loss
-//      and the statistics.
+//      the non-empty rows, the weights (min_norm_weights / theorem1; the solver's scratch in
+//      shared memory where the device allows), row scales, the loss and the statistics.
+// Non-finite inputs under nonfinite="mask": an invalid token's (or sequence's) advantages are
+// replaced by 0 with a select before any product, so a dropped token contributes exactly 0,
+// never inf * 0 = NaN.
 // Every sum has a fixed order that depends only on (B, T, N): no float atomics, so equal
 // inputs give bitwise-equal outputs.
 // Backward: one elementwise kernel (grid-stride over tokens).
@@ -30,7 +34,6 @@ namespace {
 static_assert(kMaxN == PAMA_MAX_N, "kMaxN must equal PAMA_MAX_N");
 constexpr int kWarps = kThreads / 32;
 constexpr int kCounts = 4;  // clipped, nonfinite logp, nonfinite old_logp, nonfinite advantages
-constexpr int kGenericChunk = 32;  // tokens per shared-memory chunk of the runtime-N kernel
 
 enum Mode : int { kGram = 0, kMean = 1, kMin = 2 };
 
@@ -173,6 +176,81 @@ __device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool f
   return k;
 }
 
+// ---- several short rows per block (issue 10, defect 4)
+// A row piece is reduced by an aligned group of G threads, G = the smallest power of two
+// >= the row length (at most kThreads), so that a block holding many short rows reduces
+// kThreads / G of them at once instead of one after another with most threads idle. G
+// depends only on T: the summation order stays a function of (B, T, N).
+__host__ __device__ inline int group_threads(int64_t len) {
+  int g = 1;
+  while (g < kThreads && g < len) g <<= 1;
+  return g;
+}
+
+struct UnitRows {
+  int64_t nrows;  // row pieces of the unit
+  int G;          // threads per row piece
+  int per_round;  // row pieces reduced at once (kThreads / G)
+};
+
+__device__ inline UnitRows unit_rows(const ReduceArgs& a, int64_t u) {
+  UnitRows r;
+  if (a.part.segs > 1) {
+    r.nrows = 1;
+    r.G = kThreads;
+  } else {
+    const int64_t left = a.B - u * a.part.rows_per_unit;
+    r.nrows = left < a.part.rows_per_unit ? left : a.part.rows_per_unit;
+    r.G = group_threads(a.T);
+  }
+  r.per_round = kThreads / r.G;
+  return r;
+}
+
+// Fixed-order sum of K values over every aligned group of G threads (G a power of two,
+// 1..kThreads); the group's first thread (threadIdx.x % G == 0) gets the sums in v.
+//   G <= 32: shuffle tree with offsets G/2, ..., 1 inside the warp (no shared memory);
+//   G > 32: full warp tree, then the group's warps in order (sm: kWarps * K doubles). For
+//   G = kThreads this is exactly block_sum's order.
+// Every thread of the block must call it (full-mask shuffles; barriers when G > 32).
+template <int K>
+__device__ inline void group_sum(double (&v)[K], int G, double* sm) {
+  if (G <= 32) {
+    for (int off = G >> 1; off > 0; off >>= 1)
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
+    return;
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const double w = warp_sum(v[k]);
+    if (lane == 0) sm[warp * K + k] = w;
+  }
+  __syncthreads();
+  if ((threadIdx.x & (G - 1)) == 0) {
+    const int nw = G >> 5;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      double s = 0.0;
+      for (int w = warp; w < warp + nw; ++w) s += sm[w * K + k];
+      v[k] = s;
+    }
+  }
+  __syncthreads();
+}
+
+// Upper-triangle pair p (row-major, j >= i) of an n x n matrix -> (i, j).
+__device__ inline void pair_of(int p, int n, int* i, int* j) {
+  int r = 0, rem = p;
+  while (rem >= n - r) {
+    rem -= n - r;
+    ++r;
+  }
+  *i = r;
+  *j = r + rem;
+}
+
 // N known at compile time (NT in 1..8): every accumulator in registers.
 template <typename scalar_t, typename op_t, int NT, int MODE>
 __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
@@ -188,54 +266,62 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
 #pragma unroll
   for (int p = 0; p < NP; ++p) g[p] = 0.0;
   double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
-  int64_t b, t0, t1, rp;
-  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
+  const UnitRows ur = unit_rows(a, u);
+  const int gl = threadIdx.x & (ur.G - 1);  // this thread's place in its row group
+  const scalar_t* ad = static_cast<const scalar_t*>(a.adv);
+  for (int64_t k0 = 0; k0 < ur.nrows; k0 += ur.per_round) {  // block-uniform trip count
+    int64_t b = 0, t0 = 0, t1 = 0, rp = 0;
+    const bool has = k0 + threadIdx.x / ur.G < ur.nrows && piece_of(a, u, k0 + threadIdx.x / ur.G, &b, &t0, &t1, &rp);
     double r[KR];
 #pragma unroll
     for (int i = 0; i < KR; ++i) r[i] = 0.0;
-    const scalar_t* ad = static_cast<const scalar_t*>(a.adv);
-    for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
-      const int64_t idx = b * a.T + t;
-      op_t A[NT];
-      bool fa = true;
+    if (has)
+      for (int64_t t = t0 + gl; t < t1; t += ur.G) {
+        const int64_t idx = b * a.T + t;
+        op_t A[NT];
+        bool fa = true;
 #pragma unroll
-      for (int i = 0; i < NT; ++i) {
-        A[i] = ld<op_t>(ad, idx * NT + i);
-        fa = fa && pama::pisfinite(A[i]);
-      }
-      const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
-      r[0] += tk.valid ? 1.0 : 0.0;
-      cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
-      cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
-      cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
-      cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+        for (int i = 0; i < NT; ++i) {
+          A[i] = ld<op_t>(ad, idx * NT + i);
+          fa &= pama::pisfinite(A[i]);  // not &&: the loads must not wait on the test
+        }
+        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
+        r[0] += tk.valid ? 1.0 : 0.0;
+        cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+        cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+        cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+        cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+        // a select, so that a non-finite advantage of an invalid token contributes 0, never
+        // inf * 0 = NaN
 #pragma unroll
-      for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
-      if (MODE == kMin) {
-        op_t mn = A[0];
+        for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
+        if (MODE == kMin) {
+          op_t mn = A[0];
 #pragma unroll
-        for (int i = 1; i < NT; ++i) mn = pama::pmin(mn, A[i]);
-        r[1] += static_cast<double>(mn * tk.m);
-      } else {
-#pragma unroll
-        for (int i = 0; i < NT; ++i) r[2 + i] += static_cast<double>(A[i] * tk.m);
-        if (MODE == kMean) {
-#pragma unroll
-          for (int i = 0; i < NT; ++i) r[2 + NT + i] += static_cast<double>(A[i] * tk.w);
+          for (int i = 1; i < NT; ++i) mn = pama::pmin(mn, A[i]);
+          r[1] += static_cast<double>(mn * tk.m);
         } else {
-          double I[NT];
 #pragma unroll
-          for (int i = 0; i < NT; ++i) I[i] = static_cast<double>(A[i] * tk.w);
-          int p = 0;
+          for (int i = 0; i < NT; ++i) r[2 + i] += static_cast<double>(A[i] * tk.m);
+          if (MODE == kMean) {
 #pragma unroll
-          for (int i = 0; i < NT; ++i)
+            for (int i = 0; i < NT; ++i) r[2 + NT + i] += static_cast<double>(A[i] * tk.w);
+          } else {
+            double I[NT];
 #pragma unroll
-            for (int j = i; j < NT; ++j, ++p) g[p] += I[i] * I[j];
+            for (int i = 0; i < NT; ++i) I[i] = static_cast<double>(A[i] * tk.w);
+            int p = 0;
+#pragma unroll
+            for (int i = 0; i < NT; ++i)
+#pragma unroll
+              for (int j = i; j < NT; ++j, ++p) g[p] += I[i] * I[j];
+          }
         }
       }
-    }
-    block_sum<KR>(r, sm, res);
-    if (threadIdx.x < KR) a.rowpart[rp * KR + threadIdx.x] = res[threadIdx.x];
+    group_sum<KR>(r, ur.G, sm);
+    if (has && gl == 0)
+#pragma unroll
+      for (int i = 0; i < KR; ++i) a.rowpart[rp * KR + i] = r[i];
   }
   double uv[KU];
 #pragma unroll
@@ -247,153 +333,306 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
   for (int i = threadIdx.x; i < a.slot_stride; i += kThreads) slot[i] = res[i];
 }
 
-// Any N (1..64): the chunk's per-token products go through shared memory; thread i < n
-// owns S_i, thread n + i owns Q_i, and the Gram pairs are dealt round-robin to the threads
-// (each pair summed by one thread in token order).
+// ---- any N (1..64), the runtime-N kernel (issue 10, defect 4)
+// The unit is processed in chunks of C = min(kThreads, kTileElems / N) tokens:
+//   1. load: all kThreads threads copy the chunk's [C x N] advantage tile (contiguous in
+//      memory, so the loads are coalesced and independent) into shared memory with row
+//      stride P = N | 1 (odd: a token's row read with stride P by consecutive threads hits
+//      distinct banks), and flag tokens holding a non-finite value (sNf: every writer
+//      stores the same 1, so the result does not depend on the order);
+//   2. token terms: thread j < C handles token j (logp, old_logp, mask, validity, m, the
+//      clip indicator; the token-level min for `token`);
+//   3. sums: the per-row values (M_b, Smin_b, S_{b,i}, Q_{b,i}) are "items" (row, column,
+//      sub-lane): an item sums its column over the tokens j == sub-lane mod `sub` of its row,
+//      in token order, and the sub-lanes are then added in order; the Gram pairs are items
+//      (pair, sub-lane) the same way, accumulated over the whole unit.
+// Rows with T <= C are processed floor(C / T) at a time, each chunk holding whole rows;
+// longer rows (or segments) are walked chunk by chunk with one accumulator per item. Every
+// order depends only on (B, T, N); no atomics.
+constexpr int kTileElems = 2048;  // advantage values per chunk (8 loads per thread)
+__host__ __device__ constexpr int any_chunk(int n) { return kTileElems / n < kThreads ? kTileElems / n : kThreads; }
+__host__ __device__ constexpr int any_stride(int n) { return n | 1; }
+constexpr int any_tile_cap() {
+  int m = 0;
+  for (int n = 1; n <= kMaxN; ++n) {
+    const int c = any_chunk(n) * any_stride(n);
+    m = c > m ? c : m;
+  }
+  return m;
+}
+constexpr int kTileCap = any_tile_cap();
+constexpr int kMaxPairs = kMaxN * (kMaxN + 1) / 2;
+constexpr int kPairsPerThread = (kMaxPairs + kThreads - 1) / kThreads;
+
 template <typename scalar_t, typename op_t, int MODE>
 __global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
-  constexpr int KPT = (kMaxN * (kMaxN + 1) / 2 + kThreads - 1) / kThreads;  // pairs per thread
-  __shared__ double sAm[kGenericChunk * kMaxN];  // A_i * m
-  __shared__ double sI[kGenericChunk * kMaxN];   // A_i * w  (= I_i)
-  __shared__ double sMin[kGenericChunk];
-  __shared__ double sm[kWarps * 8];
-  __shared__ double res[8];
-  const int n = a.n, np = tri_size(n);
+  constexpr int KPT = kPairsPerThread;
+  __shared__ op_t sA[kTileCap];                        // raw advantages, [C][P]
+  __shared__ op_t sM[kThreads];                        // m_j (0 for an invalid token)
+  __shared__ double sMin[MODE == kMin ? kThreads : 1];  // min_i x_i * m_j (token)
+  __shared__ double sCb[kThreads];                     // item partials of the sub-lanes
+  __shared__ int sNf[kThreads];                        // token j has a non-finite advantage
+  __shared__ unsigned char sV[kThreads], sW[kThreads];  // valid, valid & ind
+  __shared__ double sm[kWarps * kCounts];
+  __shared__ double res[kCounts];
+  const int n = a.n, P = any_stride(n), C = any_chunk(n), np = tri_size(n), R = row_stride(n);
+  // item columns: 0 -> M_b; token: 1 -> Smin_b; else 1..n -> S_{b,i}, (mean) n+1..2n -> Q_{b,i}
+  const int ncol = MODE == kMin ? 2 : (MODE == kGram ? 1 + n : 1 + 2 * n);
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   const int64_t u = blockIdx.x;
-  // this thread's Gram pairs
-  int pi[KPT], pj[KPT];
+  const int tid = threadIdx.x;
+  const scalar_t* adv = static_cast<const scalar_t*>(a.adv);
+
+  // this thread's Gram items (pair p, sub-lane s): item = tid + q * kThreads
+  const int gsub = (MODE == kGram && np < kThreads) ? kThreads / np : 1;
+  int pi[KPT], pj[KPT], ps[KPT];
   double g[KPT];
+#pragma unroll
   for (int q = 0; q < KPT; ++q) {
     g[q] = 0.0;
     pi[q] = pj[q] = -1;
-    const int p = threadIdx.x + q * kThreads;
-    if (MODE == kGram && p < np) {
-      int i = 0, rem = p;
-      while (rem >= n - i) { rem -= n - i; ++i; }
-      pi[q] = i;
-      pj[q] = i + rem;
+    ps[q] = 0;
+    const int item = tid + q * kThreads;
+    if (MODE == kGram && item < np * gsub) {
+      ps[q] = item / np;
+      pair_of(item - ps[q] * np, n, &pi[q], &pj[q]);
     }
   }
   double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
-  const int R = row_stride(n);
-  int64_t b, t0, t1, rp;
-  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
-    double own = 0.0;   // S_i (thread i < n) or Q_i (thread n + i)
-    double smin = 0.0;  // thread 0
-    double mrow[1] = {0.0};
-    for (int64_t c0 = t0; c0 < t1; c0 += kGenericChunk) {
-      const int L = static_cast<int>(t1 - c0 < kGenericChunk ? t1 - c0 : kGenericChunk);
-      if (threadIdx.x < L) {
-        const int j = threadIdx.x;
-        const int64_t idx = b * a.T + c0 + j;
-        const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + idx * n;
-        bool fa = true;
-        for (int i = 0; i < n; ++i) fa = fa && pama::pisfinite(ld<op_t>(ad, i));
-        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
-        mrow[0] += tk.valid ? 1.0 : 0.0;
-        cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
-        cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
-        cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
-        cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+  sNf[tid] = 0;
+  __syncthreads();
+
+  // value of item column c at chunk position j (every product as in reduce_kernel_nt:
+  // x = valid ? max(A, 0) : 0 -- a select, never inf * 0 -- then x * m and x * w in op_t;
+  // x * w is x or +0 exactly, written as a select)
+  auto col = [&](int c, int j) -> double {
+    if (c == 0) return sV[j] ? 1.0 : 0.0;
+    if (MODE == kMin) return sMin[j];
+    if (c <= n) {
+      const op_t x = sV[j] ? pama::noon(sA[j * P + c - 1]) : op_t(0);
+      return static_cast<double>(x * sM[j]);
+    }
+    return sW[j] ? static_cast<double>(pama::noon(sA[j * P + c - 1 - n])) : 0.0;
+  };
+  // item column -> index in the row layout [M_b, Smin_b, S_0.., Q_0..]
+  auto layout = [&](int c) { return (c == 0 || MODE == kMin) ? c : c + 1; };
+  // row-layout entries no item writes (zero for this mode)
+  auto zero_rows = [&](int64_t rp0, int rows) {
+    for (int o = tid; o < rows * R; o += kThreads) {
+      const int k = o % R;
+      const bool act = k == 0 || (MODE == kMin ? k == 1 : (k >= 2 && (MODE == kMean || k < 2 + n)));
+      if (!act) a.rowpart[rp0 * R + o] = 0.0;
+    }
+  };
+  // steps 1 and 2 for the L tokens starting at flat token f0; ends after a barrier
+  auto load_chunk = [&](int64_t f0, int L) {
+    const scalar_t* src = adv + f0 * n;
+    for (int e = tid; e < L * n; e += kThreads) {
+      const int j = e / n, i = e - j * n;
+      const op_t v = ld<op_t>(src, e);
+      sA[j * P + i] = v;
+      if (!pama::pisfinite(v)) sNf[j] = 1;
+    }
+    __syncthreads();
+    if (tid < L) {
+      const int j = tid;
+      const bool fa = sNf[j] == 0;
+      sNf[j] = 0;  // ready for the next chunk, whose loads come after two barriers
+      const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, f0 + j, fa, thr);
+      cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+      cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+      cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+      cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+      sV[j] = tk.valid ? 1 : 0;
+      sW[j] = (tk.valid && tk.ind) ? 1 : 0;
+      sM[j] = tk.m;
+      if (MODE == kMin) {
         op_t mn = op_t(0);
         for (int i = 0; i < n; ++i) {
-          const op_t x = tk.valid ? pama::noon(ld<op_t>(ad, i)) : op_t(0);
+          const op_t x = tk.valid ? pama::noon(sA[j * P + i]) : op_t(0);
           mn = (i == 0) ? x : pama::pmin(mn, x);
-          sAm[j * kMaxN + i] = static_cast<double>(x * tk.m);
-          sI[j * kMaxN + i] = static_cast<double>(x * tk.w);
         }
         sMin[j] = static_cast<double>(mn * tk.m);
       }
-      __syncthreads();
-      if (MODE == kMin) {
-        if (threadIdx.x == 0)
-          for (int j = 0; j < L; ++j) smin += sMin[j];
-      } else {
-        if (threadIdx.x < n) {
-          for (int j = 0; j < L; ++j) own += sAm[j * kMaxN + threadIdx.x];
-        } else if (MODE == kMean && threadIdx.x < 2 * n) {
-          for (int j = 0; j < L; ++j) own += sI[j * kMaxN + threadIdx.x - n];
+    }
+    __syncthreads();
+  };
+  // Gram items over the chunk's L tokens
+  auto gram_chunk = [&](int L) {
+    if constexpr (MODE == kGram) {
+#pragma unroll
+      for (int q = 0; q < KPT; ++q) {
+        if (pi[q] < 0) break;
+        for (int j = ps[q]; j < L; j += gsub) {
+          const double Ii = sW[j] ? static_cast<double>(pama::noon(sA[j * P + pi[q]])) : 0.0;
+          const double Ij = sW[j] ? static_cast<double>(pama::noon(sA[j * P + pj[q]])) : 0.0;
+          g[q] += Ii * Ij;
         }
-        if (MODE == kGram)
-          for (int q = 0; q < KPT; ++q) {
-            if (pi[q] < 0) break;
-            double s = 0.0;
-            for (int j = 0; j < L; ++j) s += sI[j * kMaxN + pi[q]] * sI[j * kMaxN + pj[q]];
-            g[q] += s;
-          }
+      }
+    } else {
+      (void)L;
+    }
+  };
+
+  if (a.part.segs == 1 && a.T <= C) {
+    // whole rows per chunk: Rc rows at a time, every item complete within its chunk
+    const int Tl = static_cast<int>(a.T);
+    const int Rc = Tl > 0 ? C / Tl : C;
+    const int64_t r0 = u * a.part.rows_per_unit;
+    const int64_t left = a.B - r0;
+    const int64_t nrows = left < a.part.rows_per_unit ? left : a.part.rows_per_unit;
+    for (int64_t g0 = 0; g0 < nrows; g0 += Rc) {
+      const int Rg = static_cast<int>(nrows - g0 < Rc ? nrows - g0 : Rc);
+      const int64_t rp0 = r0 + g0;
+      load_chunk(rp0 * a.T, Rg * Tl);
+      gram_chunk(Rg * Tl);
+      const int items = Rg * ncol, sub = items < kThreads ? kThreads / items : 1;
+      for (int it = tid; it < items * sub; it += kThreads) {  // it < kThreads when sub > 1
+        const int s = it / items, o = it - s * items, r = o / ncol, c = o - r * ncol;
+        double acc = 0.0;
+        for (int t = s; t < Tl; t += sub) acc += col(c, r * Tl + t);
+        if (sub == 1)
+          a.rowpart[(rp0 + r) * R + layout(c)] = acc;
+        else
+          sCb[it] = acc;
+      }
+      zero_rows(rp0, Rg);
+      __syncthreads();  // sCb complete; the tile may be reloaded
+      if (sub > 1) {
+        for (int o = tid; o < items; o += kThreads) {
+          double s = sCb[o];
+          for (int k = 1; k < sub; ++k) s += sCb[k * items + o];
+          a.rowpart[(rp0 + o / ncol) * R + layout(o % ncol)] = s;
+        }
+        __syncthreads();  // sCb free again
+      }
+    }
+  } else {
+    // long rows / segments: one piece at a time, chunk by chunk; ncol <= 129 items, so each
+    // thread owns at most one (column c, sub-lane s) accumulator
+    const UnitRows ur = unit_rows(a, u);
+    const int sub = kThreads / ncol;
+    const int s = tid / ncol, c = tid - s * ncol;
+    const bool mine = tid < ncol * sub;
+    for (int64_t k = 0; k < ur.nrows; ++k) {
+      int64_t b = 0, t0 = 0, t1 = 0, rp = 0;
+      piece_of(a, u, k, &b, &t0, &t1, &rp);
+      double acc = 0.0;
+      for (int64_t c0 = t0; c0 < t1; c0 += C) {
+        const int L = static_cast<int>(t1 - c0 < C ? t1 - c0 : C);
+        load_chunk(b * a.T + c0, L);
+        gram_chunk(L);
+        if (mine)
+          for (int j = s; j < L; j += sub) acc += col(c, j);
+        __syncthreads();  // the tile may be reloaded
+      }
+      if (mine) sCb[tid] = acc;
+      zero_rows(rp, 1);
+      __syncthreads();
+      for (int o = tid; o < ncol; o += kThreads) {
+        double v = sCb[o];
+        for (int q = 1; q < sub; ++q) v += sCb[q * ncol + o];
+        a.rowpart[rp * R + layout(o)] = v;
       }
       __syncthreads();
     }
-    block_sum<1>(mrow, sm, res);
-    double* row = a.rowpart + rp * R;
-    if (threadIdx.x == 0) {
-      row[0] = res[0];
-      row[1] = smin;
-    }
-    if (threadIdx.x < 2 * n) row[2 + threadIdx.x] = (MODE == kMin) ? 0.0 : ((MODE == kMean || threadIdx.x < n) ? own : 0.0);
   }
   block_sum<kCounts>(cnt, sm, res);
   double* slot = a.slots + u * a.slot_stride;
-  if (threadIdx.x < kCounts) slot[threadIdx.x] = res[threadIdx.x];
-  if (MODE == kGram)
-    for (int q = 0; q < KPT; ++q)
-      if (pi[q] >= 0) slot[kCounts + threadIdx.x + q * kThreads] = g[q];
+  if (tid < kCounts) slot[tid] = res[tid];
+  if (MODE == kGram) {
+    if (gsub == 1) {
+#pragma unroll
+      for (int q = 0; q < KPT; ++q)
+        if (pi[q] >= 0) slot[kCounts + tid + q * kThreads] = g[q];
+    } else {
+      if (pi[0] >= 0) sCb[tid] = g[0];  // item = tid = s * np + p (np * gsub <= kThreads)
+      __syncthreads();
+      for (int p = tid; p < np; p += kThreads) {
+        double v = sCb[p];
+        for (int q = 1; q < gsub; ++q) v += sCb[q * np + p];
+        slot[kCounts + p] = v;
+      }
+    }
+  }
 }
 
 // Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
 // S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij += A_i A_j #{ind}, Smin = min_i A_i sum_t m_t.
+// A row whose advantages are not all finite has no valid token (sum_t m_t = #{ind} = 0);
+// its A is taken as 0 (a select) so that it contributes exactly 0, as if masked out, and
+// never inf * 0 = NaN (issue 10, defect 3). Rows are reduced by groups of threads
+// (group_sum); the Gram is summed per pair, one thread per pair, over the unit's rows in
+// order, from the rows' #{ind} kept in shared memory.
 template <typename scalar_t, typename op_t, int MODE>
 __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
-  __shared__ double sm[kWarps * 7];
-  __shared__ double res[7];
+  __shared__ double sm[kWarps * kCounts];
+  __shared__ double res[kCounts];
+  __shared__ double sNi[MODE == kGram ? kBlockTokens : 1];  // #{ind} of each row piece
   const int n = a.n, np = tri_size(n);
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   const int64_t u = blockIdx.x;
   const int R = row_stride(n);
-  double* slot = a.slots + u * a.slot_stride;
+  const scalar_t* adv = static_cast<const scalar_t*>(a.adv);
   double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
-  if (MODE == kGram && threadIdx.x == 0)
-    for (int p = 0; p < np; ++p) slot[kCounts + p] = 0.0;  // accumulated by thread 0, row order
-  int64_t b, t0, t1, rp;
-  for (int64_t k = 0; piece_of(a, u, k, &b, &t0, &t1, &rp); ++k) {
-    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+  const UnitRows ur = unit_rows(a, u);  // nrows <= kBlockTokens
+  const int gl = threadIdx.x & (ur.G - 1);
+  for (int64_t k0 = 0; k0 < ur.nrows; k0 += ur.per_round) {  // block-uniform trip count
+    const int64_t k = k0 + threadIdx.x / ur.G;
+    int64_t b = 0, t0 = 0, t1 = 0, rp = 0;
+    const bool has = k < ur.nrows && piece_of(a, u, k, &b, &t0, &t1, &rp);
+    const scalar_t* ar = adv + b * n;
     bool fa = true;
-    for (int i = 0; i < n; ++i) fa = fa && pama::pisfinite(ld<op_t>(ar, i));
-    double v[7] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};  // M, sum m, #ind, clipped, nf x3
-    for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) {
-      const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, b * a.T + t, fa, thr);
-      v[0] += tk.valid ? 1.0 : 0.0;
-      v[1] += static_cast<double>(tk.m);
-      v[2] += (tk.valid && tk.ind) ? 1.0 : 0.0;
-      v[3] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
-      v[4] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
-      v[5] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
-      v[6] += (tk.masked && !fa) ? 1.0 : 0.0;
-    }
-    block_sum<7>(v, sm, res);
-    for (int i = 0; i < kCounts; ++i) cnt[i] += res[3 + i];  // identical in every thread
-    if (threadIdx.x == 0) {
-      double A[kMaxN];
-      for (int i = 0; i < n; ++i) A[i] = static_cast<double>(pama::noon(ld<op_t>(ar, i)));
-      const double sum_m = res[1], ni = res[2];
+    if (has)
+      for (int i = 0; i < n; ++i) fa &= pama::pisfinite(ld<op_t>(ar, i));  // independent loads
+    double v[3] = {0.0, 0.0, 0.0};  // M, sum m, #ind
+    if (has)
+      for (int64_t t = t0 + gl; t < t1; t += ur.G) {
+        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, b * a.T + t, fa, thr);
+        v[0] += tk.valid ? 1.0 : 0.0;
+        v[1] += static_cast<double>(tk.m);
+        v[2] += (tk.valid && tk.ind) ? 1.0 : 0.0;
+        cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
+        cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
+        cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
+        cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
+      }
+    group_sum<3>(v, ur.G, sm);
+    if (has && gl == 0) {
+      const double sum_m = v[1], ni = v[2];
       double* row = a.rowpart + rp * R;
-      row[0] = res[0];
-      double mn = A[0];
-      for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
-      row[1] = (MODE == kMin) ? mn * sum_m : 0.0;
+      row[0] = v[0];
+      double mn = 0.0;
       for (int i = 0; i < n; ++i) {
-        row[2 + i] = (MODE == kMin) ? 0.0 : A[i] * sum_m;
-        row[2 + n + i] = (MODE == kMean) ? A[i] * ni : 0.0;
+        const double A = fa ? static_cast<double>(pama::noon(ld<op_t>(ar, i))) : 0.0;
+        mn = (i == 0) ? A : pama::pmin(mn, A);
+        row[2 + i] = (MODE == kMin) ? 0.0 : A * sum_m;
+        row[2 + n + i] = (MODE == kMean) ? A * ni : 0.0;
       }
-      if (MODE == kGram) {
-        int p = 0;
-        for (int i = 0; i < n; ++i)
-          for (int j = i; j < n; ++j, ++p) slot[kCounts + p] += A[i] * A[j] * ni;
-      }
+      row[1] = (MODE == kMin) ? mn * sum_m : 0.0;
+      if (MODE == kGram) sNi[k] = ni;
     }
   }
-  if (threadIdx.x < kCounts) slot[threadIdx.x] = cnt[threadIdx.x];
+  block_sum<kCounts>(cnt, sm, res);  // its barriers also publish sNi
+  double* slot = a.slots + u * a.slot_stride;
+  if (threadIdx.x < kCounts) slot[threadIdx.x] = res[threadIdx.x];
+  if (MODE == kGram)
+    for (int p = threadIdx.x; p < np; p += kThreads) {
+      int i, j;
+      pair_of(p, n, &i, &j);
+      double s = 0.0;
+      for (int64_t k = 0; k < ur.nrows; ++k) {
+        const double ni = sNi[k];
+        if (!(ni > 0.0)) continue;  // no valid token (masked out, or non-finite A): adds 0
+        int64_t b, t0, t1, rp;
+        piece_of(a, u, k, &b, &t0, &t1, &rp);
+        const scalar_t* ar = adv + b * n;  // all finite: the row has a valid token
+        const double Ai = static_cast<double>(pama::noon(ld<op_t>(ar, i)));
+        const double Aj = static_cast<double>(pama::noon(ld<op_t>(ar, j)));
+        s += Ai * Aj * ni;
+      }
+      slot[kCounts + p] = s;
+    }
 }
 
 // ------------------------------------------------------------------------------ finalise kernel
@@ -408,6 +647,7 @@ struct FinaliseArgs {
   double* G;              // n * n
   double* cvec;           // n (batch / batch_mean weights in double)
   pama::MinNormScratch* mn_scratch;
+  bool smem_solver;       // G, cvec and the solver scratch in dynamic shared memory instead
   void* loss;
   void* weights;
   void* row_scale;
@@ -472,31 +712,46 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
   __syncthreads();
   const double M = fblock_sum(m_part, sm);
   const double nonempty = fblock_sum(ne_part, sm);
-  // 3. the solve on N numbers (one thread)
+  // 3. the solve on N numbers. The batch solve (pama::min_norm_weights, the same code as
+  // the CPU kernel) runs in one thread, but on shared memory when it fits (smem_solver,
+  // decided by the launcher from the device's opt-in limit): the Wolfe iterations then
+  // touch on-chip memory only, instead of global scratch (issue 10, defect 4). The Gram is
+  // unpacked by the whole block first.
+  static_assert(sizeof(pama::MinNormScratch) % sizeof(double) == 0, "G must stay 8-byte aligned");
+  extern __shared__ double dyn[];  // [MinNormScratch | G n*n | cvec n] when smem_solver
+  pama::MinNormScratch* const mns = a.smem_solver ? reinterpret_cast<pama::MinNormScratch*>(dyn) : a.mn_scratch;
+  double* const G = a.smem_solver ? dyn + sizeof(pama::MinNormScratch) / sizeof(double) : a.G;
+  double* const cvec = a.smem_solver ? G + n * n : a.cvec;
+  if (a.gran == kBatch) {
+    for (int e = threadIdx.x; e < n * n; e += kFinaliseThreads) {
+      const int r = e / n, c = e - r * n;
+      const int i = r < c ? r : c, j = r < c ? c : r;
+      G[e] = q[kCounts + i * n - i * (i - 1) / 2 + (j - i)];  // pair (i, j >= i), row-major
+    }
+    __syncthreads();
+  }
   if (threadIdx.x == 0) {
     scal[0] = scal[1] = 0.0;
     if (a.gran == kBatch) {
-      for (int i = 0, k = 0; i < n; ++i)
-        for (int j = i; j < n; ++j, ++k) a.G[i * n + j] = a.G[j * n + i] = q[kCounts + k];
-      pama::min_norm_weights(a.G, n, a.cvec, a.mn_scratch);
+      pama::min_norm_weights(G, n, cvec, mns);
       double obj = 0.0, kkt = 0.0;
-      pama::quad_objective_kkt(a.G, n, a.cvec, &obj, &kkt);
+      pama::quad_objective_kkt(G, n, cvec, &obj, &kkt);
       scal[0] = obj;
       scal[1] = kkt;
-      for (int i = 0; i < n; ++i) cw[i] = a.cvec[i];
+      for (int i = 0; i < n; ++i) cw[i] = cvec[i];
     } else if (a.gran == kBatchMean) {
       double av[kMaxN];
       for (int i = 0; i < n; ++i) av[i] = M > 0.0 ? am[i] / M : 0.0;
-      pama::theorem1(av, n, a.cvec);
+      pama::theorem1(av, n, cvec);
       double s = 0.0;
-      for (int i = 0; i < n; ++i) s += a.cvec[i] * av[i];
+      for (int i = 0; i < n; ++i) s += cvec[i] * av[i];
       scal[0] = s * s;
-      for (int i = 0; i < n; ++i) cw[i] = a.cvec[i];
+      for (int i = 0; i < n; ++i) cw[i] = cvec[i];
     }
-    if (a.gran == kBatch || a.gran == kBatchMean)
-      for (int i = 0; i < n; ++i) static_cast<acc_t*>(a.weights)[i] = static_cast<acc_t>(cw[i]);
   }
   __syncthreads();
+  if (a.gran == kBatch || a.gran == kBatchMean)
+    for (int i = threadIdx.x; i < n; i += kFinaliseThreads) static_cast<acc_t*>(a.weights)[i] = static_cast<acc_t>(cw[i]);
   // 4. per row: row scale, (sequence) weights, the loss term with the rounded outputs
   double loss_part = 0.0, obj_part = 0.0;
   acc_t* rs_out = static_cast<acc_t*>(a.row_scale);
@@ -678,6 +933,32 @@ void launch_bwd(const BackwardArgs& ba, bool bc, int n, unsigned grid, cudaStrea
   }
 }
 
+// The batch solve's scratch goes to dynamic shared memory (~104 KB for any N: the
+// MinNormScratch struct has fixed kMaxN-sized arrays) when the device allows it (sm_80:
+// 163 KB, sm_90: 227 KB per block with opt-in); otherwise (e.g. sm_86 / sm_89, 99 KB) the
+// global workspace is used as before. Host-side queries only: no synchronisation.
+template <typename acc_t>
+cudaError_t launch_finalise(FinaliseArgs fa, Gran gran, cudaStream_t stream) {
+  size_t dyn = 0;
+  if (gran == kBatch && fa.n >= 3) {  // n <= 2: closed forms, no scratch used
+    const size_t want = sizeof(pama::MinNormScratch) + sizeof(double) * (kMaxN * kMaxN + kMaxN);
+    int dev = 0, optin = 0;
+    cudaFuncAttributes attr;
+    if (cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+        cudaFuncGetAttributes(&attr, finalise_kernel<acc_t>) == cudaSuccess &&
+        want + attr.sharedSizeBytes <= static_cast<size_t>(optin) &&
+        cudaFuncSetAttribute(finalise_kernel<acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(want)) == cudaSuccess) {
+      dyn = want;
+      fa.smem_solver = true;
+    }
+    (void)cudaGetLastError();  // a failed query only means: use the global scratch
+  }
+  finalise_kernel<acc_t><<<1, kFinaliseThreads, dyn, stream>>>(fa);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 size_t forward_workspace_bytes(int64_t B, int64_t T, int n, Gran gran) {
@@ -711,12 +992,10 @@ cudaError_t launch_forward(const Inputs& in, Gran gran, Agg agg, const ForwardOu
     if (e != cudaSuccess) return e;
   }
   FinaliseArgs fa{in.B, in.n, static_cast<int>(gran), static_cast<int>(agg), part, w.slots, w.slot_stride,
-                  w.rowpart, w.G, w.cvec, w.mn, out.loss, out.weights, out.row_scale, out.stats};
+                  w.rowpart, w.G, w.cvec, w.mn, false, out.loss, out.weights, out.row_scale, out.stats};
   if (in.dtype == kFloat64)
-    finalise_kernel<double><<<1, kFinaliseThreads, 0, stream>>>(fa);
-  else
-    finalise_kernel<float><<<1, kFinaliseThreads, 0, stream>>>(fa);
-  return cudaGetLastError();
+    return launch_finalise<double>(fa, gran, stream);
+  return launch_finalise<float>(fa, gran, stream);
 }
 
 cudaError_t launch_backward(const Inputs& in, Gran gran, const double* grad_loss, const void* weights,

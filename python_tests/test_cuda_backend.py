@@ -213,3 +213,109 @@ def test_compile_fullgraph():
     l2.backward()
     assert torch.equal(l1, l2)
     assert torch.equal(lp1.grad, lp2.grad)
+
+
+# --- issue 10, defect 3: non-finite per-sequence advantages under nonfinite="mask" -------------
+# A [B, N] row holding +inf / -inf / nan must be dropped exactly as if the row were masked out
+# (the kernels used to build its sums as A_i * 0 = inf * 0 = NaN). Compared against the same
+# inputs with that row's mask cleared and its advantages replaced by finite values: equal
+# loss, weights, row scales, objective and gradient (and the reference agrees).
+@pytest.mark.parametrize("n", [2, 3, 5, 8, 16])
+@pytest.mark.parametrize("gran", GRANS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_nonfinite_sequence_advantages_masked_out(n, gran, bad):
+    for b, t in [(6, 37), (3, 2100)]:  # rows grouped in one unit; rows split into segments
+        x = make_inputs(b, t, n, dtype=torch.float32, per_sequence=True, mask_kind="full", seed=11 + n)
+        adv = x.advantages.clone()
+        adv[1, n - 1] = bad
+        adv[b - 1, 0] = bad
+        y = type(x)(x.logp, x.old_logp, adv, x.mask)
+        mask = x.mask.clone()
+        mask[1] = False
+        mask[b - 1] = False
+        z = type(x)(x.logp, x.old_logp, x.advantages, mask)  # the same rows masked out instead
+        for agg in AGGS:
+            loss, w, rs, st = _fwd(_cuda(y), gran, agg)
+            loss_z, w_z, rs_z, st_z = _fwd(_cuda(z), gran, agg)
+            assert torch.isfinite(loss).all() and torch.isfinite(w).all() and torch.isfinite(st).all()
+            assert torch.equal(loss, loss_z), (gran, agg, bad, loss, loss_z)
+            assert torch.equal(rs, rs_z)
+            assert torch.equal(w, w_z)  # sequence: the dropped rows get theorem1 of zeros either way
+            assert torch.equal(st[[0, 1, 2, 3, 5, 6, 7]], st_z[[0, 1, 2, 3, 5, 6, 7]])
+            assert st[4].item() == 2 * t and st_z[4].item() == 0  # the dropped tokens are counted
+            g = _bwd(_cuda(y), w, rs, gran, 1.5)
+            g_z = _bwd(_cuda(z), w_z, rs_z, gran, 1.5)
+            assert torch.equal(g, g_z)
+            ref = reference.fused_forward(*upcast(y), 0.2, gran, agg, False)
+            assert_close_rel(loss, ref[0], 2e-5, atol=1e-12, msg=f"loss {gran} {agg}")
+            assert_close_rel(w, ref[1], 0.0, atol=1e-5, msg=f"weights {gran}")
+
+
+def test_nonfinite_sequence_advantages_pama_loss():
+    x = _cuda(make_inputs(8, 40, 3, dtype=torch.float32, per_sequence=True, seed=9))
+    adv = x.advantages.clone()
+    adv[2, 1] = float("inf")
+    for gran in GRANS:
+        lp = x.logp.detach().clone().requires_grad_(True)
+        loss = pama_ext.pama_loss(lp, x.old_logp, adv, x.mask, granularity=gran, backend="cuda", nonfinite="mask")
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all(), gran
+        assert not lp.grad[2].any()
+
+
+# --- issue 10, defect 4: the runtime-N kernel (N outside 1, 2, 3, 4, 8), short and long rows ----
+# T < the block / chunk (several rows per chunk), T = 1, T spanning several chunks, segments.
+@pytest.mark.parametrize("n", [5, 6, 7, 16, 33, 64])
+@pytest.mark.parametrize("shape", [(9, 1), (40, 3), (13, 29), (5, 200), (3, 700), (2, 4200)],
+                         ids=["T1", "T3", "T29", "T200", "T700", "segments"])
+@pytest.mark.parametrize("gran", GRANS)
+def test_runtime_n_rows(n, shape, gran):
+    b, t = shape
+    x = make_inputs(b, t, n, dtype=torch.float32, mask_kind="random", seed=100 + n + t)
+    for agg in AGGS:
+        _check_against_reference(x, gran, agg, torch.float32)
+
+
+@pytest.mark.parametrize("n", [5, 16, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_runtime_n_dtypes(n, dtype):
+    x = make_inputs(11, 45, n, dtype=dtype, mask_kind="ragged", seed=n)
+    for gran in GRANS:
+        _check_against_reference(x, gran, "token_mean", dtype)
+
+
+# per-token advantages with non-finite entries through the runtime-N kernel and the
+# specialised ones: the token is dropped (counted in stats[4]), nothing turns into NaN
+@pytest.mark.parametrize("n", [3, 5, 8, 16, 64])
+def test_nonfinite_token_advantages_runtime_n(n):
+    x = make_inputs(7, 90, n, dtype=torch.float32, mask_kind="full", seed=n)
+    adv = x.advantages.clone()
+    adv[0, 3, 0] = float("inf")
+    adv[3, 50, n - 1] = float("-inf")
+    adv[6, 89, n // 2] = float("nan")
+    y = type(x)(x.logp, x.old_logp, adv, x.mask)
+    for gran in GRANS:
+        _check_against_reference(y, gran, "seq_mean_token_mean", torch.float32)
+        _, _, _, st = _fwd(_cuda(y), gran, "token_mean")
+        assert st[4].item() == 3
+
+
+# sequence-level advantages, short rows (several rows per group of threads) and every width
+@pytest.mark.parametrize("n", [1, 3, 5, 16, 64])
+@pytest.mark.parametrize("shape", [(300, 1), (50, 7), (9, 130), (2, 2500)], ids=["T1", "T7", "T130", "segments"])
+def test_sequence_advantages_short_rows(n, shape):
+    b, t = shape
+    x = make_inputs(b, t, n, dtype=torch.float32, per_sequence=True, mask_kind="random", seed=n + t)
+    for gran in GRANS:
+        _check_against_reference(x, gran, "seq_mean_token_mean", torch.float32)
+
+
+@pytest.mark.parametrize("n", [5, 16, 64])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["token_adv", "seq_adv"])
+def test_runtime_n_bitwise_deterministic(n, per_sequence):
+    x = _cuda(make_inputs(33, 300, n, dtype=torch.float32, per_sequence=per_sequence, seed=n))
+    for gran in GRANS:
+        outs = [_fwd(x, gran, "token_mean") for _ in range(3)]
+        for o in outs[1:]:
+            for a, b in zip(o, outs[0]):
+                assert torch.equal(a, b), gran
