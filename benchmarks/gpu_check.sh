@@ -17,6 +17,8 @@
 #   bench      pama_loss fwd+bwd at 1M and 16M tokens, N = 2, 4, 8, fp32 and bf16: cuda,
 #              triton, eager, next to a device copy of the same bytes; torch.compile at
 #              16M, N = 4, bf16; every N from 1 to 64 at 16M bf16 for cuda and triton
+#   profile    each kernel's device time (torch.profiler) for N = 4, 5, 16, 64, and the Triton
+#              launch parameters measured as CUDA-graph replays (benchmarks/gpu_kernel_profile.py)
 #   optimizer  PAMA step vs single-objective Noon PPO step on GPT-2 small (124 M parameters)
 # and writes gpu_check.json (every figure and stage status) and gpu_check_log.txt (all the
 # logs) under $OUT when set, else under benchmarks/results/; prints a summary with ratios;
@@ -196,6 +198,7 @@ if [ "$DRY" = 0 ]; then
     --out "$LOGS/bench_goal.json"
   stage bench_n_sweep 120 "${BENCH[@]}" --sizes 16M --ns 1,2,3,4,5,6,7,8,16,64 --dtypes bf16 --impls cuda,triton \
     --out "$LOGS/bench_n_sweep.json"
+  stage kernel_profile 120 "$PY" benchmarks/gpu_kernel_profile.py --ns 4,5,16,64 --out "$LOGS/kernel_profile.json"
   stage bench_grid 120 "${BENCH[@]}" --sizes 1M,16M --ns 2,4,8 --dtypes fp32,bf16 --impls cuda,triton,eager \
     --out "$LOGS/bench_grid.json"
   stage optimizer 90 "$PY" benchmarks/bench_optimizer.py --device cuda --model gpt2 --n 4 --rounds 8 --warmup 2 \
@@ -203,6 +206,7 @@ if [ "$DRY" = 0 ]; then
 else
   stage bench_goal 180 "$PY" benchmarks/bench_gpu_loss.py --dry-run --impls triton,eager --ns 4 --host-overhead \
     --out "$LOGS/bench_goal.json"
+  stage kernel_profile 120 "$PY" benchmarks/gpu_kernel_profile.py --dry-run --ns 2 --out "$LOGS/kernel_profile.json"
   stage raise_paths_cpp 60 "$PY" benchmarks/gpu_sanitize_case.py --backend cpp --device cpu --raise-paths
   stage optimizer 120 "$PY" benchmarks/bench_optimizer.py --device cpu --model tiny --n 2 --rounds 1 --warmup 1 \
     --loss-calls 2 --methods noon pama --out "$LOGS/optimizer.json"

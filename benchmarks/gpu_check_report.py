@@ -170,6 +170,15 @@ def summary(report: dict) -> str:
         for name, h in ((data.get("meta") or {}).get("host_overhead") or {}).items():
             lines.append(f"  host overhead {name}: {h['us_per_call']:.0f} us per tiny fwd+bwd call = "
                          f"{h['x_unit']:.1f}x (logp * 2).sum().backward()")
+    prof = report.get("kernel_profile") or {}
+    for key, e in (prof.get("profile") or {}).items():
+        if "sum_us" in e:
+            top = sorted(e["kernels_us"].items(), key=lambda kv: -kv[1])[:3]
+            lines.append(f"  kernels {key:<11} {e['sum_us']:8.0f} us per fwd+bwd = {e['sum_over_copy'] or 0:.2f}x the copy; top: "
+                         + "; ".join(f"{k[:32]} {v:.0f}" for k, v in top))
+    for name, e in (prof.get("triton_tuning") or {}).items():
+        if "graph_us" in e:
+            lines.append(f"  triton tuning {name:<28} {e['graph_us']:.0f} us = {e['x_defaults'] or 0:.2f}x the defaults")
     opt = report.get("optimizer") or {}
     for key, res in (opt.get("results") or {}).items():
         for m, r in res.items():
@@ -203,6 +212,12 @@ def main(argv=None) -> int:
             for name, e in r["impls"].items():
                 if "error" in e:
                     failed.append(f"{stem} {r['size']} N={r['N']} {r['dtype']} {name}: {e['error'][:80]}")
+    profile = None
+    if (logs / "kernel_profile.json").exists():
+        profile = json.loads((logs / "kernel_profile.json").read_text())
+        for key, e in profile.get("profile", {}).items():
+            if "error" in e:
+                failed.append(f"kernel_profile {key}: {e['error'][:80]}")
     if not stages:
         failed.append("no stage ran")
     report = {
@@ -215,6 +230,7 @@ def main(argv=None) -> int:
         "bench": bench,
         "goals": goals(bench),
         "goal_thresholds": GOALS,
+        "kernel_profile": profile,
         "optimizer": opt,
         "failed": failed,
         "ok": not failed,

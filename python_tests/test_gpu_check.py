@@ -40,7 +40,8 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["ok"] and report["dry_run"] and not report["failed"]
     stages = {s["stage"]: s["status"] for s in report["stages"]}
-    for name in ("build", "build_info", "tests_cuda", "tests_triton", "sanitize_flow", "bench_goal", "raise_paths_cpp", "optimizer"):
+    for name in ("build", "build_info", "tests_cuda", "tests_triton", "sanitize_flow", "bench_goal", "kernel_profile",
+                 "raise_paths_cpp", "optimizer"):
         assert stages.get(name) == "ok", (name, stages)
     assert stages["sanitizer"] == "SKIP"
     assert report["bench"]["bench_goal"]["results"], report["bench"]
