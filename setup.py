@@ -15,10 +15,15 @@ Environment switches:
     NVCC_THREADS=N           nvcc --threads N
     MAX_JOBS=N               parallel compile jobs (torch.utils.cpp_extension / ninja)
 
-The decisions live in pama_ext/_build_config.py (unit-tested). A CUDA wheel for a cluster:
+The decisions live in pama_ext/_build_config.py (unit-tested). A CUDA wheel for a cluster,
+built against the torch the cluster runs, with a toolkit of torch.version.cuda's major version
+(no GPU needed; README "CUDA wheel for clusters", benchmarks/CUDA.md):
 
-    TORCH_CUDA_ARCH_LIST="8.0;9.0" PAMA_EXT_CUDA=1 MAX_JOBS=8 \
-        pip wheel --no-build-isolation --no-deps -w dist .
+    CUDA_HOME=/usr/local/cuda-13.0 PAMA_EXT_CUDA=1 MAX_JOBS=8 \
+        pip wheel --no-build-isolation --no-deps -w dist_cuda .
+
+.ci/run builds that wheel (torch 2.11.0 = CUDA 13.0, default archs) on every run, and
+python_tests/test_cuda_compile.py compiles the .cu sources with this file's own Extension.
 """
 
 import os

@@ -154,6 +154,9 @@ sanitize() {  # memcheck + racecheck of the CUDA and Triton kernels, when the sa
   for b in cuda triton; do  # nonfinite="raise": a ValueError naming the argument, never a crash
     stage "raise_paths_$b" 60 "$PY" benchmarks/gpu_sanitize_case.py --backend $b --raise-paths
   done
+  # the C++ CPU kernel's raise path in the same (CUDA) build: tells a crash of the CUDA glue
+  # from one of every C++ exception in this build
+  stage raise_paths_cpp 60 "$PY" benchmarks/gpu_sanitize_case.py --backend cpp --device cpu --raise-paths
   for b in cuda triton; do  # plain runs first: the workload's own check, and Triton's cache warmed
     stage "sanitize_plain_$b" 90 "$PY" benchmarks/gpu_sanitize_case.py --backend $b
   done
@@ -175,9 +178,10 @@ crashed=$(grep -ho "crashed while running '[^']*'" "$LOGS"/tests_*.log 2>/dev/nu
 if [ -n "$crashed" ]; then
   crash_cmd=("$PY" -m pytest -x -q -p no:cacheprovider -p no:xdist -o addopts= "$crashed")
 else
-  for b in cuda triton; do
+  for b in cuda triton cpp; do
     if grep -qs "^raise_paths_$b	FAIL	\(139\|134\|135\)	" "$LOGS/stages.tsv"; then
-      crash_cmd=("$PY" benchmarks/gpu_sanitize_case.py --backend $b --raise-paths); break
+      crash_cmd=("$PY" benchmarks/gpu_sanitize_case.py --backend $b --device "$([ $b = cpp ] && echo cpu || echo cuda)" --raise-paths)
+      break
     fi
   done
 fi

@@ -94,3 +94,32 @@ def test_setup_py_cuda_required_fails_clearly_on_cpu_torch(tmp_path):
     )
     assert proc.returncode != 0
     assert "PAMA_EXT_CUDA=1" in proc.stderr and torch.__version__ in proc.stderr
+
+
+def _documented_arch_lists():
+    """The TORCH_CUDA_ARCH_LIST values of benchmarks/CUDA.md's table of architectures."""
+    import re
+
+    with open(os.path.join(ROOT, "benchmarks", "CUDA.md")) as f:
+        rows = [line for line in f if line.startswith("|") and "TORCH_CUDA_ARCH_LIST" not in line]
+    lists = [m for row in rows for m in re.findall(r"`(\d+\.\d+[0-9.;+PTX]*)`", row)]
+    assert "8.0;9.0" in lists and len(lists) >= 4, lists
+    return lists
+
+
+@pytest.mark.parametrize("arch_list", _documented_arch_lists())
+def test_documented_arch_lists_are_what_torch_compiles(arch_list, monkeypatch):
+    # the lists the docs recommend pass setup.py's checks, and build_info's names for them
+    # (PAMA_CUDA_ARCHS) are exactly the sm_XY targets torch's -gencode flags compile
+    import re
+
+    from torch.utils import cpp_extension
+
+    d = bc.decide_cuda({"PAMA_EXT_CUDA": "1", "TORCH_CUDA_ARCH_LIST": arch_list}, "2.11.0", "13.0", "/usr/local/cuda")
+    assert d.build and d.arch_list == arch_list
+    macro = dict(d.define_macros)["PAMA_CUDA_ARCHS"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    flags = cpp_extension._get_cuda_arch_flags()
+    targets = sorted({m for f in flags for m in re.findall(r"code=(sm_\d+)", f)})
+    assert sorted(macro.split(".")) == targets == sorted(bc.arch_names(arch_list)), (macro, flags)
+    assert any("code=compute_" in f for f in flags) == ("+PTX" in arch_list)

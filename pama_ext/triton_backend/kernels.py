@@ -96,8 +96,13 @@ WMODE_GIVEN = 2  # batch, N > ENUM_MAX_N: weights solved on the host (documented
 # is only ever used through operators and tl.cast, never N.to(...); (b) every shape
 # argument (T, B, strides, block counts) is listed in do_not_specialize, so one compiled
 # kernel serves every padded length of a dtype / N / granularity instead of recompiling
-# whenever T changes. python_tests/test_triton_aot.py compiles the launches exactly as
-# the JIT specialises them.
+# whenever T changes; (c) the sizes derived from N (KS, NS, off_g) are not specialised
+# either, nor is N on divisibility (do_not_specialize_on_alignment): a multiple of 16
+# there changes nothing that matters in these O(B + N^2) kernels, and without it the N of
+# one block width BN share a kernel, which keeps the set the AOT test compiles small.
+# Pointers keep their 16-byte alignment attribute (vector loads in backward_kernel).
+# python_tests/test_triton_aot.py compiles the launches exactly as the JIT specialises
+# them (benchmarks/triton_variants.py counts the variants of a shape sweep).
 
 # exp: libdevice's accurate expf/exp on the GPU (tl.exp lowers to the approximate ex2 for
 # float32, which would move tokens across the clip boundary u = 1 + eps); the interpreter
@@ -106,7 +111,7 @@ USE_LIBDEVICE = tl.constexpr(not INTERPRET)
 
 
 # --------------------------------------------------------------------------- pass 1
-@triton.jit(do_not_specialize=["T", "nblk", "nch", "stride_ab", "stride_at"])
+@triton.jit(do_not_specialize=["T", "nblk", "nch", "stride_ab", "stride_at", "KS"], do_not_specialize_on_alignment=["N"])
 def reduce_tokens_kernel(
     logp_ptr,
     old_ptr,
@@ -250,7 +255,7 @@ def _row_sum_vector(pbase, nblk, KS, off, N, BLOCK_J: tl.constexpr, BN: tl.const
 
 
 # --------------------------------------------------------------------------- pass 2a: rows
-@triton.jit(do_not_specialize=["B", "nblk", "rows_per_prog"])
+@triton.jit(do_not_specialize=["B", "nblk", "KS", "rows_per_prog"], do_not_specialize_on_alignment=["N"])
 def reduce_rows_kernel(
     part_ptr,  # [B * nblk, KS]
     part2_ptr,  # [cdiv(B, rows_per_prog), KS]
@@ -322,7 +327,7 @@ def reduce_rows_kernel(
 
 
 # --------------------------------------------------------------------------- pass 2b: total
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "KS"])
 def reduce_total_kernel(part2_ptr, tot_ptr, n_rows, KS, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     k = tl.arange(0, BLOCK_K)
     lr = tl.arange(0, BLOCK_R)
@@ -337,7 +342,7 @@ def reduce_total_kernel(part2_ptr, tot_ptr, n_rows, KS, BLOCK_K: tl.constexpr, B
 
 
 # --------------------------------------------------------------------------- min-norm: candidates
-@triton.jit
+@triton.jit(do_not_specialize=["NS", "off_g"], do_not_specialize_on_alignment=["N"])
 def support_candidates_kernel(tot_ptr, cand_ptr, obj_ptr, N, NS, off_g, BN1: tl.constexpr, SB: tl.constexpr):
     """Candidate weights of the supports pid*SB + 1 .. pid*SB + SB (bit i of the support id:
     objective i is in S), one support per slice of a [SB, BN1, BN1] tile."""
@@ -431,7 +436,7 @@ def _split_duplicates(g, c, N, BN: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- finalize
-@triton.jit(do_not_specialize=["B", "seq_agg"])
+@triton.jit(do_not_specialize=["B", "NS", "seq_agg"], do_not_specialize_on_alignment=["N"])
 def finalize_kernel(
     tot_ptr,  # [KS] float64 totals
     row_m_ptr,  # [B] float64
@@ -533,7 +538,7 @@ def finalize_kernel(
 
 
 # --------------------------------------------------------------------------- backward
-@triton.jit(do_not_specialize=["total", "T", "stride_ab", "stride_at", "stride_wb"])
+@triton.jit(do_not_specialize=["total", "T", "stride_ab", "stride_at", "stride_wb"], do_not_specialize_on_alignment=["N"])
 def backward_kernel(
     grad_ptr,  # [] dL/dloss
     logp_ptr,
