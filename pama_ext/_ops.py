@@ -88,14 +88,18 @@ if _C is not None:
 # --------------------------------------------------------------------------- CUDA kernels
 # Built only when torch has CUDA (setup.py, PAMA_EXT_CUDA); csrc/pama_cuda.cpp. No host
 # synchronisation, except check_finite=True, which reads the three non-finite counts to raise
-# the contract's ValueError (nonfinite="mask" is synchronisation-free).
+# the contract's ValueError (nonfinite="mask" is synchronisation-free). That read and the
+# raise happen here, in Python, as in the Triton backend, not in the C++ glue: on the first
+# H200 run the C++ raise after its device-to-host read crashed the process (a segfault,
+# benchmarks/results/gpu_check_H200_run1.json) where a ValueError was due.
 if _C is not None and hasattr(_C, "pama_forward_cuda"):
 
     @torch.library.impl(_lib, "pama_forward", "CUDA")
     def _forward_cuda(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
-        return tuple(
-            _C.pama_forward_cuda(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite)
-        )
+        out = tuple(_C.pama_forward_cuda(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg))
+        if check_finite:
+            reference.raise_nonfinite(out[3][2:5].tolist())  # stats: counts of logp, old_logp, advantages
+        return out
 
     @torch.library.impl(_lib, "pama_backward", "CUDA")
     def _backward_cuda(grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity):

@@ -193,15 +193,23 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _check_finite(mask, finite_flags):
-    names = ("logp", "old_logp", "advantages")
-    for name, ok in zip(names, finite_flags):
-        bad = int((mask & ~ok).sum())
+NONFINITE_ARGS = ("logp", "old_logp", "advantages")
+
+
+def raise_nonfinite(counts, fn: str = "pama_loss") -> None:
+    """The ``nonfinite="raise"`` contract, one message for every backend: a ValueError that
+    names the first of logp, old_logp, advantages with non-finite values at masked-in
+    positions. ``counts``: those three counts (numbers, already on the host)."""
+    for name, bad in zip(NONFINITE_ARGS, counts):
         if bad:
             raise ValueError(
-                f"pama_loss: `{name}` has {bad} non-finite value(s) at masked positions; "
+                f"{fn}: `{name}` has {int(bad)} non-finite value(s) at masked positions; "
                 "pass nonfinite='mask' to drop such tokens instead"
             )
+
+
+def _check_finite(mask, finite_flags):
+    raise_nonfinite([int((mask & ~ok).sum()) for ok in finite_flags])
 
 
 def _row_scale(m_b: Tensor, loss_agg: str) -> Tensor:

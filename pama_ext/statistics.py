@@ -183,13 +183,7 @@ def _valid_tokens(x, nonfinite: str, fn: str) -> Tensor:
     flags = (torch.isfinite(x.logp), torch.isfinite(x.old_logp), adv_ok)
     valid = x.mask & flags[0] & flags[1] & flags[2]
     if nonfinite == "raise" and not bool(torch.equal(valid, x.mask)):  # one check; details if it fails
-        for name, ok in zip(("logp", "old_logp", "advantages"), flags):
-            bad = int((x.mask & ~ok).sum())
-            if bad:
-                raise ValueError(
-                    f"{fn}: `{name}` has {bad} non-finite value(s) at masked positions; "
-                    "pass nonfinite='mask' to drop such tokens instead"
-                )
+        reference.raise_nonfinite([int((x.mask & ~ok).sum()) for ok in flags], fn)
     return valid
 
 

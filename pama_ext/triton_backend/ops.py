@@ -131,17 +131,6 @@ class _Device:
             self.ctx.__exit__(*exc)
 
 
-def _raise_nonfinite(tot: Tensor) -> None:
-    """check_finite: the counts of non-finite logp, old_logp, advantages (one small read)."""
-    counts = tot[2:5].tolist()
-    for name, bad in zip(("logp", "old_logp", "advantages"), counts):
-        if bad:
-            raise ValueError(
-                f"pama_loss: `{name}` has {int(bad)} non-finite value(s) at masked positions; "
-                "pass nonfinite='mask' to drop such tokens instead"
-            )
-
-
 def _host_min_norm(gram: Tensor) -> Tensor:
     """Exact Wolfe solve on the host for N > ENUM_MAX_N (a documented synchronisation)."""
     from .._backends import _C
@@ -221,8 +210,8 @@ def forward_impl(
             part2, tot, n_part2, ks, BLOCK_K=min(blk_k, 4096), BLOCK_R=max(1, 4096 // min(blk_k, 4096)),
             num_warps=4,
         )
-        if check_finite:
-            _raise_nonfinite(tot)
+        if check_finite:  # the counts of non-finite logp, old_logp, advantages: one small read
+            reference.raise_nonfinite(tot[2:5].tolist())
         wmode, n_s, bn1 = k.WMODE_CLOSED, 1, 1
         cand, cobj, wgiven = tot, tot, tot
         if gram and n >= 3:
