@@ -22,6 +22,8 @@
 // Backward: one elementwise kernel (grid-stride over tokens).
 #include "pama_cuda_kernels.h"
 
+#include <atomic>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -933,28 +935,44 @@ void launch_bwd(const BackwardArgs& ba, bool bc, int n, unsigned grid, cudaStrea
   }
 }
 
-// The batch solve's scratch goes to dynamic shared memory (~104 KB for any N: the
-// MinNormScratch struct has fixed kMaxN-sized arrays) when the device allows it (sm_80:
-// 163 KB, sm_90: 227 KB per block with opt-in); otherwise (e.g. sm_86 / sm_89, 99 KB) the
-// global workspace is used as before. Host-side queries only: no synchronisation.
+// The batch solve's scratch goes to dynamic shared memory (103,448 bytes for any N: the
+// MinNormScratch struct has fixed kMaxN-sized arrays; 121,288 with the static shared
+// memory) when the device allows it (sm_80: 163 KB, sm_90: 227 KB per block with opt-in);
+// otherwise (sm_86 / sm_89 / sm_120, 99 KB) the global workspace is used as before.
+// The decision is taken once per device and cached: the probe's four runtime calls are not
+// repeated on every forward, and the pending-error state is cleared only after the probe's
+// own failure (never someone else's unchecked launch error). No synchronisation.
+template <typename acc_t>
+size_t finalise_dynamic_smem_bytes() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> state[kMaxDevices];  // per device: 0 unknown, 1 shared memory, -1 global scratch
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    (void)cudaGetLastError();  // our own failed query: use the global scratch
+    return 0;
+  }
+  const size_t want = sizeof(pama::MinNormScratch) + sizeof(double) * (kMaxN * kMaxN + kMaxN);
+  int s = state[dev].load(std::memory_order_acquire);
+  if (s == 0) {
+    int optin = 0;
+    cudaFuncAttributes attr;
+    const bool ok = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, finalise_kernel<acc_t>) == cudaSuccess &&
+                    want + attr.sharedSizeBytes <= static_cast<size_t>(optin) &&
+                    cudaFuncSetAttribute(finalise_kernel<acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(want)) == cudaSuccess;
+    if (!ok) (void)cudaGetLastError();  // only the probe's own failure
+    s = ok ? 1 : -1;
+    state[dev].store(s, std::memory_order_release);
+  }
+  return s > 0 ? want : 0;
+}
+
 template <typename acc_t>
 cudaError_t launch_finalise(FinaliseArgs fa, Gran gran, cudaStream_t stream) {
-  size_t dyn = 0;
-  if (gran == kBatch && fa.n >= 3) {  // n <= 2: closed forms, no scratch used
-    const size_t want = sizeof(pama::MinNormScratch) + sizeof(double) * (kMaxN * kMaxN + kMaxN);
-    int dev = 0, optin = 0;
-    cudaFuncAttributes attr;
-    if (cudaGetDevice(&dev) == cudaSuccess &&
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess &&
-        cudaFuncGetAttributes(&attr, finalise_kernel<acc_t>) == cudaSuccess &&
-        want + attr.sharedSizeBytes <= static_cast<size_t>(optin) &&
-        cudaFuncSetAttribute(finalise_kernel<acc_t>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(want)) == cudaSuccess) {
-      dyn = want;
-      fa.smem_solver = true;
-    }
-    (void)cudaGetLastError();  // a failed query only means: use the global scratch
-  }
+  // n <= 2: closed forms, no scratch used
+  const size_t dyn = (gran == kBatch && fa.n >= 3) ? finalise_dynamic_smem_bytes<acc_t>() : 0;
+  fa.smem_solver = dyn > 0;
   finalise_kernel<acc_t><<<1, kFinaliseThreads, dyn, stream>>>(fa);
   return cudaGetLastError();
 }
