@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import pama_ext  # noqa: E402
-from bench_gpu_loss import input_bytes, make_inputs  # noqa: E402
+from bench_gpu_loss import Timer, graph_times, input_bytes, make_inputs  # noqa: E402
 
 
 def step_of(backend, x):
@@ -71,46 +70,18 @@ def kernel_times(step, device, calls: int) -> dict:
 
 
 def copy_us(nbytes: int, device) -> float:
+    """The copy of the same bytes (the roofline), best of 10, microseconds."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ts = []
-    for _ in range(10):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dst.copy_(src)
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3)
-        else:
-            dst.copy_(src)
-            ts.append(0.0)
-    return min(ts)
+    return 1e6 * min(Timer(device).time(lambda: dst.copy_(src), 10, 2)) if device.type == "cuda" else 0.0
 
 
 def graph_us(step, device, reps: int) -> float:
+    """Device time of one step as a CUDA-graph replay (bench_gpu_loss.graph_times), microseconds."""
     if device.type != "cuda":
-        step()
+        step()  # the flow only
         return 0.0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    del g
-    return min(ts)
+    return 1e6 * min(graph_times(step, Timer(device), reps, device))
 
 
 @contextlib.contextmanager

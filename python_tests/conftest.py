@@ -216,3 +216,18 @@ def brute_force_min_norm(G: np.ndarray):
             if val < best:
                 best, arg = val, c
     return best, arg
+
+
+def load_build_config():
+    """pama_ext/_build_config.py loaded by path, as setup.py loads it (not through the
+    pama_ext package, whose __init__ imports the compiled extension)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "pama_ext" / "_build_config.py"
+    spec = importlib.util.spec_from_file_location("_pama_tests_build_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod

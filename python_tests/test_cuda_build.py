@@ -3,27 +3,18 @@ list, NVCC_THREADS, and the message of a CUDA build asked for without a CUDA tor
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import load_build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load():
-    # loaded by path, as setup.py does (not through the pama_ext package)
-    spec = importlib.util.spec_from_file_location("_pama_build_config", os.path.join(ROOT, "pama_ext", "_build_config.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bc = _load()
+bc = load_build_config()
 
 
 def test_cuda_off_by_switch():

@@ -30,6 +30,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import load_build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -110,14 +111,6 @@ print("PAMA_EXT_JSON=" + json.dumps(decided))
 """
 
 
-def _load_build_config():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_pama_compile_build_config", os.path.join(ROOT, "pama_ext", "_build_config.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_there_are_cuda_sources():
@@ -145,7 +138,7 @@ def test_cuda_sources_compile_as_setup_py_builds_them(arch_list, tmp_path):
     got = json.loads(re.search(r"^PAMA_EXT_JSON=(.*)$", proc.stdout, re.M).group(1))
 
     # what setup.py compiled is what _build_config decides for this environment
-    bc = _load_build_config()
+    bc = load_build_config()
     want = bc.decide_cuda(env, torch.__version__, version, root)
     assert want.build
     assert [tuple(m) for m in got["define_macros"]] == want.define_macros
