@@ -63,6 +63,8 @@ import pama_ext  # noqa: E402
 SIZES = {"64k": (64, 1024), "1M": (256, 4096), "16M": (4096, 4096)}
 # the fused backends are sync-free with nonfinite="mask": also timed as a CUDA-graph replay
 GRAPHED = ("cuda", "triton")
+# above it the Triton backend solves the batch weights on the host (importing ops imports no Triton)
+from pama_ext.triton_backend.ops import ENUM_MAX_N as TRITON_ENUM_MAX_N  # noqa: E402
 DRY_SIZES = {"tiny": (2, 48)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLIP_EPS = 0.2
@@ -342,7 +344,12 @@ def run(args) -> dict:
                             median_ms=1e3 * med, min_ms=1e3 * mn, GBps=moved / mn / 1e9,
                             frac_of_copy_bw=(moved / mn) / copy_bw, x_copy_time=mn / copy_s,
                         )
-                        if args.graphs and name in GRAPHED and device.type == "cuda":
+                        host_solve = name == "triton" and args.granularity == "batch" and n > TRITON_ENUM_MAX_N
+                        if args.graphs and name in GRAPHED and device.type == "cuda" and host_solve:
+                            # not attempted: a capture that meets a sync can leave the stream unusable
+                            entry["graph_error"] = (f"not capturable: the Triton batch solve for N > {TRITON_ENUM_MAX_N} "
+                                                    "runs on the host (a documented sync)")
+                        elif args.graphs and name in GRAPHED and device.type == "cuda":
                             try:
                                 gt = min(graph_times(step, timer, args.reps, device))
                                 entry.update(graph_min_ms=1e3 * gt, graph_frac_of_copy_bw=(moved / gt) / copy_bw)
