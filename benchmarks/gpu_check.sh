@@ -20,7 +20,8 @@
 #   profile    each kernel's device time (torch.profiler) for N = 4, 5, 16, 64, and the Triton
 #              launch parameters measured as CUDA-graph replays (benchmarks/gpu_kernel_profile.py)
 #   optimizer  PAMA step vs single-objective Noon PPO step on GPT-2 small (124 M parameters)
-# and writes gpu_check.json (every figure and stage status) and gpu_check_log.txt (all the
+# GPU_CHECK_ONLY="tests_cuda raise bench_n" reruns a subset (build always runs). It
+# writes gpu_check.json (every figure and stage status) and gpu_check_log.txt (all the
 # logs) under $OUT when set, else under benchmarks/results/; prints a summary with ratios;
 # exits non-zero when any stage failed.
 set -uo pipefail
@@ -30,7 +31,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (the only option is --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -46,11 +47,27 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 left() { echo $((BUDGET - (SECONDS - START) - RESERVE)); }
 
+# GPU_CHECK_ONLY="tests_cuda bench" runs only the stages whose names start with one of
+# these words (a short rerun after fixes; build and build_info always run)
+selected() {
+  [ -z "${GPU_CHECK_ONLY:-}" ] && return 0
+  case "$1" in build|build_info) return 0 ;; esac
+  local w
+  for w in $GPU_CHECK_ONLY; do
+    case "$1" in "$w"*) return 0 ;; esac
+  done
+  return 1
+}
+
 # stage NAME CAP_S COMMAND...: run COMMAND with its output in $LOGS/NAME.log, time-boxed to
 # min(CAP_S, what the budget has left); one line "NAME<TAB>status<TAB>rc<TAB>seconds" in
 # $LOGS/stages.tsv (status: ok, FAIL, TIMEOUT, SKIP)
 stage() {
   local name=$1 cap=$2; shift 2
+  if ! selected "$name"; then
+    printf '%s\tSKIP\t-\t0\tnot in GPU_CHECK_ONLY\n' "$name" >>"$LOGS/stages.tsv"
+    return 0
+  fi
   local avail; avail=$(left)
   if [ "$avail" -lt 20 ]; then
     printf '%s\tSKIP\t-\t0\tbudget spent\n' "$name" >>"$LOGS/stages.tsv"
@@ -143,13 +160,6 @@ sanitize() {  # memcheck + racecheck of the CUDA and Triton kernels, when the sa
     skip sanitizer "dry run: no GPU (the workload ran on CPU as sanitize_flow)"
     return
   fi
-  if [ -z "$cs" ]; then skip sanitizer "compute-sanitizer not found"; return; fi
-  # probe: some machines refuse the device ("Device not supported", error 999)
-  if ! timeout 60 "$cs" --tool memcheck --error-exitcode 99 "$PY" -c \
-      "import torch; x = torch.ones(8, device='cuda'); assert float((x + 1).sum()) == 16.0" >"$LOGS/sanitizer_probe.log" 2>&1; then
-    skip sanitizer "compute-sanitizer refuses this device: $(grep -m1 -iE 'error|not supported' "$LOGS/sanitizer_probe.log" | tr '\t' ' ')"
-    return
-  fi
   local b
   for b in cuda triton; do  # nonfinite="raise": a ValueError naming the argument, never a crash
     stage "raise_paths_$b" 60 "$PY" benchmarks/gpu_sanitize_case.py --backend $b --raise-paths
@@ -157,6 +167,14 @@ sanitize() {  # memcheck + racecheck of the CUDA and Triton kernels, when the sa
   # the C++ CPU kernel's raise path in the same (CUDA) build: tells a crash of the CUDA glue
   # from one of every C++ exception in this build
   stage raise_paths_cpp 60 "$PY" benchmarks/gpu_sanitize_case.py --backend cpp --device cpu --raise-paths
+  if ! { selected sanitize_plain || selected memcheck || selected racecheck; }; then return; fi
+  if [ -z "$cs" ]; then skip sanitizer "compute-sanitizer not found"; return; fi
+  # probe: some machines refuse the device ("Device not supported", error 999)
+  if ! timeout 60 "$cs" --tool memcheck --error-exitcode 99 "$PY" -c \
+      "import torch; x = torch.ones(8, device='cuda'); assert float((x + 1).sum()) == 16.0" >"$LOGS/sanitizer_probe.log" 2>&1; then
+    skip sanitizer "compute-sanitizer refuses this device: $(grep -m1 -iE 'error|not supported' "$LOGS/sanitizer_probe.log" | tr '\t' ' ')"
+    return
+  fi
   for b in cuda triton; do  # plain runs first: the workload's own check, and Triton's cache warmed
     stage "sanitize_plain_$b" 90 "$PY" benchmarks/gpu_sanitize_case.py --backend $b
   done

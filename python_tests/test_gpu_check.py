@@ -95,3 +95,20 @@ def test_report_fails_on_failed_skipped_for_time_or_erroring_stages(tmp_path):
     (tmp_path / "stages.tsv").write_text("build\tok\t0\t60\t\n")
     (tmp_path / "bench_x.json").write_text(json.dumps({"results": [_row(2, {"cuda": {"error": "OutOfMemoryError: x"}})]}))
     assert rep.main(["--logs", str(tmp_path), "--out", str(tmp_path / "c.json")]) == 1
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the test extras (transformers) are missing")
+def test_gpu_check_only_reruns_the_selected_stages(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PAMA_TRITON_TEST_DEVICE")}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, TMPDIR=str(tmp_path), GPU_CHECK_ONLY="raise opt")
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    ran = {s["stage"] for s in report["stages"] if s["status"] == "ok"}
+    assert ran == {"build", "build_info", "raise_paths_cpp", "optimizer"}, report["stages"]
+    skipped = {s["stage"]: s["why"] for s in report["stages"] if s["status"] == "SKIP"}
+    assert skipped["tests_cuda"] == skipped["bench_goal"] == "not in GPU_CHECK_ONLY"
+    assert report["ok"]  # a stage left out on request is not a failure
