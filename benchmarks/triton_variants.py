@@ -4,9 +4,9 @@ Triton specialises each launch on its int arguments (an int equal to 1 becomes a
 compile-time constant, a multiple of 16 gets a divisibility attribute) unless the kernel
 lists them in ``do_not_specialize``; every distinct specialisation is one compile
 (0.5-4 s on a GPU host). This script records the launches the Triton backend's host code
-makes (``pama_ext.triton_backend.ops.host_launches``, nothing runs) for T = 100..4096 and a
+makes (``pama_ext.triton_backend.specialise.host_launches``, nothing runs) for T = 100..4096 and a
 few batch sizes, both advantage layouts and both loss aggregations, applies Triton's own
-binder for sm_90 (``ops.jit_key``) and prints the number of distinct compiled variants per
+binder for sm_90 (``specialise.jit_key``) and prints the number of distinct compiled variants per
 (dtype, N, granularity), with the kernels' ``do_not_specialize`` lists and without them
 (which is what the kernels compiled before the lists were added)::
 
@@ -28,7 +28,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # the compiled kernels' JIT, not the i
 
 import torch  # noqa: E402
 
-from pama_ext.triton_backend import ops  # noqa: E402
+from pama_ext.triton_backend import specialise  # noqa: E402
 
 GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
 AGGS = ("token_mean", "seq_mean_token_mean")
@@ -41,8 +41,8 @@ def sweep(dtype, n, gran, ts, respect):
         b = BATCHES[i % len(BATCHES)]
         if b * t * (n if i % 3 else 1) > 2**22:  # keep the (never read) inputs small
             b = 16
-        for launch in ops.host_launches(dtype, n, gran, b=b, t=t, loss_agg=AGGS[i % 2], per_token_advantages=i % 3 != 0):
-            keys[launch.name].add(ops.jit_key(launch, respect))
+        for launch in specialise.host_launches(dtype, n, gran, b=b, t=t, loss_agg=AGGS[i % 2], per_token_advantages=i % 3 != 0):
+            keys[launch.name].add(specialise.jit_key(launch, respect))
     return keys
 
 

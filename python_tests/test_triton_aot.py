@@ -6,14 +6,14 @@ the interpreter runs but the compiler rejects fails here, on a CPU-only CI.
 
 What is compiled is what ``JITFunction.run`` would compile on a GPU: the launches the host
 code (``pama_ext/triton_backend/ops.py``) really makes, recorded, then specialised by
-Triton's own binder for a CUDA target (``ops.jit_specialisation``): an int argument equal
+Triton's own binder for a CUDA target (``specialise.jit_specialisation``): an int argument equal
 to 1 becomes a compile-time constant (N = 1 is one), ints divisible by 16 and 16-byte
 aligned pointers get a divisibility attribute, except for the arguments a kernel lists in
 ``do_not_specialize`` (``do_not_specialize_on_alignment``: no attribute, but 1 is still a
 constant).
 
 * ``test_kernel_compiles_for_sm90``: every distinct specialisation for 1 <= N <= 64, every
-  granularity and every input dtype (``ops.specialisations()``).
+  granularity and every input dtype (``specialise.specialisations()``).
 * ``test_real_launches_compile_for_sm90``: real calls of ``pama_loss`` /
   ``pama_loss_and_stats`` with ``backend="triton"`` (forward and backward), run by Triton's
   interpreter in a worker process, for N = 1, 2, 3, 5, 8, odd shapes, every granularity and
@@ -72,9 +72,9 @@ def _compile(launch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from pama_ext.triton_backend import kernels, ops
+    from pama_ext.triton_backend import kernels, specialise
 
-    spec = ops.jit_specialisation(launch, arch=ARCH)
+    spec = specialise.jit_specialisation(launch, arch=ARCH)
     try:
         compiled = triton.compile(
             ASTSource(getattr(kernels, launch.name), spec.signature, constexprs=spec.constexprs, attrs=spec.attrs),
@@ -99,7 +99,7 @@ def _real_launches():
     import torch
 
     import pama_ext
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
     out = []
     i = 0
@@ -114,7 +114,7 @@ def _real_launches():
                     old = (logp.detach().float() + 0.3 * torch.randn((b, t), generator=g)).to(dtype)
                     adv = torch.randn((b, t, n) if per_token else (b, n), generator=g).to(dtype)
                     mask = torch.rand((b, t), generator=g) < 0.8
-                    with ops.record_launches(execute=True, gpu_launch=True) as launches:
+                    with specialise.record_launches(execute=True, gpu_launch=True) as launches:
                         if i % 2:
                             loss = pama_ext.pama_loss(logp, old, adv, mask, granularity=gran, loss_agg=agg, backend="triton")
                         else:
@@ -130,17 +130,17 @@ def _real_launches():
 def _sweep(dtype, n, gran, respect_do_not_specialize=True):
     """{kernel: {JIT key: a launch}} over the shape sweep of one (dtype, N, granularity):
     the host code's launches, recorded without running a kernel."""
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
     out = collections.defaultdict(dict)
     for i, t in enumerate(SWEEP_T):
         b = SWEEP_B[i % len(SWEEP_B)]
         if b * t > 2**18:
             b = 16
-        for launch in ops.host_launches(
+        for launch in specialise.host_launches(
             dtype, n, gran, b=b, t=t, loss_agg=LOSS_AGGS[i % 2], per_token_advantages=i % 3 != 0
         ):
-            out[launch.name].setdefault(ops.jit_key(launch, respect_do_not_specialize), launch)
+            out[launch.name].setdefault(specialise.jit_key(launch, respect_do_not_specialize), launch)
     return dict(out)
 
 
@@ -175,9 +175,9 @@ def pool():
 
 @pytest.fixture(scope="module")
 def specs(interpreter):
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
-    return ops.specialisations()
+    return specialise.specialisations()
 
 
 def test_specialisations_cover_every_kernel(specs):
@@ -198,14 +198,14 @@ def test_emulation_applies_tritons_rules():
     arguments are plain i32, N = 1 stays a constexpr; the buffers are 16-byte aligned."""
     import torch
 
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
     div16 = [["tt.divisibility", 16]]
     for n in (1, 16):
-        launch = ops.host_launches(torch.float32, n, "token", b=1, t=32, backward=False)[0]
+        launch = specialise.host_launches(torch.float32, n, "token", b=1, t=32, backward=False)[0]
         assert launch.name == "reduce_tokens_kernel" and launch.args[5:8] == (32, n, 1)  # T, N, nblk
-        raw = ops.jit_specialisation(launch, respect_do_not_specialize=False)
-        spec = ops.jit_specialisation(launch)
+        raw = specialise.jit_specialisation(launch, respect_do_not_specialize=False)
+        spec = specialise.jit_specialisation(launch)
         names = list(spec.signature)
         attr = lambda s, arg: s.attrs.get((names.index(arg),))  # noqa: E731
         assert raw.signature["nblk"] == "constexpr" and raw.signature["T"] == "i32" and attr(raw, "T") == div16
@@ -228,14 +228,14 @@ def test_kernel_compiles_for_sm90(name, specs, pool):
 def test_real_launches_compile_for_sm90(interpreter, specs, pool):
     """The interpreter's real calls: every launch compiles as the JIT specialises it, and
     specialises like one of the enumerated launches (the enumeration is what the API launches)."""
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
     real, _sweep_keys, _without = interpreter.result()
     assert {launch.name for *_, launch in real} == set(KERNELS)
     distinct = {}
     for _dtype, _n, _gran, launch in real:
-        distinct.setdefault(ops.jit_key(launch), launch)
-    n_one = {launch.name for launch in distinct.values() if ops.jit_specialisation(launch).signature.get("N") == "constexpr"}
+        distinct.setdefault(specialise.jit_key(launch), launch)
+    n_one = {launch.name for launch in distinct.values() if specialise.jit_specialisation(launch).signature.get("N") == "constexpr"}
     assert n_one >= {"reduce_tokens_kernel", "reduce_rows_kernel", "finalize_kernel", "backward_kernel"}, n_one
     futures = [pool.submit(_compile, launch) for launch in distinct.values()]
     errors = [e for e in (f.result() for f in futures) if e]
@@ -248,7 +248,7 @@ def test_shape_sweep_is_one_variant_per_config(interpreter, specs):
     """Over T = 100..4096 (and B, advantage layouts, aggregations) each kernel compiles once
     per (dtype, N, granularity), a specialisation the compile test covers; without the
     do_not_specialize lists the same sweep would compile several."""
-    from pama_ext.triton_backend import ops
+    from pama_ext.triton_backend import specialise
 
     _real, sweep, without = interpreter.result()
     bad = {(c, name): len(keys) for c, kernels in sweep.items() for name, keys in kernels.items() if len(keys) != 1}
@@ -262,5 +262,5 @@ def test_shape_sweep_is_one_variant_per_config(interpreter, specs):
     for kernels in sweep.values():
         for name, keys in kernels.items():
             (key, launch), = keys.items()
-            assert ops.jit_key(launch) == key and key in specs[name], (name, launch.kwargs)
+            assert specialise.jit_key(launch) == key and key in specs[name], (name, launch.kwargs)
     assert all(len(w["reduce_tokens_kernel"]) > 1 for w in without.values()), "the sweep no longer varies the shapes"
