@@ -101,8 +101,10 @@ __device__ inline double warp_sum(double v) {
 
 // Block sum of K values per thread (kThreads threads): results in out[0..K) (shared),
 // valid after the call for every thread. sm: kWarps * K doubles of shared memory.
+// First stage of block_sum / group_sum: each warp's sum of each value to sm[warp * K + k],
+// then a barrier. Every thread of the block must call it.
 template <int K>
-__device__ inline void block_sum(const double (&v)[K], double* sm, double* out) {
+__device__ inline void warp_sums_to_shared(const double (&v)[K], double* sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -110,6 +112,11 @@ __device__ inline void block_sum(const double (&v)[K], double* sm, double* out) 
     if (lane == 0) sm[warp * K + k] = w;
   }
   __syncthreads();
+}
+
+template <int K>
+__device__ inline void block_sum(const double (&v)[K], double* sm, double* out) {
+  warp_sums_to_shared<K>(v, sm);
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     double s = 0.0;
     for (int w = 0; w < kWarps; ++w) s += sm[w * K + k];
@@ -223,15 +230,9 @@ __device__ inline void group_sum(double (&v)[K], int G, double* sm) {
       for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], off);
     return;
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const double w = warp_sum(v[k]);
-    if (lane == 0) sm[warp * K + k] = w;
-  }
-  __syncthreads();
+  warp_sums_to_shared<K>(v, sm);
   if ((threadIdx.x & (G - 1)) == 0) {
-    const int nw = G >> 5;
+    const int warp = threadIdx.x >> 5, nw = G >> 5;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       double s = 0.0;
