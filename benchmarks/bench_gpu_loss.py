@@ -345,11 +345,12 @@ def run(args) -> dict:
                             frac_of_copy_bw=(moved / mn) / copy_bw, x_copy_time=mn / copy_s,
                         )
                         host_solve = name == "triton" and args.granularity == "batch" and n > TRITON_ENUM_MAX_N
-                        if args.graphs and name in GRAPHED and device.type == "cuda" and host_solve:
-                            # not attempted: a capture that meets a sync can leave the stream unusable
+                        if not (args.graphs and name in GRAPHED and device.type == "cuda"):
+                            pass
+                        elif host_solve:  # not attempted: a capture that meets a sync can leave the stream unusable
                             entry["graph_error"] = (f"not capturable: the Triton batch solve for N > {TRITON_ENUM_MAX_N} "
                                                     "runs on the host (a documented sync)")
-                        elif args.graphs and name in GRAPHED and device.type == "cuda":
+                        else:
                             try:
                                 gt = min(graph_times(step, timer, args.reps, device))
                                 entry.update(graph_min_ms=1e3 * gt, graph_frac_of_copy_bw=(moved / gt) / copy_bw)
