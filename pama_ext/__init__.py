@@ -14,7 +14,7 @@ from .functional import (
     pama_weights,
     theorem1,
 )
-from .reference import GRANULARITIES, LOSS_AGGS, STATS_FIELDS
+from .reference import DEFAULT_GRANULARITY, GRANULARITIES, LOSS_AGGS, STATS_FIELDS
 from . import triton_backend as _triton_backend  # registers backend "triton" when Triton is installed
 from .statistics import BatchStatistics, batch_statistics
 from .combine import weighted_noon_loss, weighted_noon_loss_and_stats
@@ -31,6 +31,7 @@ __all__ = [
     "batch_statistics",
     "weighted_noon_loss",
     "weighted_noon_loss_and_stats",
+    "DEFAULT_GRANULARITY",
     "GRANULARITIES",
     "LOSS_AGGS",
     "STATS_FIELDS",

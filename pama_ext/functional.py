@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _backends, _ops, reference  # noqa: F401  (_ops registers the torch.library ops)
+from .reference import DEFAULT_GRANULARITY
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
@@ -57,7 +58,7 @@ def pama_loss_and_stats(
     mask: Tensor,
     *,
     clip_eps: float = 0.2,
-    granularity: str = "batch",
+    granularity: str = DEFAULT_GRANULARITY,
     loss_agg: str = "token_mean",
     backend: str = "auto",
     nonfinite: str = "raise",
@@ -86,7 +87,7 @@ def pama_loss(
     mask: Tensor,
     *,
     clip_eps: float = 0.2,
-    granularity: str = "batch",
+    granularity: str = DEFAULT_GRANULARITY,
     loss_agg: str = "token_mean",
     backend: str = "auto",
     nonfinite: str = "raise",
@@ -133,7 +134,7 @@ def pama_weights(
     mask: Tensor,
     *,
     clip_eps: float = 0.2,
-    granularity: str = "batch",
+    granularity: str = DEFAULT_GRANULARITY,
     backend: str = "auto",
 ) -> Tensor:
     """The weights PAMA combines the objectives with (no gradient).

@@ -120,6 +120,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
+from .reference import DEFAULT_GRANULARITY
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
@@ -217,7 +218,7 @@ class PAMA(Optimizer):
         num_objectives: int,
         *,
         clip_eps: float = 0.2,
-        granularity: str = "batch",
+        granularity: str = DEFAULT_GRANULARITY,
         combiner: str = "pama",
         preference: Optional[Union[Tensor, list, tuple]] = None,
         loss_agg: str = "token_mean",

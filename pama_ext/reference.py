@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 
 GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
+# The granularity every public entry point uses when none is given (README, "Decisions").
+DEFAULT_GRANULARITY = "batch"
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 STATS_FIELDS = (
     "masked_tokens",
@@ -319,7 +321,7 @@ def fused_backward(
 
 
 # --------------------------------------------------------------------------- the loss, plainly
-def pama_weights(logp, old_logp, advantages, mask, clip_eps=0.2, granularity="batch") -> Tensor:
+def pama_weights(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEFAULT_GRANULARITY) -> Tensor:
     """The weights PAMA uses: [N] (batch, batch_mean), [B, N] (sequence), [B, T, N] (token)."""
     with torch.no_grad():
         if granularity == "token":
@@ -338,7 +340,7 @@ def pama_loss_and_stats(
     advantages: Tensor,
     mask: Tensor,
     clip_eps: float = 0.2,
-    granularity: str = "batch",
+    granularity: str = DEFAULT_GRANULARITY,
     loss_agg: str = "token_mean",
     check_finite: bool = True,
 ):
@@ -378,7 +380,7 @@ def pama_loss_and_stats(
     return loss, weights, row_scale, stats
 
 
-def pama_loss(logp, old_logp, advantages, mask, clip_eps=0.2, granularity="batch",
+def pama_loss(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEFAULT_GRANULARITY,
               loss_agg="token_mean", check_finite=True) -> Tensor:
     """The scalar loss of ``pama_loss_and_stats``."""
     return pama_loss_and_stats(
