@@ -40,7 +40,7 @@ def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_
     acc = _acc_dtype(logp)
     b = logp.shape[0]
     n = advantages.shape[-1]
-    shapes = {"batch": (n,), "batch_mean": (n,), "sequence": (b, n), "token": (0,)}
+    shapes = {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (0,)}
     return (
         logp.new_empty((), dtype=acc),
         logp.new_empty(shapes[granularity], dtype=acc),

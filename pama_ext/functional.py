@@ -31,7 +31,8 @@ class PamaStats(NamedTuple):
 
     ``stats`` holds, in order, ``reference.STATS_FIELDS``: masked tokens M, clipped tokens
     (u > 1 + eps), non-finite logp / old_logp / advantages at masked positions, the
-    minimised objective, the KKT residual of the solve (``batch``), non-empty rows.
+    minimised objective, the KKT residual of the Gram solve (``batch``, ``sequence_gram``),
+    non-empty rows.
     """
 
     weights: Tensor
@@ -102,7 +103,9 @@ def pama_loss(
         mask: [B, T] response-token mask (bool, or numbers where nonzero means "in").
         clip_eps: PPO clip range, > 0.
         granularity: where the weights are solved: ``batch`` (min-norm over the batch's
-            advantage vectors), ``token``, ``sequence`` or ``batch_mean`` (Theorem 1).
+            advantage vectors), ``token``, ``sequence`` or ``batch_mean`` (Theorem 1), or
+            ``sequence_gram`` (min-norm over the Gram of the per-response mean advantage
+            vectors: each response counts once, whatever its length).
         loss_agg: ``token_mean`` (divide by the masked tokens) or ``seq_mean_token_mean``.
         backend: ``auto``, ``cpp`` or ``torch``.
         nonfinite: ``raise`` (default): a NaN/inf at a masked position of ``logp``,
@@ -139,7 +142,7 @@ def pama_weights(
 ) -> Tensor:
     """The weights PAMA combines the objectives with (no gradient).
 
-    Shape [N] for ``batch`` and ``batch_mean``, [B, N] for ``sequence``, [B, T, N] for
+    Shape [N] for ``batch``, ``batch_mean`` and ``sequence_gram``, [B, N] for ``sequence``, [B, T, N] for
     ``token`` (Theorem 1 on each token's Noon advantages; ties share equally). Non-finite
     tokens are left out of the statistics, as ``nonfinite="mask"`` does for the loss.
     """

@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
+GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
 # The granularity every public entry point uses when none is given (README, "Decisions").
 DEFAULT_GRANULARITY = "batch"
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
@@ -265,6 +265,15 @@ def fused_forward(
         nonempty = m_b > 0
         per_row = (weights * a).sum(-1) ** 2
         objective = float(per_row[nonempty].mean()) if bool(nonempty.any()) else 0.0
+    elif granularity == "sequence_gram":
+        # each response counts once: v_b = row b's masked mean of I (0 for an empty row),
+        # G = sum_b v_b v_b^T, then the exact solver of `batch`
+        v = i_adv.sum(dim=1) / m_b.clamp_min(1)[:, None]
+        gram = v.T @ v
+        c = min_norm_weights(gram).to(logp.device)
+        weights = c
+        objective = float(c @ gram @ c)
+        kkt = kkt_residual(gram, c)
     elif granularity == "token":
         weights = torch.zeros(0, dtype=dd, device=logp.device)
     else:
@@ -322,7 +331,7 @@ def fused_backward(
 
 # --------------------------------------------------------------------------- the loss, plainly
 def pama_weights(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEFAULT_GRANULARITY) -> Tensor:
-    """The weights PAMA uses: [N] (batch, batch_mean), [B, N] (sequence), [B, T, N] (token)."""
+    """The weights PAMA uses: [N] (batch, batch_mean, sequence_gram), [B, N] (sequence), [B, T, N] (token)."""
     with torch.no_grad():
         if granularity == "token":
             b, t = logp.shape

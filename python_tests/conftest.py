@@ -52,7 +52,7 @@ MASK_KINDS = ("full", "ragged", "empty", "random")
 CLIP_EPS = 0.2
 
 assert "torch" in BACKENDS, "the pure-PyTorch backend must always be available"
-assert set(GRANULARITIES) == {"batch", "token", "sequence", "batch_mean"}
+assert set(GRANULARITIES) == {"batch", "token", "sequence", "batch_mean", "sequence_gram"}
 assert set(LOSS_AGGS) == {"token_mean", "seq_mean_token_mean"}
 
 

@@ -99,7 +99,7 @@ def policy_batch(B=5, T=7, N=N_OBJ, seed=0, per_sequence=False, mask_kind="ragge
 
 
 # --------------------------------------------------------------------------- weighted_noon_loss
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence", "sequence_gram"])
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("loss_agg", LOSS_AGGS)
 def test_weighted_noon_loss_with_pama_weights_is_pama_loss(granularity, per_sequence, loss_agg):
@@ -225,7 +225,7 @@ def test_linear_overflowing_ratio_gives_no_nan():
 
 
 # --------------------------------------------------------------------------- pama through PAMA
-@pytest.mark.parametrize("granularity", ["batch", "token", "sequence", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "token", "sequence", "batch_mean", "sequence_gram"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pama_combiner_is_pama_loss(granularity, backend):
     x = make_inputs(6, 9, N_OBJ, seed=12)

@@ -61,6 +61,14 @@ def oracle(x: Inputs, granularity: str, loss_agg: str, clip_eps: float = CLIP_EP
         s = a_noon @ w
         objective = float(w @ gram @ w)
         kkt = max(0.0, objective - float((gram @ w).min()))
+    elif granularity == "sequence_gram":
+        # each response once: row means of I (0 for empty rows), their N x N Gram
+        v = i_adv.sum(1) / m_b.clamp_min(1)[:, None]
+        gram = v.T @ v
+        w = reference.min_norm_weights(gram)
+        s = a_noon @ w
+        objective = float(w @ gram @ w)
+        kkt = max(0.0, objective - float((gram @ w).min()))
     elif granularity == "batch_mean":
         a = i_adv.sum((0, 1)) / max(big_m, 1.0)
         w = pama_ext.theorem1(a)
@@ -293,6 +301,95 @@ def test_token_granularity_explicit_gradient(backend, per_sequence):
     all_pos = (A > 0).all(-1) & x.mask & (u <= 1 + CLIP_EPS)
     assert torch.equal(grad != 0, all_pos)
     assert bool(all_pos.any()) and bool((x.mask & ~all_pos).any())
+
+
+# --------------------------------------------------------------------------- sequence_gram granularity
+def row_means_of_i(x: Inputs, clip_eps: float = CLIP_EPS) -> torch.Tensor:
+    """V [B, N]: row b's mean over its valid tokens of I^(i)_t (0 for a row with none), float64."""
+    o = oracle(x, "token", "token_mean", clip_eps)  # only for `valid`
+    lp, old, adv, _ = upcast(x)
+    B, T = lp.shape
+    A = adv if adv.dim() == 3 else adv[:, None, :].expand(B, T, adv.shape[-1])
+    valid = o["valid"]
+    u = torch.exp(torch.where(valid, lp, 0.0) - torch.where(valid, old, 0.0))
+    ind = valid & (u <= 1 + clip_eps)
+    i_adv = torch.where(ind[..., None], A, 0.0).clamp_min(0.0)
+    return i_adv.sum(1) / valid.sum(1).clamp_min(1).to(F64)[:, None]
+
+
+@given(
+    B=st.integers(1, 7),
+    T=st.integers(1, 12),
+    N=st.integers(1, 7),
+    per_sequence=st.booleans(),
+    mask_kind=st.sampled_from(["full", "ragged", "empty", "random"]),
+    shift=st.sampled_from([-1.0, 0.0, 0.7]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sequence_gram_combined_direction_conflicts_with_no_objective(B, T, N, per_sequence, mask_kind, shift, seed):
+    """d = sum_i c_i v^(i) (v^(i): the [B] row means of objective i) has <d, v^(j)> >= ||d||^2
+    for every objective j (the min-norm certificate), on every backend."""
+    x = make_inputs(B, T, N, F64, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    x = x._replace(advantages=x.advantages + shift)
+    V = row_means_of_i(x)
+    scale = float((V * V).sum(0).max())
+    for b in BACKENDS:
+        c = pama_ext.pama_weights(*x, granularity="sequence_gram", backend=b)
+        assert c.shape == (N,) and c.dtype == F64, b
+        assert float(c.min()) >= 0.0 and abs(float(c.sum()) - 1.0) <= 1e-12, (b, c)
+        d = V @ c
+        dd = float(d @ d)
+        assert float((V.T @ d).min()) >= dd - 1e-10 * scale - 1e-300, (b, (V.T @ d).tolist(), dd)
+        # and no better point on the simplex: d is the min-norm point of the row-mean vectors
+        best = reference.min_norm_weights(V.T @ V)
+        assert dd <= float((V @ best) @ (V @ best)) + 1e-12 * scale + 1e-300, b
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("N", [2, 3, 5])
+def test_sequence_gram_equals_batch_for_equal_lengths_and_constant_rows(backend, N, per_sequence):
+    """Every row with the same number of valid tokens and I constant within each row: the
+    batch Gram is that length times the sequence Gram, so the weights (and loss) are batch's."""
+    B, T, L = 6, 9, 5
+    x = make_inputs(B, T, N, F64, per_sequence=True, mask_kind="full", seed=17 + N)
+    adv = x.advantages + 0.3  # [B, N], mostly positive: a non-trivial min-norm point
+    if not per_sequence:
+        adv = adv[:, None, :].expand(B, T, N).contiguous()  # per-token, constant along each row
+    lp = x.logp
+    old = lp + 0.05  # u = exp(-0.05) < 1 + eps everywhere: no token clipped, I_t = max(A_t, 0)
+    g = torch.Generator().manual_seed(N)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):  # L valid tokens per row, at different positions
+        mask[b, torch.randperm(T, generator=g)[:L]] = True
+    y = Inputs(lp, old, adv, mask)
+    loss_b, grad_b, st_b = loss_and_grad(y, granularity="batch", backend=backend)
+    loss_s, grad_s, st_s = loss_and_grad(y, granularity="sequence_gram", backend=backend)
+    assert_close_rel(st_s.weights, st_b.weights, 0.0, atol=1e-12, msg="weights")
+    assert not bool(torch.allclose(st_s.weights, torch.full((N,), 1.0 / N, dtype=F64)))  # not vacuous
+    assert_close_rel(loss_s, loss_b, 1e-10, msg="loss")
+    assert_close_rel(grad_s, grad_b, 1e-10, msg="grad")
+    # the objectives differ by the factor L (G_batch = L * G_sequence)
+    assert st_b.as_dict()["objective"] == pytest.approx(L * st_s.as_dict()["objective"], rel=1e-10)
+
+
+def test_sequence_gram_counts_each_response_once(backend):
+    """Stretching one response (more tokens with the same I) moves `batch`'s weights towards
+    the objectives that response favours; `sequence_gram`'s do not move."""
+    N, B, T = 2, 4, 40
+    adv = torch.tensor([[2.0, 0.1], [0.2, 1.0], [0.1, 1.5], [0.3, 1.2]], dtype=F64)  # row 0 favours objective 0
+    lp = torch.full((B, T), -1.0, dtype=F64)
+    old = lp.clone()  # u = 1: nothing clipped
+    short = torch.arange(T)[None, :] < torch.tensor([4, 4, 4, 4])[:, None]
+    long = torch.arange(T)[None, :] < torch.tensor([40, 4, 4, 4])[:, None]
+    w = {}
+    for name, mask in (("short", short), ("long", long)):
+        for gran in ("batch", "sequence_gram"):
+            w[name, gran] = pama_ext.pama_weights(lp, old, adv, mask, granularity=gran, backend=backend)
+    assert_close_rel(w["long", "sequence_gram"], w["short", "sequence_gram"], 0.0, atol=1e-12, msg="sequence_gram")
+    assert_close_rel(w["short", "batch"], w["short", "sequence_gram"], 0.0, atol=1e-12, msg="equal lengths")
+    # the long response's objective 0 has a larger norm in the token Gram: the min-norm point
+    # moves towards objective 1, the objective whose advantages sit on the short answers
+    assert float(w["long", "batch"][1]) > float(w["short", "batch"][1]) + 0.05
 
 
 # --------------------------------------------------------------------------- invariances
