@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from transformers import DynamicCache
 
 import pama_ext
 from pama_ext.rl import MultiHeadValueModel, per_objective_gae, scores_to_token_rewards, whiten_per_objective
@@ -125,8 +126,11 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, gen:
     eos = tokenizer.eos_token_id
     B = prompt_ids.shape[0]
     attn = prompt_mask
-    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1].float()
+    # transformers' cache object (the `cache=` argument; `past_key_values` is deprecated
+    # from 5.24 and goes in 5.40): the model extends it in place at every step
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompt_ids, attention_mask=attn, position_ids=positions(attn), cache=cache, use_cache=True)
+    logits = out.logits[:, -1].float()
     next_pos = positions(attn)[:, -1] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     toks, live, lps = [], [], []
@@ -141,10 +145,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, gen:
         if bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], dim=1)
-        out = model(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], past_key_values=past, use_cache=True
-        )
-        past, logits = out.past_key_values, out.logits[:, -1].float()
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], cache=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     responses = torch.stack(toks, dim=1)
     mask = torch.stack(live, dim=1)
