@@ -2,6 +2,7 @@
 
 * ``gae``: per-objective GAE over [B, T, N] (C++ kernel on CPU, PyTorch reference),
   per-objective whitening, sequence-level advantages, per-token rewards from scores.
+* ``grpo``: ``group_advantages``, per-objective group-relative (GRPO) advantages [B, N].
 * ``value_heads``: ``MultiHeadValueModel``, N value heads on a ``transformers`` causal LM.
 * ``consistency``: ``reward_consistency_mask``, keep the preference pairs whose chosen
   response wins on every objective.
@@ -21,6 +22,7 @@ from .gae import (
     sequence_advantages,
     whiten_per_objective,
 )
+from .grpo import group_advantages
 from .pareto import hypervolume, non_dominated
 from .value_heads import MultiHeadValueModel, ValueHeadOutput, add_value_heads
 
@@ -30,6 +32,7 @@ __all__ = [
     "ValueHeadOutput",
     "add_value_heads",
     "gae_reference",
+    "group_advantages",
     "has_cpp_gae",
     "hypervolume",
     "non_dominated",

@@ -23,7 +23,7 @@ import pama_ext
 
 from . import corpus, report
 from .policy import build_tiny_gpt2, build_tokenizer, load_pretrained, warm_up
-from .ppo import DEFAULT_METHODS, METHODS, PPOConfig, banned_logits, evaluate, train
+from .ppo import DEFAULT_METHODS, ESTIMATORS, METHODS, PPOConfig, banned_logits, evaluate, train
 from .rewards import DEFAULT_OBJECTIVES, OBJECTIVES, build_objectives
 
 EVAL_SEED = 12345  # the held-out evaluation samples with this seed for every method and seed
@@ -60,6 +60,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"comma-separated, from {', '.join(OBJECTIVES)} (default: %(default)s)")
     p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_METHODS),
                    help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
+    p.add_argument("--estimator", default="gae", choices=ESTIMATORS,
+                   help="advantages: gae (per-token GAE on N value heads, KL penalty in the reward; PPO as the spec "
+                   "writes it) or grpo (--group-size samples per prompt, each objective normalised within its group, "
+                   "advantages [B, N], no value heads, KL in the loss) (default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=4,
+                   help="grpo: responses per prompt; --batch counts responses (default: %(default)s)")
+    p.add_argument("--grpo-kl-coef", type=float, default=0.04,
+                   help="grpo: fixed coefficient of the k3 KL to the reference in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -83,7 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="runs trained in parallel processes: auto (CPU: one per core / --threads; GPU: 1) or a count")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    for name in ("steps", "batch", "epochs", "max_new_tokens", "eval_every", "eval_samples", "micro_batches", "threads"):
+    for name in ("steps", "batch", "epochs", "max_new_tokens", "eval_every", "eval_samples", "micro_batches", "threads",
+                 "group_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers != "auto" and (not args.workers.isdigit() or int(args.workers) < 1):
@@ -92,6 +101,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.batch % args.micro_batches:
         p.error(f"--batch {args.batch} is not a multiple of --micro-batches {args.micro_batches}")
+    if args.estimator == "grpo" and args.batch % args.group_size:
+        p.error(f"--batch {args.batch} is not a multiple of --group-size {args.group_size} (grpo: a group per prompt)")
+    if args.estimator == "grpo" and args.group_size < 2:
+        p.error(f"--group-size must be >= 2 for grpo (a group of one response has no relative advantage), got {args.group_size}")
     if not args.seeds:
         p.error("--seeds: give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
@@ -194,7 +207,8 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
     train_prompts, held_prompts = load_prompts(args.prompts, args.eval_prompts)
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
-                    target_kl=args.target_kl, backend=args.backend)
+                    target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
+                    group_size=args.group_size, grpo_kl_coef=args.grpo_kl_coef)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
 
@@ -313,7 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         initial, initial_samples = ctx.evaluate(model)
         log("objectives: " + "; ".join(f"{o.name} = {o.description}" for o in ctx.objectives))
         log(f"methods {args.methods} x seeds {args.seeds}, {args.steps} PPO steps each "
-            f"({args.batch} prompts, {args.epochs} epochs, lr {args.lr:g}, KL beta {args.kl_coef:g} -> target {args.target_kl:g}); "
+            f"({args.batch} responses, {args.epochs} epochs, lr {args.lr:g}, {_estimator_text(args)}); "
             f"held-out: {len(ctx.held_prompts)} prompts x {args.eval_samples} samples; device {device}, "
             f"{workers} worker(s), pama_ext backends {pama_ext.available_backends()}")
         bar = _progress(len(jobs) * args.steps, args.no_progress)
@@ -339,6 +353,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     log(report.table(summary))
     log(f"\n{time.perf_counter() - t0:.0f} s; results in {out}/: " + ", ".join(p.name for p in paths.values()))
     return summary
+
+
+def _estimator_text(args) -> str:
+    if args.estimator == "grpo":
+        return (f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, "
+                f"KL coefficient {args.grpo_kl_coef:g} in the loss")
+    return f"GAE on {len(args.objectives)} value heads, KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward"
 
 
 def resolve_workers(requested: str, device: torch.device, jobs: int, threads: int) -> int:

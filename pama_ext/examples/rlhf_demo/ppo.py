@@ -24,25 +24,28 @@ from torch import Tensor
 from transformers import DynamicCache
 
 import pama_ext
-from pama_ext.rl import MultiHeadValueModel, per_objective_gae, scores_to_token_rewards, whiten_per_objective
+from pama_ext.rl import MultiHeadValueModel, group_advantages, per_objective_gae, scores_to_token_rewards, whiten_per_objective
 
 from .policy import encode_texts, positions
 from .rewards import Objective, score_all
 
-# name -> PAMA keyword arguments. "pama": PAMA with the batch Gram (the library's default
-# granularity); "pama_token": Theorem 1 on each token's scalars; "pama_sequence": Theorem 1
-# on each response's mean advantages; "linear": MORLHF (uniform preference, signed PPO
-# clip); "mgda_ub": the min-norm point of the per-objective gradients w.r.t. the last
-# hidden states; "mgda": the exact one over all parameters (N extra backward passes).
+# name -> PAMA keyword arguments. "pama": the library's default (pama_ext.PAMA with no
+# granularity given: pama_ext.DEFAULT_GRANULARITY); "pama_<granularity>": PAMA at that
+# granularity ("token": Theorem 1 on each token's scalars; "sequence": Theorem 1 on each
+# response's mean advantages; "batch": the min-norm point of the token-weighted Gram;
+# "sequence_gram": of the Gram in which each response counts once; "batch_mean": Theorem 1
+# on the batch means); "linear": MORLHF (uniform preference, signed PPO clip); "mgda_ub":
+# the min-norm point of the per-objective gradients w.r.t. the last hidden states; "mgda":
+# the exact one over all parameters (N extra backward passes).
 METHODS: Dict[str, Dict[str, str]] = {
-    "pama": {"combiner": "pama", "granularity": "batch"},
-    "pama_token": {"combiner": "pama", "granularity": "token"},
-    "pama_sequence": {"combiner": "pama", "granularity": "sequence"},
+    "pama": {"combiner": "pama"},
+    **{f"pama_{g}": {"combiner": "pama", "granularity": g} for g in pama_ext.GRANULARITIES},
     "linear": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
 }
 DEFAULT_METHODS = ("pama", "pama_token", "linear", "mgda_ub")
+ESTIMATORS = ("gae", "grpo")
 
 
 @dataclass
@@ -62,6 +65,13 @@ class PPOConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     backend: str = "auto"
+    # "gae": per-token GAE on N value heads, the KL penalty in the reward (PPO, the spec);
+    # "grpo": group_size samples per prompt, each objective's score normalised within its
+    # group (advantages [B, N], no value heads), the KL to the reference in the loss (k3
+    # estimator, coefficient grpo_kl_coef), as GRPO trainers do
+    estimator: str = "gae"
+    group_size: int = 4
+    grpo_kl_coef: float = 0.04
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -241,6 +251,11 @@ def train(
     the same for every run, so they are the same for every method and seed)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if cfg.estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
+    grpo = cfg.estimator == "grpo"
+    if grpo and cfg.batch % cfg.group_size:
+        raise ValueError(f"batch {cfg.batch} is not a multiple of group_size {cfg.group_size}")
     n = len(objectives)
     torch.manual_seed(seed)
     policy = MultiHeadValueModel(copy.deepcopy(initial_model), n, objective_names=[o.name for o in objectives])
@@ -267,7 +282,11 @@ def train(
     else:
         evals.append({"step": 0, "rewards": list(initial_eval)})
     for step in range(1, steps + 1):
-        prompts = [rng.choice(train_prompts) for _ in range(cfg.batch)]
+        if grpo:  # group_size responses to each of batch / group_size prompts, a group in consecutive rows
+            prompts = [p for p in (rng.choice(train_prompts) for _ in range(cfg.batch // cfg.group_size))
+                       for _ in range(cfg.group_size)]
+        else:
+            prompts = [rng.choice(train_prompts) for _ in range(cfg.batch)]
         policy.eval()
         ro = generate(policy.model, tokenizer, prompts, cfg.max_new_tokens, gen, banned)
         policy.train()
@@ -277,9 +296,12 @@ def train(
             old_logp, old_values, _ = forward(policy, ro, banned)
             ref_logp = forward_ref(ref, ro, banned)
             kl = torch.where(mask, old_logp - ref_logp, torch.zeros((), device=device))
-            rewards = scores_to_token_rewards(scores, mask, kl=kl, kl_coef=kl_ctl.value)
-            gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-            adv = whiten_per_objective(gae.advantages, mask)
+            if grpo:
+                adv = group_advantages(scores, cfg.group_size)  # [B, N]
+            else:
+                rewards = scores_to_token_rewards(scores, mask, kl=kl, kl_coef=kl_ctl.value)
+                gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
+                adv = whiten_per_objective(gae.advantages, mask)
         K = cfg.micro_batches
         micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
         weights = []
@@ -295,21 +317,25 @@ def train(
                 logp, values, hidden = forward(policy, sub, banned)
                 shared = hidden if method == "mgda_ub" else None
                 pol = opt.loss(logp, old_logp[mb], adv[mb], mask[mb], shared=shared)
-                vl = value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
-                ((pol + cfg.vf_coef * vl) / K).backward()
+                if grpo:
+                    aux = cfg.grpo_kl_coef * k3_kl(logp, ref_logp[mb], mask[mb])
+                else:
+                    aux = cfg.vf_coef * value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
+                ((pol + aux) / K).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             weights.append(mean_weights(opt.last_weights, mask[micro[-1]]))  # the last micro-batch's
             opt.step()
         seq_kl = float((kl.sum(1)).mean())
-        kl_ctl.update(seq_kl, cfg.batch)
+        if not grpo:  # GRPO's KL coefficient is fixed
+            kl_ctl.update(seq_kl, cfg.batch)
         rec = {
             "step": step,
             "rewards": scores.mean(0).tolist(),
             "weights": [sum(c) / len(c) for c in zip(*weights)],
             "kl": seq_kl,
-            "kl_coef": kl_ctl.value,
+            "kl_coef": cfg.grpo_kl_coef if grpo else kl_ctl.value,
             "policy_loss": float(pol.detach()),
-            "value_loss": float(vl.detach()),
+            ("kl_loss" if grpo else "value_loss"): float(aux.detach()),
             "response_tokens": float(mask.sum(1).float().mean()),
         }
         history.append(rec)
@@ -320,6 +346,15 @@ def train(
         if on_step is not None:
             on_step(rec)
     return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or []}
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """GRPO's KL penalty: the mean over response tokens of exp(r) - r - 1, r = logp_ref - logp
+    (Schulman's k3 estimator of KL(pi || pi_ref): unbiased, never negative)."""
+    r = torch.where(mask, ref_logp - logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    per_token = torch.expm1(r) - r
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum().clamp_min(1)
 
 
 def forward_ref(ref, ro: Rollout, banned: Tensor) -> Tensor:

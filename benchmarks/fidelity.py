@@ -1,0 +1,77 @@
+"""Run the fidelity sweep that chooses the library's default PAMA (issue 12).
+
+Every method (each PAMA granularity, MORLHF ``linear``, ``mgda_ub``) over the same seeds,
+on both advantage regimes of the main job (``--estimator gae``: per-token GAE on N value
+heads; ``--estimator grpo``: group-normalised sequence advantages [B, N]) and both
+objective sets (the paper's pair sentiment+length; the demo's default three). One demo
+invocation per (setting, method), all starting from the same warmed-up policy; a finished
+invocation is skipped on a rerun, so the sweep resumes where it stopped.
+
+    python benchmarks/fidelity.py                       # everything (about 1 h on 2 cores)
+    python benchmarks/fidelity.py --settings grpo_pair --methods pama_token,linear --seeds 0,1
+    python benchmarks/fidelity_report.py                # tables, win counts, plots -> benchmarks/FIDELITY.md
+
+Raw results: ``fidelity_runs/<setting>/<method>/summary.json`` (not committed; the report
+writes the per-seed figures it uses to ``benchmarks/results/fidelity.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {
+    "gae_pair": ["--estimator", "gae", "--objectives", "sentiment,length"],
+    "gae_three": ["--estimator", "gae", "--objectives", "sentiment,length,diversity"],
+    "grpo_pair": ["--estimator", "grpo", "--objectives", "sentiment,length"],
+    "grpo_three": ["--estimator", "grpo", "--objectives", "sentiment,length,diversity"],
+}
+METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub"]
+SEEDS = list(range(10))
+
+
+def _csv(text):
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--settings", type=_csv, default=list(SETTINGS))
+    p.add_argument("--methods", type=_csv, default=METHODS)
+    p.add_argument("--seeds", type=_csv, default=[str(s) for s in SEEDS])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--runs", default=str(ROOT / "fidelity_runs"), help="raw results folder (default: %(default)s)")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    bad = [s for s in args.settings if s not in SETTINGS]
+    if bad:
+        p.error(f"--settings: unknown {bad}; choose from {list(SETTINGS)}")
+    demo = [args.python, "-m", "pama_ext.examples.rlhf_demo", "--no-progress"]
+    policy = runs / "warm" / "initial_policy"
+    if not (policy / "config.json").is_file():  # the demo's own warm-up, once, saved for every run
+        subprocess.run(demo + ["--methods", "linear", "--seeds", "0", "--steps", "1", "--out", str(runs / "warm")],
+                       check=True, cwd=ROOT)
+    for setting in args.settings:
+        for method in args.methods:
+            out = runs / setting / method
+            if (out / "summary.json").is_file():
+                print(f"[fidelity] {setting} {method}: done already", flush=True)
+                continue
+            t = time.perf_counter()
+            cmd = demo + SETTINGS[setting] + ["--model", str(policy), "--methods", method,
+                                              "--seeds", ",".join(args.seeds), "--steps", str(args.steps), "--out", str(out)]
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if res.returncode:
+                print(f"[fidelity] {setting} {method}: FAILED\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}", flush=True)
+                continue
+            print(f"[fidelity] {setting} {method}: {time.perf_counter() - t:.0f} s", flush=True)
+            print("\n".join(res.stdout.strip().splitlines()[-4:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
