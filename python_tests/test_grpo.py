@@ -1,0 +1,174 @@
+"""GRPO: ``pama_ext.rl.group_advantages`` (per-objective group-relative advantages) against a
+float64 loop reference, and the main job's ``--estimator grpo`` end to end."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pama_ext.rl import group_advantages
+
+
+def _reference(scores, g, scale, eps=1e-4):
+    """Loop over groups and objectives in float64 (TRL's formula)."""
+    x = scores.double() if scores.dim() == 2 else scores.double()[:, None]
+    out = torch.zeros_like(x)
+    for i in range(x.shape[1]):
+        col = x[:, i]
+        batch_std = float(col.std()) if len(col) > 1 else 0.0
+        for start in range(0, len(col), g):
+            grp = col[start : start + g]
+            centred = grp - grp.mean()
+            if scale == "group":
+                centred = centred / ((float(grp.std()) if g > 1 else 0.0) + eps)
+            elif scale == "batch":
+                centred = centred / (batch_std + eps)
+            out[start : start + g, i] = centred
+    return out if scores.dim() == 2 else out[:, 0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.integers(1, 5), g=st.integers(1, 6), n=st.integers(1, 4), scale=st.sampled_from(["group", "batch", "none"]),
+       seed=st.integers(0, 10_000), ties=st.booleans())
+def test_group_advantages_match_the_reference(groups, g, n, scale, seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(groups * g, n, generator=gen, dtype=torch.float64)
+    if ties:  # whole groups with one score: their advantage must be exactly 0
+        scores[:g] = 0.5
+    got = group_advantages(scores, g, scale)
+    torch.testing.assert_close(got, _reference(scores, g, scale), rtol=1e-12, atol=1e-12)
+    grouped = got.reshape(groups, g, n)
+    torch.testing.assert_close(grouped.sum(1), torch.zeros(groups, n, dtype=torch.float64), atol=1e-9, rtol=0)
+    if ties:
+        assert bool((got[:g] == 0).all())
+    if scale == "group" and g > 1:  # unit std in every group that is not constant
+        std = grouped.std(dim=1)
+        spread = scores.reshape(groups, g, n).std(dim=1)
+        ok = spread > 1e-2
+        torch.testing.assert_close(std[ok], (spread / (spread + 1e-4))[ok], rtol=1e-9, atol=1e-9)
+
+
+def test_group_advantages_one_objective_and_float32():
+    s = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    a = group_advantages(s, 2)
+    assert a.shape == (4,) and a.dtype == torch.float32
+    assert a.tolist() == pytest.approx([-1 / (math.sqrt(2) + 1e-4), 1 / (math.sqrt(2) + 1e-4), 0.0, 0.0], rel=1e-6)
+    # each objective is normalised on its own: scaling one objective's scores changes it only through eps
+    two = torch.stack([s, 1000 * s], dim=1)
+    torch.testing.assert_close(group_advantages(two, 2)[:, 1], a, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((torch.zeros(6, 2), 4), "not a multiple of group_size=4"),
+        ((torch.zeros(6, 2), 0), "`group_size` must be an int >= 1"),
+        ((torch.zeros(6, 2), True), "`group_size` must be an int >= 1"),
+        ((torch.zeros(6, 2, 1), 2), r"`scores` must be a float tensor \[B, N\] or \[B\], got \(6, 2, 1\)"),
+        ((torch.zeros(6, dtype=torch.long), 2), "`scores` must be a float tensor"),
+        (([1.0, 2.0], 2), "got list"),
+    ],
+)
+def test_group_advantages_rejects(args, match):
+    with pytest.raises(ValueError, match=match):
+        group_advantages(*args)
+    with pytest.raises(ValueError, match="`scale` must be one of"):
+        group_advantages(torch.zeros(4, 1), 2, scale="whiten")
+
+
+# --------------------------------------------------------------------------- the demo
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("vaderSentiment")
+pytest.importorskip("matplotlib")
+
+from pama_ext.examples.rlhf_demo import cli, ppo  # noqa: E402
+
+TINY = ["--steps", "2", "--warmup-steps", "5", "--batch", "8", "--epochs", "2", "--max-new-tokens", "8",
+        "--eval-every", "1", "--eval-samples", "1", "--no-progress"]
+
+
+def test_k3_kl():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-1.5, -2.0, 5.0]])
+    mask = torch.tensor([[True, True, False]])  # the unmasked 8-nat gap must not count
+    r = -0.5
+    assert float(ppo.k3_kl(logp, ref, mask)) == pytest.approx((math.exp(r) - r - 1) / 2)
+    assert float(ppo.k3_kl(logp, logp, mask)) == 0.0
+    assert float(ppo.k3_kl(logp, ref, torch.zeros_like(mask))) == 0.0
+
+
+def test_demo_grpo_end_to_end(tmp_path, one_thread):
+    """--estimator grpo: every method trains on group-normalised [B, N] advantages; each
+    rollout holds batch / group_size prompts, group_size samples each; no value loss, the
+    KL term is in the loss with its fixed coefficient; the generation uses transformers'
+    cache interface (no deprecation warning)."""
+    methods = ["pama", "pama_token", "pama_batch", "pama_sequence", "pama_batch_mean", "linear", "mgda_ub"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--grpo-kl-coef", "0.1",
+                      "--objectives", "sentiment,length", "--methods", ",".join(methods), "--seeds", "0",
+                      "--out", str(tmp_path / "o")])
+    assert s["config"]["ppo"]["estimator"] == "grpo" and s["config"]["ppo"]["group_size"] == 4
+    for r in s["runs"]:
+        for h in r["history"]:
+            assert "value_loss" not in h and math.isfinite(h["kl_loss"]) and h["kl_coef"] == 0.1
+            w = h["weights"]
+            assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
+        assert r["history"][0]["kl_loss"] >= 0.0
+    firsts = [r["history"][0]["rewards"] for r in s["runs"]]
+    assert all(f == firsts[0] for f in firsts)  # the same first rollout for every method
+
+
+def test_grpo_rollout_holds_groups(monkeypatch, one_thread):
+    """The prompts of one rollout come in groups of group_size identical prompts, and the
+    advantages the loss sees are group_advantages of the scores."""
+    seen = {}
+    real_generate, real_loss = ppo.generate, ppo.pama_ext.PAMA.loss
+
+    def spy_generate(model, tok, prompts, *a, **k):
+        seen.setdefault("prompts", list(prompts))
+        return real_generate(model, tok, prompts, *a, **k)
+
+    def spy_loss(self, logp, old, adv, mask, **k):
+        seen.setdefault("adv", adv.clone())
+        return real_loss(self, logp, old, adv, mask, **k)
+
+    monkeypatch.setattr(ppo, "generate", spy_generate)
+    monkeypatch.setattr(ppo.pama_ext.PAMA, "loss", spy_loss)
+    args = cli.parse_args([*TINY, "--estimator", "grpo", "--group-size", "4", "--objectives", "sentiment,length",
+                           "--warmup-steps", "0", "--steps", "1"])
+    model, tok = ppo_policy()
+    ctx = cli.make_context(args, torch.device("cpu"), model, tok)
+    run = ctx.run("linear", 0, initial=[0.0, 1.0])
+    p = seen["prompts"]
+    assert len(p) == 8 and p[0:4] == [p[0]] * 4 and p[4:8] == [p[4]] * 4
+    adv = seen["adv"]
+    assert adv.shape == (8, 2)
+    torch.testing.assert_close(adv.reshape(2, 4, 2).sum(1), torch.zeros(2, 2), atol=1e-5, rtol=0)
+    assert len(run["history"]) == 1
+
+
+def ppo_policy():
+    from pama_ext.examples.rlhf_demo import policy as demo_policy
+
+    tok = demo_policy.build_tokenizer()
+    return demo_policy.build_tiny_gpt2(tok, seed=0, n_embd=32, n_layer=1, n_head=2, n_positions=48).eval(), tok
+
+
+def test_grpo_arguments_are_checked():
+    for bad in (["--estimator", "grpo", "--batch", "6", "--group-size", "4"],
+                ["--estimator", "grpo", "--group-size", "1"],
+                ["--estimator", "reinforce"],
+                ["--group-size", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(bad)
+    cfg = ppo.PPOConfig(estimator="grpo", batch=6, group_size=4)
+    with pytest.raises(ValueError, match="not a multiple of group_size"):
+        ppo.train("linear", 0, None, None, [], [], None, cfg, 1, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown estimator"):
+        ppo.train("linear", 0, None, None, [], [], None, ppo.PPOConfig(estimator="td"), 1, 1, torch.device("cpu"))
