@@ -32,10 +32,10 @@ using at::Tensor;
 
 constexpr int64_t kBlock = 2048;  // tokens per work unit
 
-enum class Gran { Batch, Token, Sequence, BatchMean };
+enum class Gran { Batch, Token, Sequence, BatchMean, SequenceGram };
 enum class Agg { TokenMean, SeqMeanTokenMean };
-// What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean),
-// Smin (token). Accumulating only what the granularity needs is an optimisation; the
+// What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean,
+// sequence_gram: its Gram is built from the per-row means Q_b / M_b after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
 // statistics it does accumulate are the ones the contract defines.
 enum class Mode { Gram, Mean, Min };
 
@@ -44,8 +44,9 @@ Gran parse_granularity(const std::string& g) {
   if (g == "token") return Gran::Token;
   if (g == "sequence") return Gran::Sequence;
   if (g == "batch_mean") return Gran::BatchMean;
+  if (g == "sequence_gram") return Gran::SequenceGram;
   TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
-                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean'");
+                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean', 'sequence_gram'");
   return Gran::Batch;
 }
 
@@ -740,6 +741,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
     std::vector<double> G(static_cast<size_t>(n) * n);
     for (int i = 0, k = 0; i < n; ++i)
       for (int j = i; j < n; ++j, ++k) G[i * n + j] = G[j * n + i] = gu[k];
+    c.resize(n);
+    auto sc = std::make_unique<pama::MinNormScratch>();
+    pama::min_norm_weights(G.data(), n, c.data(), sc.get());
+    pama::quad_objective_kkt(G.data(), n, c.data(), &objective, &kkt);
+  } else if (gran == Gran::SequenceGram) {
+    // each response counts once: v_b = Q_b / M_b (rows without a valid token contribute
+    // nothing), G = sum_b v_b v_b^T (upper triangle, rows in index order), then batch's solver
+    std::vector<double> G(static_cast<size_t>(n) * n, 0.0);
+    double v[PAMA_MAX_N];
+    for (int64_t b = 0; b < B; ++b) {
+      const double mb = rows[b * R];
+      if (!(mb > 0.0)) continue;
+      for (int i = 0; i < n; ++i) v[i] = rows[b * R + 2 + n + i] / mb;
+      for (int i = 0; i < n; ++i)
+        for (int j = i; j < n; ++j) G[i * n + j] += v[i] * v[j];
+    }
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
     c.resize(n);
     auto sc = std::make_unique<pama::MinNormScratch>();
     pama::min_norm_weights(G.data(), n, c.data(), sc.get());

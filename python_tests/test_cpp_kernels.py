@@ -35,7 +35,7 @@ _C = importlib.import_module("pama_ext._C")
 from pama_ext import reference as R  # noqa: E402
 from conftest import brute_force_min_norm  # noqa: E402
 
-GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
+GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 EPS = 0.2
 BLOCK = 2048  # kBlock in pama_cpu.cpp: rows longer than this are split into segments
@@ -348,7 +348,7 @@ def test_fused_matches_reference(granularity, loss_agg, bc, dtype):
             if mask_kind == "empty":
                 assert float(out[0]) == 0.0 and bool((g == 0).all())
                 assert out[3].tolist()[:5] == [0.0] * 5 and float(out[3][7]) == 0.0
-                if granularity in ("batch", "batch_mean"):
+                if granularity in ("batch", "batch_mean", "sequence_gram"):
                     assert torch.equal(out[1], torch.full((N,), 1.0 / N, dtype=out[1].dtype))
 
 
@@ -368,6 +368,15 @@ def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
     S = (A * m[..., None]).sum(1)
     if granularity == "batch":
         G = torch.einsum("bti,btj->ij", I, I).numpy()
+        if N <= 6:
+            _, c = brute_force_min_norm(G)
+            c = torch.from_numpy(c) if c is not None and float(np.diag(G).max()) > 0 else torch.full((N,), 1.0 / N)
+        else:
+            c = torch.from_numpy(solve(G))
+        per_row = S @ c.double()
+    elif granularity == "sequence_gram":
+        V = I.sum(1) / Mb.clamp(min=1)[:, None]  # each response once: its mean I (0 if empty)
+        G = (V.T @ V).numpy()
         if N <= 6:
             _, c = brute_force_min_norm(G)
             c = torch.from_numpy(c) if c is not None and float(np.diag(G).max()) > 0 else torch.full((N,), 1.0 / N)
@@ -432,7 +441,7 @@ def test_loss_is_dot_of_returned_weights_and_surrogates():
     u = torch.exp(d[0] - d[1])
     A = d[2].clamp(min=0) * mask[..., None]
     S = (A * u.clamp(max=1 + EPS)[..., None]).sum(1)
-    for gran in ("batch", "sequence", "batch_mean"):
+    for gran in ("batch", "sequence", "batch_mean", "sequence_gram"):
         for agg in LOSS_AGGS:
             loss, w, r, _ = _C.pama_forward(lp, olp, adv, mask, EPS, gran, agg, True)
             per_row = (S * w.double()).sum(-1) if gran == "sequence" else S @ w.double()
