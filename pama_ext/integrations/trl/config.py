@@ -1,0 +1,165 @@
+"""``PAMAGRPOConfig``: TRL's ``GRPOConfig`` plus the multi-objective settings, validated once.
+
+Every ``GRPOConfig`` field keeps its meaning. The new fields say how the reward functions
+(one objective each) become per-objective advantages and how the loss combines them. TRL
+options that change the per-token loss in ways PAMA does not define are refused here, at
+construction, with an error that names them (``check_supported``): a silently ignored
+option would train something other than what the user asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from trl import GRPOConfig
+
+import pama_ext
+from pama_ext.statistics import STATISTICS_GRANULARITIES
+
+#: ``objective_combiner`` values: PAMA's weights (Noon PPO) or a fixed preference (MORLHF)
+COMBINERS = ("pama", "linear")
+#: ``objective_normalization`` values, as TRL's ``scale_rewards`` (None: follow ``scale_rewards``)
+NORMALIZATIONS = ("group", "batch", "none")
+#: TRL loss types that are the clipped surrogate with some normaliser: PAMA replaces the
+#: surrogate by its Noon form and keeps the normaliser. cispo, sapo and vespo replace the
+#: clipped surrogate itself (clipped weights times log-probs, soft gates, gamma weights).
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+@dataclass
+class PAMAGRPOConfig(GRPOConfig):
+    r"""``GRPOConfig`` for ``PAMAGRPOTrainer``: each reward function is one objective.
+
+    Parameters added to [`~trl.GRPOConfig`]:
+        objective_combiner (`str`, defaults to `"pama"`):
+            `"pama"`: Noon PPO (negative advantages clamped to zero) with PAMA's weights
+            (`pama_ext`'s fused op). `"linear"`: MORLHF, the signed advantages combined with
+            the fixed `objective_preference`, TRL's own clipped surrogate.
+        objective_granularity (`str` or `None`, defaults to `pama_ext.DEFAULT_GRANULARITY`):
+            where PAMA solves for the weights (`pama_ext.GRANULARITIES`). Batch-level ones
+            (`pama_ext.statistics.STATISTICS_GRANULARITIES`) are solved once per optimizer step
+            over all its micro-batches and all processes. `"pama"` only.
+        objective_preference (`list[float]` or `None`, defaults to uniform):
+            `"linear"` only: one weight per reward function, used as given.
+        objective_normalization (`str` or `None`, defaults to `scale_rewards`):
+            how each reward function's rewards become its advantage: minus the group mean,
+            divided by the group's std (`"group"`), the whole generation batch's std
+            (`"batch"`) or nothing (`"none"`), exactly as TRL's `scale_rewards` does for the
+            single combined reward.
+    """
+
+    objective_combiner: str = field(
+        default="pama",
+        metadata={"help": "How the per-objective advantages are combined: 'pama' or 'linear'.", "choices": COMBINERS},
+    )
+    objective_granularity: Optional[str] = field(
+        default=None,
+        metadata={"help": "PAMA's granularity (pama_ext.GRANULARITIES); None: pama_ext.DEFAULT_GRANULARITY."},
+    )
+    objective_preference: Optional[List[float]] = field(
+        default=None,
+        metadata={"help": "objective_combiner='linear': one weight per reward function (default uniform)."},
+    )
+    objective_normalization: Optional[str] = field(
+        default=None,
+        metadata={"help": "Per-objective advantage scaling: 'group', 'batch' or 'none'; None: as scale_rewards."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()  # TRL's own checks first; it also turns scale_rewards=True/False into names
+        resolve_and_check(self)
+
+
+def resolve_and_check(args) -> None:
+    """Fill the defaults of the objective settings and refuse what cannot be honoured."""
+    _check_objective_settings(args)
+    check_supported(args)
+
+
+def _check_objective_settings(args) -> None:
+    if args.objective_combiner not in COMBINERS:
+        raise ValueError(
+            f"PAMAGRPOConfig: objective_combiner must be one of {list(COMBINERS)}, got {args.objective_combiner!r}"
+        )
+    if args.objective_combiner == "pama":
+        if args.objective_preference is not None:
+            raise ValueError(
+                "PAMAGRPOConfig: objective_preference is for objective_combiner='linear'; "
+                "objective_combiner='pama' solves for the weights"
+            )
+        if args.objective_granularity is None:
+            args.objective_granularity = pama_ext.DEFAULT_GRANULARITY
+        if args.objective_granularity not in pama_ext.GRANULARITIES:
+            raise ValueError(
+                f"PAMAGRPOConfig: objective_granularity must be one of {list(pama_ext.GRANULARITIES)}, "
+                f"got {args.objective_granularity!r}"
+            )
+    else:
+        if args.objective_granularity is not None:
+            raise ValueError(
+                "PAMAGRPOConfig: objective_granularity applies to objective_combiner='pama' only, "
+                f"not {args.objective_combiner!r} (leave it unset)"
+            )
+        if args.objective_preference is not None:
+            pref = list(args.objective_preference)
+            if not pref or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in pref):
+                raise ValueError(
+                    f"PAMAGRPOConfig: objective_preference must be a non-empty list of finite numbers, got {pref!r}"
+                )
+            args.objective_preference = [float(p) for p in pref]
+    if args.objective_normalization is None:
+        args.objective_normalization = args.scale_rewards
+    if args.objective_normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"PAMAGRPOConfig: objective_normalization must be one of {list(NORMALIZATIONS)}, "
+            f"got {args.objective_normalization!r}"
+        )
+
+
+def check_supported(args) -> None:
+    """Raise one ValueError naming every TRL setting this integration cannot honour."""
+    bad = []
+    if args.loss_type not in SUPPORTED_LOSS_TYPES:
+        bad.append(
+            f"loss_type={args.loss_type!r} (it replaces the clipped surrogate; supported: {list(SUPPORTED_LOSS_TYPES)})"
+        )
+    if args.importance_sampling_level != "token":
+        bad.append(
+            f"importance_sampling_level={args.importance_sampling_level!r} (PAMA's clip indicator and weights are per token)"
+        )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        bad.append("vllm_importance_sampling_correction=True with use_vllm=True (a per-token loss correction)")
+    if args.top_entropy_quantile < 1.0:
+        bad.append(f"top_entropy_quantile={args.top_entropy_quantile} (entropy masking of the per-token loss)")
+    if args.off_policy_mask_threshold is not None:
+        bad.append(f"off_policy_mask_threshold={args.off_policy_mask_threshold} (masks sequences by advantage sign)")
+    if args.delta is not None:
+        bad.append(f"delta={args.delta} (two-sided clipping of the ratio)")
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        bad.append(
+            f"entropy_coef={args.entropy_coef} / use_adaptive_entropy={args.use_adaptive_entropy} "
+            "(the entropy bonus is not implemented by this integration)"
+        )
+    if args.multi_objective_aggregation != "sum_then_normalize":
+        bad.append(
+            f"multi_objective_aggregation={args.multi_objective_aggregation!r} (the objectives are combined by "
+            "objective_combiner; set objective_normalization for the per-objective scaling)"
+        )
+    if args.reward_weights is not None:
+        bad.append(
+            "reward_weights (the objectives are combined by objective_combiner: use objective_preference with "
+            "objective_combiner='linear')"
+        )
+    if args.objective_combiner == "pama" and args.objective_granularity in STATISTICS_GRANULARITIES:
+        generate_every = args.steps_per_generation * args.num_iterations
+        if generate_every % args.gradient_accumulation_steps != 0:
+            bad.append(
+                f"steps_per_generation={args.steps_per_generation} x num_iterations={args.num_iterations} not a "
+                f"multiple of gradient_accumulation_steps={args.gradient_accumulation_steps} with "
+                f"objective_granularity={args.objective_granularity!r} (the step's weights are solved over all its "
+                "micro-batches, which must come from one generation batch)"
+            )
+    if bad:
+        raise ValueError("PAMAGRPOConfig: unsupported setting(s) for PAMAGRPOTrainer: " + "; ".join(bad))
