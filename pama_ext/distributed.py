@@ -1,8 +1,9 @@
 """Data parallelism: which process group PAMA synchronises over, and the one collective it uses.
 
-PAMA's batch-level weights (``granularity="batch"`` and ``"batch_mean"``, and the Gram of
-``mgda_ub``) are functions of sums over tokens, so every rank all-reduces (SUM) its local
-sums before solving and all ranks then use identical weights: the weights of the global
+PAMA's batch-level weights (``granularity="batch"``, ``"batch_mean"`` and
+``"sequence_gram"``, and the Gram of ``mgda_ub``) are functions of sums over tokens (over
+responses for ``sequence_gram``, whose Gram is ``sum_b v_b v_b^T``; each rank holds whole
+responses), so every rank all-reduces (SUM) its local sums before solving and all ranks then use identical weights: the weights of the global
 batch (``shared/PAMA.md``, "Data parallelism"). The statistics are N + 2 + N^2 float64
 numbers: one small collective per optimizer step, whatever the model size.
 

@@ -21,8 +21,9 @@ Usage (one PPO minibatch per optimizer step)::
         opt.step(); sched.step()
         opt.last_weights, opt.last_stats                # tensors: no host sync until read
 
-Gradient accumulation (micro-batches; one set of ``batch`` / ``batch_mean`` weights for the
-whole step, equal to the weights of the concatenated batch)::
+Gradient accumulation (micro-batches; one set of ``batch`` / ``batch_mean`` /
+``sequence_gram`` weights for the whole step, equal to the weights of the concatenated
+batch; for ``sequence_gram`` each micro-batch holds whole responses)::
 
     with torch.no_grad():                              # a statistics pass: cheap, no graph
         for mb in micro_batches:
@@ -49,8 +50,8 @@ trainer that averages micro-batch losses). ``accumulate`` is a no-op for granula
 combiners whose weights need no batch statistics (``token``, ``sequence``, ``linear``;
 ``mgda_ub`` and ``mgda`` solve per ``loss`` call), so one loop serves every combiner.
 
-Data parallelism: with ``torch.distributed`` initialized, ``batch`` / ``batch_mean``
-statistics (and the Gram of ``mgda_ub``) are all-reduced (SUM) over ``process_group``
+Data parallelism: with ``torch.distributed`` initialized, ``batch`` / ``batch_mean`` /
+``sequence_gram`` statistics (and the Gram of ``mgda_ub``) are all-reduced (SUM) over ``process_group``
 (default: the default group) before the solve, so every rank uses the weights of the
 global batch: one all-reduce of ``2 + N + N^2`` float64 numbers per ``loss`` call, or per
 ``solve`` when accumulating. Every rank must therefore call ``loss`` (or ``solve``) the same
@@ -64,7 +65,8 @@ preference=None)``, for all of them):
 
 =========== ===================================================================================
 ``pama``    Noon PPO with PAMA's weights at ``granularity`` (``batch`` default, ``token``,
-            ``sequence``, ``batch_mean``): the fused op ``pama_ext.pama_loss``; with
+            ``sequence``, ``batch_mean``, ``sequence_gram``: the min-norm point of the Gram
+            in which each response counts once): the fused op ``pama_ext.pama_loss``; with
             accumulation or a process group, the statistics pass + one solve +
             ``weighted_noon_loss`` with those weights (backward: the fused kernel). Extra
             cost: an elementwise count of zero combined advantages for the diagnostics.
@@ -200,8 +202,11 @@ class PAMA(Optimizer):
         optimizer: the base ``torch.optim.Optimizer`` (its ``param_groups`` are shared).
         num_objectives: N, the number of objectives (advantages' last dimension).
         clip_eps: PPO clip range.
-        granularity: ``batch`` (default), ``token``, ``sequence`` or ``batch_mean``
-            (``combiner="pama"`` only; see ``pama_ext.pama_loss``).
+        granularity: ``batch`` (default), ``token``, ``sequence``, ``batch_mean`` or
+            ``sequence_gram`` (one weight vector from the min-norm point of the Gram of the
+            per-response mean advantage vectors: each response counts once, so accumulation
+            and data parallelism sum per-response terms; ``combiner="pama"`` only; see
+            ``pama_ext.pama_loss``).
         combiner: ``pama`` (default), ``linear``, ``mgda_ub`` or ``mgda`` (module docstring).
         preference: ``linear`` only: the default preference vector [N] (uniform if None).
         loss_agg: ``token_mean`` (default) or ``seq_mean_token_mean``.
@@ -358,9 +363,10 @@ class PAMA(Optimizer):
     def accumulate(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
         """Add one micro-batch's statistics to this step's (no gradient, no graph).
 
-        For ``pama`` with ``batch`` / ``batch_mean``; a no-op for every other combiner or
-        granularity (their weights need no batch statistics). After a ``solve`` (or the
-        first ``loss`` that solved), ``accumulate`` starts a new step's accumulation.
+        For ``pama`` with ``batch`` / ``batch_mean`` / ``sequence_gram`` (micro-batches of
+        whole responses); a no-op for every other combiner or granularity (their weights
+        need no batch statistics). After a ``solve`` (or the first ``loss`` that solved),
+        ``accumulate`` starts a new step's accumulation.
         """
         self._check_n("PAMA.accumulate", advantages)
         if not self._needs_statistics:

@@ -1,15 +1,20 @@
 """Sufficient statistics of the batch-level PAMA solve: compute, add, all-reduce, solve.
 
-The ``batch`` and ``batch_mean`` weights depend on the batch only through sums over its
-valid tokens (``shared/PAMA.md``, "Granularity"):
+The ``batch``, ``batch_mean`` and ``sequence_gram`` weights depend on the batch only through
+sums over its valid tokens or its responses (``shared/PAMA.md``, "Granularity"):
 
 * ``M`` = number of valid tokens (masked, every input finite);
 * ``Q_i = sum_t I^(i)_t`` (``batch_mean``: a_i = Q_i / M, then Theorem 1);
-* ``G_ij = sum_t I^(i)_t I^(j)_t`` (``batch``: the min-norm point of the N x N Gram),
+* ``G_ij = sum_t I^(i)_t I^(j)_t`` (``batch``: the min-norm point of the N x N Gram), or,
+  for ``sequence_gram``, ``G_ij = sum_b v^(i)_b v^(j)_b`` with ``v_b`` response b's mean of
+  ``I_t`` over its valid tokens (each response counts once; a response without a valid
+  token adds nothing), and the same min-norm solve,
 
 with ``I^(i)_t = max(A'^(i)_t, 0)`` where ``u_t <= 1 + eps`` and 0 where the token is
 clipped. Sums add up: the statistics of a batch are the sum of those of its micro-batches,
-and of the per-rank shards under data parallelism. This module computes them
+and of the per-rank shards under data parallelism (for ``sequence_gram`` the terms are
+per response, so each micro-batch and each rank must hold whole responses, as they do when
+a batch is split by rows). This module computes them
 (:func:`batch_statistics`), adds them (``+``), all-reduces them across a process group
 (:meth:`BatchStatistics.all_reduce`) and solves once (:meth:`BatchStatistics.solve`). The
 loss is then evaluated with the weights held fixed (``pama_ext.weighted_noon_loss``).
@@ -24,7 +29,9 @@ in the inputs' accumulation precision, float32 or float64; every sum in float64)
 The statistics live in one flat float64 tensor on the inputs' device,
 ``[M, clipped, Q_1..Q_N, G_11..G_NN]`` (``2 + N + N^2`` numbers): one ``all_reduce``
 synchronises a whole batch. Nothing here reads a tensor on the host except ``solve`` for
-``granularity="batch"`` (the exact min-norm solver runs on the CPU, on N^2 numbers).
+``granularity="batch"`` / ``"sequence_gram"`` (the exact min-norm solver runs on the CPU,
+on N^2 numbers). The vector does not record which Gram it holds: add, all-reduce and solve
+statistics computed for one granularity.
 """
 
 from __future__ import annotations
@@ -41,14 +48,14 @@ from ._validation import MAX_OBJECTIVES, NONFINITE_MODES, check_choice, check_cl
 __all__ = ["BatchStatistics", "Solution", "batch_statistics", "solve_gram", "STATISTICS_GRANULARITIES"]
 
 #: the granularities whose weights need batch-level statistics (the others are local)
-STATISTICS_GRANULARITIES = ("batch", "batch_mean")
+STATISTICS_GRANULARITIES = ("batch", "batch_mean", "sequence_gram")
 
 
 class Solution(NamedTuple):
     """Weights found by a solve, with its diagnostics (0-dim float64 tensors)."""
 
     weights: Tensor  # [N] float64, on the simplex
-    objective: Tensor  # the minimised value: c^T G c (batch), (c . a)^2 (batch_mean)
+    objective: Tensor  # the minimised value: c^T G c (batch, sequence_gram), (c . a)^2 (batch_mean)
     kkt_residual: Tensor  # max(0, c^T G c - min_j (G c)_j) for a Gram solve; 0 for Theorem 1
 
 
@@ -117,7 +124,8 @@ class BatchStatistics:
 
     @property
     def gram(self) -> Tensor:
-        """G: [N, N], sum over valid tokens of I_t I_t^T (zero if computed for ``batch_mean``)."""
+        """G: [N, N], sum over valid tokens of I_t I_t^T (``batch``), sum over responses of
+        v_b v_b^T (``sequence_gram``), zero if computed for ``batch_mean``."""
         n = self.num_objectives
         return self.data[2 + n :].view(n, n)
 
@@ -158,9 +166,10 @@ class BatchStatistics:
         return self
 
     def solve(self, granularity: str = "batch") -> Solution:
-        """The weights for ``batch`` (min-norm point of G) or ``batch_mean`` (Theorem 1 on Q / M)."""
+        """The weights for ``batch`` / ``sequence_gram`` (min-norm point of G) or ``batch_mean``
+        (Theorem 1 on Q / M). ``granularity`` must be the one the statistics were computed for."""
         check_choice("BatchStatistics.solve", "granularity", granularity, STATISTICS_GRANULARITIES)
-        if granularity == "batch":
+        if granularity in ("batch", "sequence_gram"):
             return solve_gram(self.gram)
         a = self.sums / self.masked_tokens.clamp_min(1)  # a = 0 when M = 0 (uniform weights)
         c = reference.theorem1(a)
@@ -198,10 +207,13 @@ def batch_statistics(
     granularity: str = "batch",
     nonfinite: str = "raise",
 ) -> BatchStatistics:
-    """The sufficient statistics of the ``batch`` / ``batch_mean`` solve for one (micro-)batch.
+    """The sufficient statistics of the ``batch`` / ``batch_mean`` / ``sequence_gram`` solve for
+    one (micro-)batch.
 
     Args are those of ``pama_ext.pama_loss`` (no gradient flows: this is a statistics
-    pass). ``granularity="batch"`` fills M, the clipped count, Q and G;
+    pass). ``granularity="batch"`` fills M, the clipped count, Q and the token Gram G;
+    ``"sequence_gram"`` fills M, the clipped count, Q and the Gram of the per-response mean
+    vectors (``sum_b v_b v_b^T``; the micro-batch must hold whole responses);
     ``"batch_mean"`` leaves G at zero (it is not needed and costs N^2 per token).
     ``nonfinite="raise"`` raises on a NaN/inf at a masked position (as ``pama_loss``
     does; a host synchronisation), ``"mask"`` drops such tokens.
@@ -254,6 +266,7 @@ def _batch_statistics(x, clip_eps: float, granularity: str, nonfinite: str, fn: 
     u = torch.exp(x.logp.to(acc) - x.old_logp.to(acc))
     ind = (u <= 1 + clip_eps) & valid  # the clip indicator, in the per-token precision
     out = torch.zeros(2 + n + n * n, dtype=dd, device=x.logp.device)
+    m_b = valid.sum(dim=1).to(dd)  # valid tokens per response
     out[0] = valid.sum()
     out[1] = (valid & ~ind).sum()
     zero = torch.zeros((), dtype=acc, device=x.logp.device)
@@ -265,8 +278,13 @@ def _batch_statistics(x, clip_eps: float, granularity: str, nonfinite: str, fn: 
         out[2 : 2 + n] = _weighted_sum(a_b, k_b)
         if granularity == "batch":
             out[2 + n :] = _gram(a_b, k_b).reshape(-1)
+        elif granularity == "sequence_gram":  # v_b = a_b k_b / M_b (0 for an empty row)
+            out[2 + n :] = _gram(a_b * (k_b / m_b.clamp_min(1))[:, None]).reshape(-1)
     else:
-        i_adv = torch.where(ind[..., None], a_noon, zero).to(dd).reshape(-1, n)
+        i_adv = torch.where(ind[..., None], a_noon, zero).to(dd)
+        if granularity == "sequence_gram":  # v_b = row b's mean of I over its valid tokens
+            out[2 + n :] = _gram(i_adv.sum(dim=1) / m_b.clamp_min(1)[:, None]).reshape(-1)
+        i_adv = i_adv.reshape(-1, n)
         out[2 : 2 + n] = _weighted_sum(i_adv)
         if granularity == "batch":
             out[2 + n :] = _gram(i_adv).reshape(-1)

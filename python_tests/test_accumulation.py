@@ -29,6 +29,14 @@ def explicit_statistics(x, clip_eps=0.2):
     return valid.sum(), (valid & ~ind).sum(), i_adv.sum(0), i_adv.T @ i_adv
 
 
+def explicit_sequence_gram(x, clip_eps=0.2):
+    """sum_b v_b v_b^T, v_b = row b's mean of I over its valid tokens (0 for an empty row)."""
+    u, ind, _m, a_noon, valid, _ = reference._token_terms(*x, clip_eps, torch.float64)
+    i_adv = torch.where(ind[..., None], a_noon, 0.0)
+    v = i_adv.sum(1) / valid.sum(1).clamp_min(1).to(torch.float64)[:, None]
+    return v.T @ v
+
+
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("mask_kind", ["ragged", "random", "full", "empty"])
 def test_batch_statistics_against_reference(per_sequence, mask_kind):
@@ -39,11 +47,14 @@ def test_batch_statistics_against_reference(per_sequence, mask_kind):
     assert_close_rel(st.sums, q, 1e-14, 0, "Q")
     assert_close_rel(st.gram, g, 1e-14, 0, "G")
     assert bool((batch_statistics(*x, granularity="batch_mean").gram == 0).all())
+    sg = batch_statistics(*x, granularity="sequence_gram")
+    assert torch.equal(sg.data[: 2 + N_OBJ], st.data[: 2 + N_OBJ])  # M, clipped, Q as for batch
+    assert_close_rel(sg.gram, explicit_sequence_gram(x), 1e-14, 0, "sequence Gram")
     with pytest.raises(ValueError, match="unknown granularity"):
         batch_statistics(*x, granularity="token")
 
 
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence_gram"])
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_solve_equals_pama_weights(granularity, per_sequence, dtype):
@@ -68,7 +79,7 @@ def test_non_finite_tokens_in_statistics():
     assert torch.equal(st.data, ref.data)
 
 
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence_gram"])
 @pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("k", [2, 3])
 def test_functional_accumulation_equals_single_batch(granularity, per_sequence, k):
@@ -88,7 +99,7 @@ def test_functional_accumulation_equals_single_batch(granularity, per_sequence, 
     assert_close_rel(summed.all_reduce().data, whole.data, 1e-14, 0, "a + b")
 
 
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence_gram"])
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_optimizer_accumulation_equals_single_batch(granularity, per_sequence):
     """Equal masked tokens per micro-batch (full masks): mean of micro-batch losses has the
@@ -119,6 +130,33 @@ def test_optimizer_accumulation_equals_single_batch(granularity, per_sequence):
     opt.step()
     assert torch.equal(lp, lp_whole) or float((lp - lp_whole).abs().max()) < 1e-14
     assert opt.accumulated_statistics is None  # released by step
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_optimizer_accumulation_sequence_gram_ragged(per_sequence):
+    """sequence_gram over micro-batches of whole responses with unequal lengths (and an empty
+    row): the accumulated weights are the whole batch's, and differ from batch's (the Gram
+    counts responses, not tokens); the loss of each micro-batch uses them."""
+    x = make_inputs(7, 11, N_OBJ, per_sequence=per_sequence, mask_kind="ragged", seed=14)
+    lp = leaf(x.logp)
+    opt = pama_ext.PAMA(torch.optim.SGD([lp], lr=1.0), N_OBJ, granularity="sequence_gram")
+    rows = [torch.tensor([0, 1]), torch.tensor([2, 3, 4]), torch.tensor([5, 6])]
+    for r in rows:
+        opt.accumulate(lp[r].detach(), x.old_logp[r], x.advantages[r], x.mask[r])
+    w = opt.solve()
+    whole = pama_ext.pama_weights(*x, granularity="sequence_gram", backend="torch")
+    assert_close_rel(w, whole, 0, 1e-12, "accumulated vs whole batch")
+    for backend in pama_ext.available_backends():
+        fused = pama_ext.pama_weights(*x, granularity="sequence_gram", backend=backend)
+        assert_close_rel(w, fused.double(), 0, 1e-12, backend)
+    batch_w = pama_ext.pama_weights(*x, granularity="batch", backend="torch")
+    assert float((w - batch_w).abs().max()) > 1e-3  # the ragged lengths matter
+    for r in rows:
+        loss = opt.loss(lp[r], x.old_logp[r], x.advantages[r], x.mask[r])
+        ref = pama_ext.weighted_noon_loss(x.logp[r], x.old_logp[r], x.advantages[r], x.mask[r], w)
+        assert_close_rel(loss.detach(), ref, 1e-12, 1e-15, "loss with the step's weights")
+        assert torch.equal(opt.last_weights, w.to(opt.last_weights.dtype))
+        assert float(opt.last_stats.objective) == pytest.approx(float(w @ opt.accumulated_statistics.gram @ w))
 
 
 def test_accumulation_lifecycle():
@@ -171,7 +209,7 @@ def test_solve_gram_matches_min_norm_weights():
     n=st.integers(1, 5),
     per_sequence=st.booleans(),
     mask_kind=st.sampled_from(["ragged", "random", "full", "empty"]),
-    granularity=st.sampled_from(["batch", "batch_mean"]),
+    granularity=st.sampled_from(["batch", "batch_mean", "sequence_gram"]),
     cuts=st.lists(st.integers(0, 7), max_size=3),
     seed=st.integers(0, 1000),
 )

@@ -3,8 +3,8 @@
 One spawn (module fixture) runs every scenario and saves what each rank saw; the tests
 compare it with single-process runs on the concatenated batch:
 
-* the weights of ``batch`` / ``batch_mean`` are identical on both ranks and equal those of
-  the whole batch (ragged masks: the ranks hold different numbers of tokens);
+* the weights of ``batch`` / ``batch_mean`` / ``sequence_gram`` are identical on both ranks
+  and equal those of the whole batch (ragged masks: the ranks hold different numbers of tokens);
 * under DDP, the parameters after a step equal a single-process step on the whole batch
   when every rank holds the same number of masked tokens;
 * gradient accumulation and distribution together; an explicit ``process_group``;
@@ -78,8 +78,8 @@ def _worker(rank: int, init_file: str, out_dir: str):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     res = {}
     try:
-        # 1. weights of batch / batch_mean, ragged (unequal token counts), default group
-        for gran in ("batch", "batch_mean"):
+        # 1. weights of batch / batch_mean / sequence_gram, ragged (unequal token counts), default group
+        for gran in ("batch", "batch_mean", "sequence_gram"):
             tokens, old, adv, mask = (shard(t, rank) for t in global_batch("ragged"))
             model = Policy()
             opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity=gran)
@@ -87,7 +87,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
             res[f"weights_{gran}"] = _gathered(opt.last_weights)
             res[f"local_M_{gran}"] = opt.last_stats.masked_tokens.clone()
         # 2. DDP step, equal token counts per rank
-        for gran in ("batch", "batch_mean"):
+        for gran in ("batch", "batch_mean", "sequence_gram"):
             tokens, old, adv, mask = (shard(t, rank) for t in global_batch("balanced"))
             model = torch.nn.parallel.DistributedDataParallel(Policy())
             opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity=gran)
@@ -108,6 +108,15 @@ def _worker(rank: int, init_file: str, out_dir: str):
         for r in (slice(0, 2), slice(2, 4)):
             opt.loss(model(tokens[r])[0], old[r], adv[r], mask[r])
             res.setdefault("accum_weights", []).append(_gathered(opt.last_weights))
+        # 3b. the same for sequence_gram (micro-batches of whole responses, unequal lengths)
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity="sequence_gram")
+        with torch.no_grad():
+            for r in (slice(0, 1), slice(1, 4)):
+                opt.accumulate(model(tokens[r])[0], old[r], adv[r], mask[r])
+        opt.solve()
+        for r in (slice(0, 1), slice(1, 4)):
+            opt.loss(model(tokens[r])[0], old[r], adv[r], mask[r])
+            res.setdefault("accum_weights_sequence_gram", []).append(_gathered(opt.last_weights))
         # 4. an explicit process group; and sync_statistics=False
         group = dist.new_group(list(range(WORLD)))
         opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, process_group=group)
@@ -187,7 +196,7 @@ def assert_identical_on_ranks(gathered):
         assert torch.equal(g, gathered[0])
 
 
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence_gram"])
 def test_weights_identical_and_equal_to_the_whole_batch(ranks, granularity):
     for r in range(WORLD):
         assert_identical_on_ranks(ranks[r][f"weights_{granularity}"])
@@ -196,7 +205,7 @@ def test_weights_identical_and_equal_to_the_whole_batch(ranks, granularity):
     torch.testing.assert_close(ranks[0][f"weights_{granularity}"][0], w_single, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("granularity", ["batch", "batch_mean"])
+@pytest.mark.parametrize("granularity", ["batch", "batch_mean", "sequence_gram"])
 def test_ddp_step_equals_single_process_step(ranks, granularity):
     w_single, p_single = single_process("balanced", granularity, step=True)
     for r in range(WORLD):
@@ -206,12 +215,17 @@ def test_ddp_step_equals_single_process_step(ranks, granularity):
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
-def test_accumulation_with_distribution(ranks):
-    w_single, _ = single_process("ragged")
+@pytest.mark.parametrize("granularity", ["batch", "sequence_gram"])
+def test_accumulation_with_distribution(ranks, granularity):
+    w_single, _ = single_process("ragged", granularity)
+    key = "accum_weights" if granularity == "batch" else f"accum_weights_{granularity}"
+    assert len(ranks[0][key]) == 2
     for r in range(WORLD):
-        for gathered in ranks[r]["accum_weights"]:
+        for gathered in ranks[r][key]:
             assert_identical_on_ranks(gathered)
             torch.testing.assert_close(gathered[0], w_single, rtol=0, atol=1e-12)
+    if granularity == "sequence_gram":  # not batch's weights: the lengths are ragged
+        assert not torch.allclose(w_single, single_process("ragged", "batch")[0], rtol=0, atol=1e-6)
 
 
 def test_explicit_group_and_local_solve(ranks):

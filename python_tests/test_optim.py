@@ -280,6 +280,7 @@ def _train(model, opt, sched, steps, start=0, accumulate=False):
 
 @pytest.mark.parametrize("combiner,granularity,accumulate", [
     ("pama", "batch", False), ("pama", "batch_mean", True), ("pama", "sequence", False), ("linear", "batch", False),
+    ("pama", "sequence_gram", True),
 ])
 def test_state_dict_resume_equals_uninterrupted(combiner, granularity, accumulate):
     def make():
