@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from pama_ext.triton_backend import specialise  # noqa: E402
 
-GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
+GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
 AGGS = ("token_mean", "seq_mean_token_mean")
 BATCHES = (1, 3, 16, 64, 257)
 
@@ -58,7 +58,7 @@ def main(argv=None):
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     ts = sorted(set(range(args.t_min, args.t_max + 1, args.t_step)) | {args.t_max})
     print(f"T = {args.t_min}..{args.t_max}, {len(ts)} lengths, B cycling {BATCHES}; sm_90 JIT keys per kernel")
-    print(f"{'dtype':<9} {'N':>3} {'granularity':<11} {'variants (with lists)':>22} {'(without lists)':>16}   per kernel without")
+    print(f"{'dtype':<9} {'N':>3} {'granularity':<13} {'variants (with lists)':>22} {'(without lists)':>16}   per kernel without")
     tot_with = tot_without = configs = 0
     t0 = time.time()
     for dtype in dtypes:
@@ -70,7 +70,7 @@ def main(argv=None):
                 tot_with, tot_without, configs = tot_with + a, tot_without + b, configs + 1
                 per = " ".join(f"{k.replace('_kernel', '')}={len(v)}" for k, v in wo.items())
                 flag = "" if all(len(v) == 1 for v in w.values()) else "  <-- more than one per kernel"
-                print(f"{str(dtype)[6:]:<9} {n:>3} {gran:<11} {a:>22} {b:>16}   {per}{flag}")
+                print(f"{str(dtype)[6:]:<9} {n:>3} {gran:<13} {a:>22} {b:>16}   {per}{flag}")
     print(f"total over {configs} (dtype, N, granularity): {tot_with} compiled kernels with the lists, "
           f"{tot_without} without ({time.time() - t0:.1f} s)")
     return 0

@@ -49,7 +49,7 @@ KERNELS = [
 ]
 ARCH = 90
 NS = (1, 2, 3, 5, 8)  # the real calls and the sweep
-GRANULARITIES = ("batch", "token", "sequence", "batch_mean")
+GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 # odd shapes of the real calls: (B, T, per-token advantages)
 REAL_SHAPES = ((3, 37, True), (1, 1, True), (2, 16, False), (5, 19, True), (1, 130, False))

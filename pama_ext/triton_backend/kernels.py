@@ -17,10 +17,13 @@ nothing reads the tokens twice and nothing synchronises with the host:
    one tree reduction at the end), so a sum never depends on the launch.
 2. ``reduce_rows_kernel`` (grid: groups of rows) sums the blocks of each row in a fixed
    order, derives the per-row quantities (M_b; for ``sequence`` Theorem 1 on the row's
-   scalars, written to ``weights``; the per-row sums ``seq_mean_token_mean`` needs, such
-   as sum_b S_b / M_b) and sums its rows, in a fixed order, into one partial vector.
+   scalars, written to ``weights``; for ``sequence_gram`` the outer product v_b v_b^T of
+   the row's mean v_b = Q_b / M_b, written to the Gram slots, so that each response counts
+   once; the per-row sums ``seq_mean_token_mean`` needs, such as sum_b S_b / M_b) and sums
+   its rows, in a fixed order, into one partial vector.
 3. ``reduce_total_kernel`` (one program) sums those partial vectors in a fixed order.
-4. ``support_candidates_kernel`` (``batch`` with 3 <= N <= ENUM_MAX_N only; each program
+4. ``support_candidates_kernel`` (``batch`` / ``sequence_gram`` with 3 <= N <= ENUM_MAX_N
+   only; each program
    takes SB of the 2^N - 1 non-empty supports S side by side): solves the bordered KKT
    system of the affine minimiser on S (Gaussian elimination with partial pivoting, on
    G / max_j G_jj; a pivot below 1e-15 rejects the support) and writes the candidate
@@ -76,15 +79,17 @@ SLOT_NONEMPTY = tl.constexpr(7)  # rows with M_b > 0                      (deriv
 SLOT_SEQ_L = tl.constexpr(8)  # sum_b c_b . S_b                         (sequence, derived)
 SLOT_SEQ_LM = tl.constexpr(9)  # sum_b c_b . S_b / M_b                  (sequence, derived)
 SLOT_SEQ_OBJ = tl.constexpr(10)  # sum over non-empty rows of (c_b . a_b)^2 (sequence, derived)
-OFF_S = tl.constexpr(11)  # then S (N), S_over_M (N, derived), Q (N), Gram (N*N, batch only)
+OFF_S = tl.constexpr(11)  # then S (N), S_over_M (N, derived), Q (N), Gram (N*N, batch and sequence_gram)
 N_FIXED_SLOTS = 11
 
-ENUM_MAX_N = 10  # batch with 3 <= N <= ENUM_MAX_N: exact support enumeration on the device
+ENUM_MAX_N = 10  # Gram solves with 3 <= N <= ENUM_MAX_N: exact support enumeration on the device
 
-# finalize_kernel's GRAN: 0 batch, 1 token, 2 sequence, 3 batch_mean (ops._GRAN)
-WMODE_CLOSED = 0  # batch, N <= 2: the closed form
-WMODE_CANDIDATES = 1  # batch, 3 <= N <= ENUM_MAX_N: best of the support candidates
-WMODE_GIVEN = 2  # batch, N > ENUM_MAX_N: weights solved on the host (documented sync)
+# finalize_kernel's GRAN: 0 batch, 1 token, 2 sequence, 3 batch_mean, 4 sequence_gram (ops._GRAN).
+# The Gram solves (batch: the token Gram of pass 1; sequence_gram: the Gram of the per-row
+# means from pass 2a) share the Gram slots and the weight modes:
+WMODE_CLOSED = 0  # Gram solve, N <= 2: the closed form
+WMODE_CANDIDATES = 1  # Gram solve, 3 <= N <= ENUM_MAX_N: best of the support candidates
+WMODE_GIVEN = 2  # Gram solve, N > ENUM_MAX_N: weights solved on the host (documented sync)
 
 # tolerances (written as literals in the kernels): duplicates and the N = 2 denominator
 # 1e-12 relative (as csrc/pama_math.h), pivots of the scale-free bordered system 1e-15
@@ -267,6 +272,7 @@ def reduce_rows_kernel(
     KS,
     rows_per_prog,
     SEQ: tl.constexpr,
+    SGRAM: tl.constexpr,  # sequence_gram: the Gram slots get sum over rows of v_b v_b^T
     BN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -277,9 +283,14 @@ def reduce_rows_kernel(
     r1 = tl.minimum(r0 + rows_per_prog, B)
     ln = tl.arange(0, BN)
     nmask = ln < N
-    # additive slots: summed flat over this group's blocks, in order
+    # additive slots: summed flat over this group's blocks, in order (for sequence_gram the
+    # Gram slots of pass 1 are not written: the Gram is formed below, per row)
     k = tl.arange(0, BLOCK_K)
-    additive = (k < SLOT_SMIN_M) | ((k >= OFF_S) & (k < OFF_S + N)) | ((k >= OFF_S + 2 * N) & (k < KS))
+    if SGRAM:
+        add_end = OFF_S + 3 * N
+    else:
+        add_end = KS
+    additive = (k < SLOT_SMIN_M) | ((k >= OFF_S) & (k < OFF_S + N)) | ((k >= OFF_S + 2 * N) & (k < add_end))
     lp = tl.arange(0, BLOCK_P)
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float64)
     p_hi = r1 * nblk
@@ -297,6 +308,8 @@ def reduce_rows_kernel(
     seq_lm = tl.zeros((), dtype=tl.float64)
     seq_obj = tl.zeros((), dtype=tl.float64)
     s_over_m = tl.zeros((BN,), dtype=tl.float64)
+    if SGRAM:
+        acc_g = tl.zeros((BN, BN), dtype=tl.float64)
     for r in range(r0, r1):
         pbase = part_ptr + tl.cast(r, tl.int64) * nblk * KS
         m_b = _row_sum_scalar(pbase, nblk, KS, SLOT_M, BLOCK_J)
@@ -318,12 +331,18 @@ def reduce_rows_kernel(
             seq_lm += pl * inv
             ca = tl.reduce(c * a, 0, _sum_combine)
             seq_obj += tl.where(ne, ca * ca, 0.0)
+        if SGRAM:  # each response once: v_b = Q_b / M_b (0 for an empty row), rows in order
+            q_b = _row_sum_vector(pbase, nblk, KS, OFF_S + 2 * N, N, BLOCK_J, BN)
+            v = q_b / tl.maximum(m_b, 1.0)
+            acc_g += v[:, None] * v[None, :]
     tl.store(out + SLOT_SMIN_M, smin_m)
     tl.store(out + SLOT_NONEMPTY, nonempty)
     tl.store(out + SLOT_SEQ_L, seq_l)
     tl.store(out + SLOT_SEQ_LM, seq_lm)
     tl.store(out + SLOT_SEQ_OBJ, seq_obj)
     tl.store(out + OFF_S + N + ln, s_over_m, mask=nmask)
+    if SGRAM:
+        tl.store(out + OFF_S + 3 * N + ln[:, None] * N + ln[None, :], acc_g, mask=nmask[:, None] & nmask[None, :])
 
 
 # --------------------------------------------------------------------------- pass 2b: total
@@ -443,7 +462,7 @@ def finalize_kernel(
     cand_ptr,  # [NS, BN1] candidates (WMODE_CANDIDATES)
     cobj_ptr,  # [NS] candidate objectives
     wgiven_ptr,  # [N] float64 (WMODE_GIVEN)
-    weights_ptr,  # [N] acc dtype (batch, batch_mean); unused otherwise
+    weights_ptr,  # [N] acc dtype (batch, batch_mean, sequence_gram); unused otherwise
     row_scale_ptr,  # [B] acc dtype
     loss_ptr,  # [] acc dtype
     stats_ptr,  # [8] float64
@@ -468,8 +487,8 @@ def finalize_kernel(
     is_seq = seq_agg != 0
     objective = tl.zeros((), dtype=tl.float64)
     kkt = tl.zeros((), dtype=tl.float64)
-    if GRAN == 0 or GRAN == 3:  # batch, batch_mean: one weight vector
-        if GRAN == 0:
+    if GRAN == 0 or GRAN == 3 or GRAN == 4:  # batch, batch_mean, sequence_gram: one weight vector
+        if GRAN == 0 or GRAN == 4:  # the min-norm point of the Gram in the Gram slots
             rr = ln[:, None]
             cc = ln[None, :]
             off_g = OFF_S + 3 * N

@@ -13,9 +13,9 @@ small device-to-host read:
   ``ValueError`` that names the bad argument needs the three non-finite counts on the
   host. On a GPU use ``nonfinite="mask"`` for a sync-free call (non-finite tokens are then
   dropped and counted in the statistics; read them when convenient).
-* ``granularity="batch"`` with N > ``ENUM_MAX_N`` (10) objectives: the N x N Gram matrix
-  is copied to the host and solved there by the exact Wolfe solver (C++ if built, else
-  the reference). For N <= 10 the exact solve runs on the device (support enumeration).
+* ``granularity="batch"`` or ``"sequence_gram"`` with N > ``ENUM_MAX_N`` (10) objectives:
+  the N x N Gram matrix is copied to the host and solved there by the exact Wolfe solver
+  (C++ if built, else the reference). For N <= 10 the exact solve runs on the device (support enumeration).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .. import _ops, reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-_GRAN = {"batch": 0, "token": 1, "sequence": 2, "batch_mean": 3}
+_GRAN = {"batch": 0, "token": 1, "sequence": 2, "batch_mean": 3, "sequence_gram": 4}
 _AGG = {"token_mean": 0, "seq_mean_token_mean": 1}
 ENUM_MAX_N = 10  # == kernels.ENUM_MAX_N (kept here so importing ops does not import Triton)
 TOKENS_PER_PROGRAM = 2048  # target tokens per program of the token pass
@@ -113,7 +113,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _weights_shape(granularity: str, b: int, n: int):
-    return {"batch": (n,), "batch_mean": (n,), "sequence": (b, n), "token": (0,)}[granularity]
+    return {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (0,)}[granularity]
 
 
 class _Device:
@@ -166,10 +166,11 @@ def forward_impl(
     acc = acc_dtype(logp.dtype)
     f64 = torch.float64
     gran = _GRAN[granularity]
-    gram = granularity == "batch"
+    gram = granularity == "batch"  # the token Gram, accumulated by the token pass
+    solve = gram or granularity == "sequence_gram"  # a min-norm solve on the Gram slots
     bn = block_n(n)
-    ks = N_FIXED_SLOTS + 3 * n + (n * n if gram else 0)
-    blk_k = block_k(bn, gram)
+    ks = N_FIXED_SLOTS + 3 * n + (n * n if solve else 0)
+    blk_k = block_k(bn, solve)
     chunk = token_chunk(bn, gram)
     nch = max(1, min(triton_cdiv(t, chunk), max(1, TOKENS_PER_PROGRAM // chunk)))
     nblk = max(1, triton_cdiv(t, nch * chunk))
@@ -203,7 +204,7 @@ def forward_impl(
             k.reduce_rows_kernel[(n_part2,)](
                 part, part2, row_m, weights if granularity == "sequence" else row_m,
                 b, n, nblk, ks, rows_per_prog,
-                SEQ=granularity == "sequence", BN=bn, BLOCK_K=blk_k,
+                SEQ=granularity == "sequence", SGRAM=granularity == "sequence_gram", BN=bn, BLOCK_K=blk_k,
                 BLOCK_P=max(1, 4096 // blk_k), BLOCK_J=16, num_warps=4,
             )
         k.reduce_total_kernel[(1,)](
@@ -214,7 +215,7 @@ def forward_impl(
             reference.raise_nonfinite(tot[2:5].tolist())
         wmode, n_s, bn1 = k.WMODE_CLOSED, 1, 1
         cand, cobj, wgiven = tot, tot, tot
-        if gram and n >= 3:
+        if solve and n >= 3:
             if n <= ENUM_MAX_N:
                 wmode = k.WMODE_CANDIDATES
                 n_s = (1 << n) - 1
@@ -231,7 +232,7 @@ def forward_impl(
                 wgiven = _host_min_norm(tot[g_off : g_off + n * n].view(n, n)).to(device=dev, dtype=f64)
         k.finalize_kernel[(1,)](
             tot, row_m, cand, cobj, wgiven,
-            weights if gran in (0, 3) else tot, row_scale, loss, stats,
+            weights if gran in (0, 3, 4) else tot, row_scale, loss, stats,
             b, n, n_s, _AGG[loss_agg],
             GRAN=gran, WMODE=wmode, BN=bn, BN1=bn1, BLOCK_S=_next_pow2(n_s), BLOCK_B=1024,
             num_warps=4,

@@ -149,9 +149,12 @@ def test_rows_spanning_several_blocks(monkeypatch):
 
 @pytest.mark.parametrize("n", [10, 12, 64])
 def test_many_objectives(n):
-    """N = 10: the largest on-device support enumeration; N = 12 and 64: the host solve."""
+    """N = 10: the largest on-device support enumeration; N = 12 and 64: the host solve
+    (of the token Gram for batch, of the per-response Gram for sequence_gram)."""
     x = make_inputs(2, 5, n, F64, mask_kind="random", seed=50 + n)
     check_case(x, "batch", "token_mean")
+    x = make_inputs(n + 3, 5, n, F64, mask_kind="random", seed=50 + n)  # B > N: a full-rank Gram
+    check_case(x, "sequence_gram", "seq_mean_token_mean")
     if n == 64:
         for g in ("token", "sequence", "batch_mean"):
             check_case(x, g, "seq_mean_token_mean")
@@ -166,6 +169,20 @@ def test_min_norm_on_device_is_exact(n):
     xu = upcast(x)
     u = torch.exp(xu.logp - xu.old_logp)
     v = torch.where((u <= 1 + EPS)[..., None], xu.advantages.clamp_min(0), 0.0).reshape(-1, n)
+    d = v @ st.weights.cpu().to(F64)
+    assert bool(((v.T @ d) >= (d @ d) * (1 - 1e-9) - 1e-12).all())
+
+
+@pytest.mark.parametrize("n", [3, 4, 6, 8, 12])
+def test_sequence_gram_min_norm_is_exact(n):
+    """sequence_gram (on the device for N <= 10, on the host above): with v^(i) the [B]
+    vector of row means of I^(i), d = sum_i c_i v^(i) satisfies <d, v^(j)> >= ||d||^2."""
+    x = make_inputs(9, 13, n, F64, mask_kind="ragged", seed=65 + n, noise=0.05)
+    _, _, st = check_case(x, "sequence_gram", "token_mean")
+    xu = upcast(x)
+    u = torch.exp(xu.logp - xu.old_logp)
+    i_adv = torch.where(((u <= 1 + EPS) & xu.mask)[..., None], xu.advantages.clamp_min(0), 0.0)
+    v = i_adv.sum(1) / xu.mask.sum(1).clamp_min(1).to(F64)[:, None]  # [B, N]
     d = v @ st.weights.cpu().to(F64)
     assert bool(((v.T @ d) >= (d @ d) * (1 - 1e-9) - 1e-12).all())
 
@@ -193,7 +210,7 @@ def test_all_advantages_negative_gives_uniform_weights(n):
     for g in GRANS:
         loss, grad, st = check_case(x, g, "token_mean")
         assert float(loss) == 0.0 and not bool(grad.any())
-        if g in ("batch", "batch_mean"):
+        if g in ("batch", "batch_mean", "sequence_gram"):
             assert st.weights.cpu().tolist() == pytest.approx([1.0 / n] * n)
 
 
@@ -344,7 +361,7 @@ def test_opcheck_forward(granularity):
     )
 
 
-@pytest.mark.parametrize("granularity", ["batch", "sequence", "token"])
+@pytest.mark.parametrize("granularity", ["batch", "sequence", "token", "sequence_gram"])
 def test_opcheck_backward(granularity):
     x = to_dev(make_inputs(3, 7, 3, F32, mask_kind="random", seed=182))
     _, w, rs, _ = torch.ops.pama_ext.triton_forward(*x, EPS, granularity, "seq_mean_token_mean", True)
@@ -354,7 +371,7 @@ def test_opcheck_backward(granularity):
     )
 
 
-@pytest.mark.parametrize("granularity", ["batch", "sequence"])
+@pytest.mark.parametrize("granularity", ["batch", "sequence", "sequence_gram"])
 def test_torch_compile_fullgraph(granularity):
     """pama_loss(backend='triton') inside torch.compile(fullgraph=True): the op is opaque to
     dynamo (traced through its fake kernel), forward and backward match eager."""
