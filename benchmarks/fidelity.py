@@ -64,7 +64,10 @@ def main(argv=None) -> None:
                 continue
             t = time.perf_counter()
             cmd = demo + SETTINGS[setting] + ["--model", str(policy), "--methods", method,
-                                              "--seeds", ",".join(args.seeds), "--steps", str(args.steps), "--out", str(out)]
+                                              "--seeds", ",".join(args.seeds), "--steps", str(args.steps), "--out", str(out),
+                                              # only the final held-out evaluation is compared (the intermediate
+                                              # ones use their own generator, so skipping them changes nothing)
+                                              "--eval-every", str(args.steps)]
             res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if res.returncode:
                 print(f"[fidelity] {setting} {method}: FAILED\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}", flush=True)
