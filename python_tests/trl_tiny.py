@@ -101,6 +101,7 @@ def common_args(out_dir: str, **overrides) -> dict:
         report_to=[],
         save_strategy="no",
         use_cpu=True,
+        bf16=False,  # TRL's default bf16 would autocast on the CPU: slower, and not what is tested
         seed=0,
         dataloader_num_workers=0,
         disable_tqdm=True,

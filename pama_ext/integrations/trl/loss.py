@@ -1,11 +1,11 @@
 """The per-micro-batch loss of ``PAMAGRPOTrainer``: TRL's normalisers around pama_ext's op.
 
 TRL's supported loss types differ only in how the sum of per-token losses is normalised
-(``GRPOTrainer._compute_loss``). ``Normaliser`` writes each as a per-row scale ``r_b`` with
-``loss = sum_b r_b sum_t mask_bt l_bt`` (gradient accumulation folded in, as TRL divides by
-it), and also as ``factor * L_agg`` where ``L_agg`` is pama_ext's ``token_mean`` or
-``seq_mean_token_mean`` aggregation: that is how the fused op, which knows only those two,
-gives TRL's normalisation exactly (a scalar factor leaves its gradient exact).
+(``GRPOTrainer._compute_loss``), gradient accumulation included. ``Normaliser`` applies each
+to per-token terms with TRL's own arithmetic (``aggregate``), and writes it as
+``factor * L_agg`` where ``L_agg`` is pama_ext's ``token_mean`` or ``seq_mean_token_mean``
+aggregation: that is how the fused op, which knows only those two, gives TRL's
+normalisation exactly (a scalar factor leaves its gradient exact).
 
 * ``pama_policy_loss``: Noon PPO with PAMA's weights through ``pama_ext`` (the fused op for
   local granularities, ``weighted_noon_loss`` with the step's solved weights for batch-level
@@ -30,16 +30,27 @@ import pama_ext
 
 @dataclass
 class Normaliser:
-    """TRL's normaliser of one micro-batch: ``row_scale`` [B] and the equivalent
+    """TRL's normaliser of one micro-batch, as TRL's arithmetic (``aggregate``) and as
     (``loss_agg``, ``factor``) for pama_ext's aggregations."""
 
-    row_scale: Tensor  # [B] float32
-    loss_agg: str
+    loss_type: str
+    loss_agg: str  # pama_ext's aggregation that, times ``factor``, is TRL's
     factor: Tensor  # 0-dim
+    divisor: Optional[Tensor]  # bnpo: masked tokens; dr_grpo: B x max length; dapo: TRL's normalizer
+    accumulation: float  # TRL's divisor for gradient accumulation (1 in evaluation)
 
     def aggregate(self, per_token: Tensor, mask: Tensor) -> Tensor:
-        """``sum_b r_b sum_t mask_bt x_bt`` of a per-token term (the KL, the linear surrogate)."""
-        return (per_token * mask * self.row_scale[:, None]).sum()
+        """A per-token term (the KL, the linear surrogate) aggregated with TRL's own arithmetic,
+        operation for operation: the linear combiner then reproduces TRL's steps bitwise (Adam
+        turns rounding-level differences of small gradients into visible parameter differences)."""
+        x = per_token * mask
+        if self.loss_type == "grpo":
+            return (x.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / self.accumulation
+        if self.loss_type == "luspo":
+            return x.sum(-1).mean() / self.accumulation
+        if self.loss_type == "dapo":  # TRL divides by its normalizer only (accumulation is inside it)
+            return x.sum() / self.divisor
+        return x.sum() / self.divisor / self.accumulation  # bnpo, dr_grpo
 
 
 def trl_normaliser(
@@ -56,38 +67,43 @@ def trl_normaliser(
     """TRL 1.16's normaliser of ``loss_type`` for this micro-batch (``mask`` [B, T]).
 
     ``accumulation`` is TRL's divisor for gradient accumulation (the step's micro-batches
-    in training, 1 in evaluation).
+    in training, 1 in evaluation). ``factor`` turns pama_ext's aggregation into TRL's:
+    ``token_mean`` divides by the M masked tokens, so a token-sum type with divisor D is
+    ``token_mean * M / D``; ``seq_mean_token_mean`` averages over the B' non-empty rows where
+    TRL's ``grpo`` averages over all B rows, hence ``B' / B``.
     """
-    maskf = mask.to(torch.float32)
     b = mask.shape[0]
-    m_b = maskf.sum(-1)
+    m_b = mask.sum(-1).to(torch.float32)
     m = m_b.sum()
-    if loss_type == "grpo":  # mean over ALL rows of each row's token mean (an empty row counts 0)
-        row = 1.0 / (b * m_b.clamp(min=1.0) * accumulation)
+    if loss_type == "grpo":  # mean over all rows of each row's token mean (an empty row counts 0)
         nonempty = (m_b > 0).sum().to(torch.float32)
-        return Normaliser(row, "seq_mean_token_mean", nonempty / (b * accumulation))
+        return Normaliser(loss_type, "seq_mean_token_mean", nonempty / (b * accumulation), None, accumulation)
+    if loss_type == "luspo":  # per-row token sums, mean over rows
+        return Normaliser(loss_type, "token_mean", m / (b * accumulation), None, accumulation)
     if loss_type == "bnpo":  # tokens of this micro-batch
-        denom = m.clamp(min=1.0) * accumulation
+        divisor = mask.sum().clamp(min=1.0)
+        total = divisor * accumulation
     elif loss_type == "dr_grpo":  # a constant: rows x max_completion_length
-        denom = torch.tensor(float(b * max_completion_length * accumulation), device=mask.device)
-    elif loss_type == "luspo":  # per-row token sums, mean over rows
-        denom = torch.tensor(float(b * accumulation), device=mask.device)
+        divisor = torch.tensor(float(b * max_completion_length), device=mask.device)
+        total = divisor * accumulation
     elif loss_type == "dapo":  # tokens of the whole generation batch, per process and accumulation window
-        denom = num_items_in_batch.to(torch.float32).clamp(min=1.0) / num_processes
+        divisor = num_items_in_batch.clamp(min=1.0) / num_processes
         if train:
-            denom = denom * accumulation / steps_per_generation
+            divisor = divisor * accumulation / steps_per_generation
+        total = divisor
     else:
         raise ValueError(f"PAMAGRPOTrainer: unsupported loss_type {loss_type!r}")
-    row = (1.0 / denom).expand(b).to(torch.float32)
-    return Normaliser(row, "token_mean", m / denom)
+    return Normaliser(loss_type, "token_mean", m / total, divisor, accumulation)
 
 
-def kl_per_token(logp: Tensor, ref_logp: Tensor, old_logp: Tensor, bias_correction: bool) -> Tensor:
-    """TRL's per-token KL term (k3), times the importance ratio with ``use_bias_correction_kl``."""
-    d = ref_logp - logp
-    kl = torch.exp(d) - d - 1
+def kl_per_token(logp: Tensor, ref_logp: Tensor, ratio: Tensor, bias_correction: bool) -> Tensor:
+    """TRL's per-token KL term (k3), times the importance ``ratio`` with ``use_bias_correction_kl``.
+
+    Written as TRL writes it (``ref - logp`` twice, the ratio tensor shared with the
+    surrogate): the same autograd graph accumulates the gradient in the same order."""
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
     if bias_correction:
-        kl = kl * torch.exp(logp - old_logp)
+        kl = kl * ratio
     return kl
 
 
@@ -141,17 +157,11 @@ def pama_policy_loss(
 
 
 def linear_policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    preference: Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
+    ratio: Tensor, advantages: Tensor, preference: Tensor, *, epsilon_low: float, epsilon_high: float
 ) -> Tuple[Tensor, Tensor]:
     """MORLHF's per-token loss ``-min(u s, clip(u, 1-eps_low, 1+eps_high) s)`` with
-    ``s = sum_i w_i A_i`` (signed), written as TRL writes it. Returns ``(per_token [B, T], s [B, 1])``."""
-    s = (advantages * preference.to(advantages))[:, :].sum(-1, keepdim=True)
-    coef_1 = torch.exp(logp - old_logp)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    return -torch.min(coef_1 * s, coef_2 * s), s.detach()
+    ``s = sum_i w_i A_i`` (signed) and ``u`` = ``ratio`` [B, T], written as TRL writes its
+    surrogate. Returns ``(per_token [B, T], s [B, 1])``."""
+    s = (advantages * preference.to(advantages)).sum(-1, keepdim=True)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    return -torch.min(ratio * s, clipped * s), s.detach()

@@ -187,6 +187,11 @@ class PAMAGRPOTrainer(GRPOTrainer):
             steps_per_generation=self.args.steps_per_generation,
             train=train,
         )
+        # the ratio and the KL first, as TRL builds them (the same graph, the same gradient bits)
+        ratio = torch.exp(logp - old)
+        kl = None
+        if self.beta != 0.0:
+            kl = kl_per_token(logp, inputs["ref_per_token_logps"], ratio, self.args.use_bias_correction_kl)
         per_token = None  # per-token terms TRL aggregates with the loss type's normaliser
         if self.args.objective_combiner == "pama":
             g = self.args.objective_granularity
@@ -196,13 +201,11 @@ class PAMAGRPOTrainer(GRPOTrainer):
             )
         else:
             per_token, s = linear_policy_loss(
-                logp, old, advantages, self._pama_preference, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high
+                ratio, advantages, self._pama_preference, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high
             )
             w = broadcast_weights(self._pama_preference, (*logp.shape, advantages.shape[1]))
             loss = 0.0
-        kl = None
-        if self.beta != 0.0:
-            kl = kl_per_token(logp, inputs["ref_per_token_logps"], old, self.args.use_bias_correction_kl)
+        if kl is not None:
             per_token = self.beta * kl if per_token is None else per_token + self.beta * kl
         if per_token is not None:
             loss = loss + norm.aggregate(per_token, mask)
@@ -211,17 +214,17 @@ class PAMAGRPOTrainer(GRPOTrainer):
             self._metrics["train" if train else "eval"]["aux_loss"].append(
                 self.accelerator.gather_for_metrics(aux_loss).mean().item()
             )
-        self._log_step_metrics("train" if train else "eval", mask, logp, old, s, w, entropies, kl)
+        self._log_step_metrics("train" if train else "eval", mask, ratio, s, w, entropies, kl)
         return loss
 
     # ------------------------------------------------------------------ metrics
     @torch.no_grad()
-    def _log_step_metrics(self, mode, mask, logp, old, s, w, entropies, kl) -> None:
+    def _log_step_metrics(self, mode, mask, ratio, s, w, entropies, kl) -> None:
         """TRL's loss metrics (kl, entropy, clip ratios) with the combined advantage ``s``, and
         the objectives' mean weights and the zero-advantage fraction: one all-reduce of sums."""
         m = mask.to(torch.float32)
         s = s.expand_as(m)
-        u = torch.exp(logp.detach() - old)
+        u = ratio.detach()
         low = ((u < 1 - self.epsilon_low) & (s < 0)).to(torch.float32)
         high = ((u > 1 + self.epsilon_high) & (s > 0)).to(torch.float32)
         kl_sum = (kl.detach() * m).sum() if kl is not None else m.new_zeros(())
