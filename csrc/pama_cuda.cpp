@@ -29,8 +29,9 @@ pama_cuda::Gran gran_of(const std::string& g) {
   if (g == "token") return pama_cuda::kToken;
   if (g == "sequence") return pama_cuda::kSequence;
   if (g == "batch_mean") return pama_cuda::kBatchMean;
+  if (g == "sequence_gram") return pama_cuda::kSequenceGram;
   TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
-                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean'");
+                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean', 'sequence_gram'");
   return pama_cuda::kBatch;
 }
 

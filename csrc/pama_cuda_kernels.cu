@@ -13,7 +13,9 @@
 //      shared-memory tile kernel reduce_kernel_any.
 //   2. finalise: one block. Sums unit slots and row segments in a fixed order, computes M,
 //      the non-empty rows, the weights (min_norm_weights / theorem1; the solver's scratch in
-//      shared memory where the device allows), row scales, the loss and the statistics.
+//      shared memory where the device allows; for `sequence_gram` the Gram of the per-row
+//      means Q_b / M_b, summed over rows in a fixed order), row scales, the loss and the
+//      statistics.
 // Non-finite inputs under nonfinite="mask": an invalid token's (or sequence's) advantages are
 // replaced by 0 with a select before any product, so a dropped token contributes exactly 0,
 // never inf * 0 = NaN.
@@ -648,7 +650,7 @@ struct FinaliseArgs {
   int slot_stride;
   const double* rowpart;  // [B * segs, R]
   double* G;              // n * n
-  double* cvec;           // n (batch / batch_mean weights in double)
+  double* cvec;           // n (batch / batch_mean / sequence_gram weights in double)
   pama::MinNormScratch* mn_scratch;
   bool smem_solver;       // G, cvec and the solver scratch in dynamic shared memory instead
   void* loss;
@@ -685,7 +687,7 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
   __shared__ double sm[kFWarps];
   __shared__ double q[kCounts + kMaxN * (kMaxN + 1) / 2];  // unit totals (counts, Gram)
   __shared__ double am[kMaxN];                           // batch_mean: a_i sums
-  __shared__ double cw[kMaxN];                           // batch / batch_mean weights (double)
+  __shared__ double cw[kMaxN];                           // batch / batch_mean / sequence_gram weights (double)
   __shared__ double scal[4];                             // objective, kkt
   const int n = a.n;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -704,6 +706,25 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
       for (int64_t b = lane; b < a.B; b += 32) s += row_value(a, b, 2 + n + i);
       s = warp_sum(s);
       if (lane == 0) am[i] = s;
+    }
+  // sequence_gram: each response counts once. G_ij = sum_b v_{b,i} v_{b,j}, v_b = Q_b / M_b
+  // (0 for a row without a valid token), into the Gram slots of q: pair (i, j >= i) by warp,
+  // lanes take rows strided, warp tree (the same fixed order as the unit totals)
+  if (a.gran == kSequenceGram)
+    for (int p = warp; p < tri_size(n); p += kFWarps) {
+      int i = 0, jj = p;
+      while (jj >= n - i) {  // pair p of the row-major upper triangle -> (i, j)
+        jj -= n - i;
+        ++i;
+      }
+      const int j = i + jj;
+      double s = 0.0;
+      for (int64_t b = lane; b < a.B; b += 32) {
+        const double mb = row_value(a, b, 0);
+        if (mb > 0.0) s += (row_value(a, b, 2 + n + i) / mb) * (row_value(a, b, 2 + n + j) / mb);
+      }
+      s = warp_sum(s);
+      if (lane == 0) q[kCounts + p] = s;
     }
   // 2. M and the non-empty rows
   double m_part = 0.0, ne_part = 0.0;
@@ -725,7 +746,8 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
   pama::MinNormScratch* const mns = a.smem_solver ? reinterpret_cast<pama::MinNormScratch*>(dyn) : a.mn_scratch;
   double* const G = a.smem_solver ? dyn + sizeof(pama::MinNormScratch) / sizeof(double) : a.G;
   double* const cvec = a.smem_solver ? G + n * n : a.cvec;
-  if (a.gran == kBatch) {
+  const bool gram_solve = a.gran == kBatch || a.gran == kSequenceGram;
+  if (gram_solve) {
     for (int e = threadIdx.x; e < n * n; e += kFinaliseThreads) {
       const int r = e / n, c = e - r * n;
       const int i = r < c ? r : c, j = r < c ? c : r;
@@ -735,7 +757,7 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
   }
   if (threadIdx.x == 0) {
     scal[0] = scal[1] = 0.0;
-    if (a.gran == kBatch) {
+    if (gram_solve) {
       pama::min_norm_weights(G, n, cvec, mns);
       double obj = 0.0, kkt = 0.0;
       pama::quad_objective_kkt(G, n, cvec, &obj, &kkt);
@@ -753,7 +775,7 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
     }
   }
   __syncthreads();
-  if (a.gran == kBatch || a.gran == kBatchMean)
+  if (gram_solve || a.gran == kBatchMean)
     for (int i = threadIdx.x; i < n; i += kFinaliseThreads) static_cast<acc_t*>(a.weights)[i] = static_cast<acc_t>(cw[i]);
   // 4. per row: row scale, (sequence) weights, the loss term with the rounded outputs
   double loss_part = 0.0, obj_part = 0.0;
@@ -803,7 +825,7 @@ __global__ void __launch_bounds__(kFinaliseThreads) finalise_kernel(FinaliseArgs
     a.stats[3] = q[2];
     a.stats[4] = q[3];
     a.stats[5] = objective;
-    a.stats[6] = (a.gran == kBatch) ? scal[1] : 0.0;
+    a.stats[6] = gram_solve ? scal[1] : 0.0;
     a.stats[7] = nonempty;
   }
 }
@@ -972,7 +994,7 @@ size_t finalise_dynamic_smem_bytes() {
 template <typename acc_t>
 cudaError_t launch_finalise(FinaliseArgs fa, Gran gran, cudaStream_t stream) {
   // n <= 2: closed forms, no scratch used
-  const size_t dyn = (gran == kBatch && fa.n >= 3) ? finalise_dynamic_smem_bytes<acc_t>() : 0;
+  const size_t dyn = ((gran == kBatch || gran == kSequenceGram) && fa.n >= 3) ? finalise_dynamic_smem_bytes<acc_t>() : 0;
   fa.smem_solver = dyn > 0;
   finalise_kernel<acc_t><<<1, kFinaliseThreads, dyn, stream>>>(fa);
   return cudaGetLastError();

@@ -9,7 +9,8 @@
 //   forward  = one reduction kernel (grid over fixed token units that never cross a
 //              sequence; each block reduces in registers / shared memory in a fixed tree and
 //              writes its own scratch slot) + one single-block finalise kernel (sums the
-//              slots in a fixed order, solves: pama::min_norm_weights for `batch`,
+//              slots in a fixed order, solves: pama::min_norm_weights for `batch` (the
+//              token Gram) and `sequence_gram` (the Gram of the per-row mean vectors),
 //              pama::theorem1 for `batch_mean` / `sequence`, writes loss, weights,
 //              row_scale, stats). No float atomics anywhere: equal inputs give bitwise-equal
 //              outputs. No host synchronisation.
@@ -24,7 +25,7 @@
 namespace pama_cuda {
 
 enum DType : int { kFloat64 = 0, kFloat32 = 1, kBFloat16 = 2, kFloat16 = 3 };
-enum Gran : int { kBatch = 0, kToken = 1, kSequence = 2, kBatchMean = 3 };
+enum Gran : int { kBatch = 0, kToken = 1, kSequence = 2, kBatchMean = 3, kSequenceGram = 4 };
 enum Agg : int { kTokenMean = 0, kSeqMeanTokenMean = 1 };
 
 constexpr int kMaxN = 64;             // = PAMA_MAX_N
@@ -51,7 +52,7 @@ struct Inputs {
 // float32 (the pointers below are of that type).
 struct ForwardOutputs {
   void* loss;       // acc, 1 value
-  void* weights;    // acc, [N] (batch, batch_mean), [B, N] (sequence), unused (token)
+  void* weights;    // acc, [N] (batch, batch_mean, sequence_gram), [B, N] (sequence), unused (token)
   void* row_scale;  // acc, [B]
   double* stats;    // float64, [8]
 };

@@ -9,8 +9,10 @@ checks (see csrc/emulation/driver.cpp):
      against a long-double reference, on random inputs with +-inf / NaN and empty rows;
   2. bitwise equality of the reduce results under three thread schedules (forward, reverse,
      random): a race or a missing __syncthreads makes them differ;
-  3. finalise_kernel: bitwise equal under the three schedules and, for `batch` with N >= 3,
-     with the solver scratch in dynamic shared memory and in global memory.
+  3. finalise_kernel: bitwise equal under the three schedules and, for `batch` and
+     `sequence_gram` with N >= 3, with the solver scratch in dynamic shared memory and in
+     global memory; for `sequence_gram` the weights, objective and KKT residual also against
+     a long-double Gram of the per-row means.
 Not modelled: the hardware memory model and nvcc's code generation (see emu.h).
 A planted bug (one __syncthreads removed from reduce_kernel_any) must make the run fail.
 
@@ -127,10 +129,13 @@ def test_random_configs_on_current_kernels(binaries):
     counts = [emulate.summary(p) for p in procs]
     n_run = sum(c["configs"] for c in counts)
     n_smem = sum(c["finalise_smem_checked"] for c in counts)
+    n_sg = sum(c["finalise_sequence_gram_checked"] for c in counts)
     print(f"\nCUDA emulation: {n_run} configs (seed {SEED}, {sum(f[3] == '1' for f in fields)} with reduce_kernel_any "
-          f"forced, {n_smem} finalise smem-vs-global comparisons) passed in {elapsed:.1f} s")
+          f"forced, {n_smem} finalise smem-vs-global comparisons, {n_sg} sequence_gram solves checked) "
+          f"passed in {elapsed:.1f} s")
     assert n_run == len(configs)
     assert n_smem > 0, "no config compared the finalise solver in shared vs global memory"
+    assert n_sg > 0, "no config checked the sequence_gram finalise against the long-double Gram"
 
 
 @needs_build

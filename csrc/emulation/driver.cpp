@@ -14,10 +14,13 @@
 //      barrier makes them differ), and every unit slot and row partial must match a
 //      long-double reference within 1e-12 of the sum of |terms| (counts exactly);
 //   2. finalise_kernel runs on that result under the three schedules, for `batch` (gram)
+//      and `sequence_gram` (mean mode, chosen at random with `sequence` and `batch_mean`)
 //      also with the solver scratch in dynamic shared memory (as launch_finalise does for
-//      N >= 3): all variants must be bitwise equal and the loss finite.
+//      N >= 3): all variants must be bitwise equal and the loss finite; for `sequence_gram`
+//      the objective and KKT residual must also hold for a long-double Gram of the row means.
 // Output (stdout): "ok <config>" or "FAIL <config>" per config, then one line
-//   "summary configs=.. failed=.. finalise_smem_checked=.."; exit status 1 if any failed.
+//   "summary configs=.. failed=.. finalise_smem_checked=.. finalise_sequence_gram_checked=.."; exit
+//   status 1 if any failed.
 // The emulator itself aborts (EMU FAIL on stderr) on a deadlock, a divergent barrier or a
 // shared-memory index out of bounds; the config being run is then the last one echoed on stderr.
 #include "emu.h"
@@ -56,6 +59,7 @@ struct Config {
 
 bool g_failed = false;  // the current config failed
 long g_smem_checked = 0;  // configs whose finalise compared shared vs global solver scratch
+long g_seqgram_checked = 0;  // configs whose sequence_gram finalise was checked against the long-double Gram
 #define CHECK(cond, ...)                  \
   do {                                    \
     if (!(cond)) {                        \
@@ -81,13 +85,59 @@ void launch_reduce_emulated(const ReduceArgs& ra, bool broadcast, int n, bool fo
   emu::launch(grid, kThreads, [&] { reduce_kernel_any<S, O, MODE>(ra); });
 }
 
-// finalise on the reduce result under every schedule (and both scratch placements for batch)
+// sequence_gram: the Gram of the per-row means v_b = Q_b / M_b in long double, from the row
+// partials (segments summed); the returned weights must be on the simplex, the reported
+// objective must be c^T G c and the KKT residual c^T G c - min_j (G c)_j ~ 0 (relative to
+// max_j G_jj; the weights are rounded to acc_t, hence the looser float tolerance).
+template <class acc_t>
+void check_sequence_gram(const Config& c, const Partition& part, const double* rowpart, const acc_t* weights,
+                         const double* stats) {
+  const int n = c.n, R = row_stride(n);
+  std::vector<long double> G((size_t)n * n, 0.0L), v(n);
+  for (long b = 0; b < c.B; ++b) {
+    long double mb = 0.0L;
+    for (long s = 0; s < part.segs; ++s) mb += rowpart[(b * part.segs + s) * R];
+    if (!(mb > 0.0L)) continue;
+    for (int i = 0; i < n; ++i) {
+      long double q = 0.0L;
+      for (long s = 0; s < part.segs; ++s) q += rowpart[(b * part.segs + s) * R + 2 + n + i];
+      v[i] = q / mb;
+    }
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) G[i * n + j] += v[i] * v[j];
+  }
+  long double dmax = 0.0L, wsum = 0.0L, obj = 0.0L, gc_min = INFINITY;
+  for (int i = 0; i < n; ++i) dmax = std::max(dmax, G[i * n + i]);
+  for (int i = 0; i < n; ++i) {
+    CHECK(std::isfinite((double)weights[i]) && (double)weights[i] >= 0.0, "sequence_gram weight %d = %g", i,
+          (double)weights[i]);
+    wsum += (long double)(double)weights[i];
+  }
+  const long double tol = std::is_same<acc_t, double>::value ? 1e-9L : 1e-5L;
+  CHECK(fabsl(wsum - 1.0L) <= tol, "sequence_gram weights sum to %.17Lg", wsum);
+  for (int i = 0; i < n; ++i) {
+    long double gc = 0.0L;
+    for (int j = 0; j < n; ++j) gc += G[i * n + j] * (long double)(double)weights[j];
+    obj += (long double)(double)weights[i] * gc;
+    gc_min = std::min(gc_min, gc);
+  }
+  CHECK(obj - gc_min <= tol * dmax + 1e-300L, "sequence_gram KKT residual %.3Lg > %.3Lg (max G_jj %.3Lg)",
+        obj - gc_min, tol * dmax, dmax);
+  CHECK(fabsl((long double)stats[5] - obj) <= tol * dmax + 1e-300L, "sequence_gram objective %.17g vs c'Gc %.17Lg",
+        stats[5], obj);
+  CHECK(stats[6] >= 0.0 && stats[6] <= 1e-9 * (double)dmax + 1e-300, "sequence_gram reported KKT residual %g",
+        stats[6]);
+  ++g_seqgram_checked;
+}
+
+// finalise on the reduce result under every schedule (and both scratch placements for the
+// Gram solves)
 template <class acc_t>
 void check_finalise(const Config& c, int gran, int agg, const Partition& part, const double* slots, int slot_stride,
                     const double* rowpart) {
   const long B = c.B;
   const int n = c.n;
-  const bool try_smem = gran == kBatch && n >= 3;
+  const bool try_smem = (gran == kBatch || gran == kSequenceGram) && n >= 3;
   const long n_weights = gran == kSequence ? B * n : n;
   std::vector<std::vector<uint8_t>> outputs;
   for (int smem = 0; smem < (try_smem ? 2 : 1); ++smem)
@@ -132,6 +182,7 @@ void check_finalise(const Config& c, int gran, int agg, const Partition& part, c
       append(stats, sizeof(double) * 8);
       outputs.push_back(bytes);
       CHECK(std::isfinite((double)*loss), "non-finite loss from finalise (gran=%d smem=%d)", gran, smem);
+      if (gran == kSequenceGram && smem == 0 && sched == 0) check_sequence_gram<acc_t>(c, part, rowpart, weights, stats);
       free(G); free(cvec); free(scratch); free(loss); free(weights); free(row_scale); free(stats);
       free(emu::dynamic_shared);
       emu::dynamic_shared = nullptr;
@@ -326,7 +377,8 @@ void check_config(const Config& c) {
   // 2. finalise on the schedule-0 result
   memcpy(slots, result[0].data(), n_slots * sizeof(double));
   memcpy(rowpart, result[0].data() + n_slots, n_rowpart * sizeof(double));
-  const int gran = MODE == kGram ? kBatch : (MODE == kMin ? kToken : ((rng() & 1) ? kSequence : kBatchMean));
+  const int mean_grans[3] = {kSequence, kBatchMean, kSequenceGram};
+  const int gran = MODE == kGram ? kBatch : (MODE == kMin ? kToken : mean_grans[rng() % 3]);
   const int agg = rng() & 1;
   if (std::is_same<O, double>::value)
     check_finalise<double>(c, gran, agg, part, slots, slot_stride, rowpart);
@@ -383,6 +435,7 @@ int main() {
     printf("%s %s\n", g_failed ? "FAIL" : "ok", line.c_str());
     fflush(stdout);
   }
-  printf("summary configs=%ld failed=%ld finalise_smem_checked=%ld\n", n_configs, n_failed, g_smem_checked);
+  printf("summary configs=%ld failed=%ld finalise_smem_checked=%ld finalise_sequence_gram_checked=%ld\n", n_configs,
+         n_failed, g_smem_checked, g_seqgram_checked);
   return n_failed ? 1 : 0;
 }
