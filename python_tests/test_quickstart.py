@@ -104,7 +104,7 @@ def test_bad_backend_is_a_usage_error(capsys):
 
 
 def test_granularities_run():
-    for gran in ("token", "sequence", "batch_mean"):
+    for gran in ("token", "sequence", "batch_mean", "sequence_gram"):
         s = quickstart.main(["--steps", "1", "--granularity", gran, "--batch", "8", "--epochs", "1"])
         assert s["config"]["granularity"] == gran
         for res in s["methods"].values():
