@@ -110,13 +110,13 @@ def test_demo_grpo_end_to_end(tmp_path, one_thread):
     methods = ["pama", "pama_token", "pama_batch", "pama_sequence", "pama_batch_mean", "linear", "mgda_ub"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--grpo-kl-coef", "0.1",
+        s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--loss-kl-coef", "0.1",
                       "--objectives", "sentiment,length", "--methods", ",".join(methods), "--seeds", "0",
                       "--out", str(tmp_path / "o")])
     assert s["config"]["ppo"]["estimator"] == "grpo" and s["config"]["ppo"]["group_size"] == 4
     for r in s["runs"]:
         for h in r["history"]:
-            assert "value_loss" not in h and math.isfinite(h["kl_loss"]) and h["kl_coef"] == 0.1
+            assert "value_loss" not in h and h["kl"] >= 0 and math.isfinite(h["kl_loss"]) and h["kl_coef"] == 0.1
             w = h["weights"]
             assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
         assert r["history"][0]["kl_loss"] >= 0.0

@@ -23,7 +23,7 @@ import pama_ext
 
 from . import corpus, report
 from .policy import build_tiny_gpt2, build_tokenizer, load_pretrained, warm_up
-from .ppo import DEFAULT_METHODS, ESTIMATORS, METHODS, PPOConfig, banned_logits, evaluate, train
+from .ppo import DEFAULT_METHODS, ESTIMATORS, KL_PENALTIES, METHODS, PPOConfig, banned_logits, evaluate, train
 from .rewards import DEFAULT_OBJECTIVES, OBJECTIVES, build_objectives
 
 EVAL_SEED = 12345  # the held-out evaluation samples with this seed for every method and seed
@@ -66,8 +66,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "advantages [B, N], no value heads, KL in the loss) (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=4,
                    help="grpo: responses per prompt; --batch counts responses (default: %(default)s)")
-    p.add_argument("--grpo-kl-coef", type=float, default=0.04,
-                   help="grpo: fixed coefficient of the k3 KL to the reference in the loss (default: %(default)s)")
+    p.add_argument("--kl-penalty", default="reward", choices=KL_PENALTIES,
+                   help="gae: where the KL to the reference goes: reward (-beta KL_t in every objective's per-token "
+                   "reward, beta from --kl-coef adapted towards --target-kl) or loss (a k3 term of its own, "
+                   "--loss-kl-coef); grpo always puts it in the loss (default: %(default)s)")
+    p.add_argument("--loss-kl-coef", type=float, default=0.04,
+                   help="fixed coefficient of the k3 KL term when the KL is in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
     p.add_argument("--seeds", type=_csv(int), default=[0, 1, 2], help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
@@ -208,7 +212,8 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
                     target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
-                    group_size=args.group_size, grpo_kl_coef=args.grpo_kl_coef)
+                    group_size=args.group_size, kl_penalty=args.kl_penalty,
+                    loss_kl_coef=args.loss_kl_coef)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
 
@@ -356,10 +361,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _estimator_text(args) -> str:
+    kl = (f"KL coefficient {args.loss_kl_coef:g} in the loss" if args.estimator == "grpo" or args.kl_penalty == "loss"
+          else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward")
     if args.estimator == "grpo":
-        return (f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, "
-                f"KL coefficient {args.grpo_kl_coef:g} in the loss")
-    return f"GAE on {len(args.objectives)} value heads, KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward"
+        return f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, {kl}"
+    return f"GAE on {len(args.objectives)} value heads, {kl}"
 
 
 def resolve_workers(requested: str, device: torch.device, jobs: int, threads: int) -> int:

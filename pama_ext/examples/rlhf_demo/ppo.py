@@ -46,6 +46,7 @@ METHODS: Dict[str, Dict[str, str]] = {
 }
 DEFAULT_METHODS = ("pama", "pama_token", "linear", "mgda_ub")
 ESTIMATORS = ("gae", "grpo")
+KL_PENALTIES = ("reward", "loss")
 
 
 @dataclass
@@ -65,13 +66,16 @@ class PPOConfig:
     lam: float = 0.95
     max_grad_norm: float = 1.0
     backend: str = "auto"
-    # "gae": per-token GAE on N value heads, the KL penalty in the reward (PPO, the spec);
-    # "grpo": group_size samples per prompt, each objective's score normalised within its
-    # group (advantages [B, N], no value heads), the KL to the reference in the loss (k3
-    # estimator, coefficient grpo_kl_coef), as GRPO trainers do
+    # "gae": per-token GAE on N value heads (PPO, the spec); "grpo": group_size samples per
+    # prompt, each objective's score normalised within its group (advantages [B, N], no
+    # value heads)
     estimator: str = "gae"
     group_size: int = 4
-    grpo_kl_coef: float = 0.04
+    # where the KL to the reference goes: "reward" (-beta KL_t in every objective's per-token
+    # reward, beta adapted towards target_kl; gae only) or "loss" (loss_kl_coef times the k3
+    # estimate, a term of its own beside the combined surrogate, as GRPO trainers do)
+    kl_penalty: str = "reward"
+    loss_kl_coef: float = 0.04
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -254,6 +258,9 @@ def train(
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
     grpo = cfg.estimator == "grpo"
+    if cfg.kl_penalty not in KL_PENALTIES:
+        raise ValueError(f"unknown kl_penalty {cfg.kl_penalty!r}; choose from {', '.join(KL_PENALTIES)}")
+    kl_in_loss = grpo or cfg.kl_penalty == "loss"
     if grpo and cfg.batch % cfg.group_size:
         raise ValueError(f"batch {cfg.batch} is not a multiple of group_size {cfg.group_size}")
     n = len(objectives)
@@ -299,7 +306,7 @@ def train(
             if grpo:
                 adv = group_advantages(scores, cfg.group_size)  # [B, N]
             else:
-                rewards = scores_to_token_rewards(scores, mask, kl=kl, kl_coef=kl_ctl.value)
+                rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
                 adv = whiten_per_objective(gae.advantages, mask)
         K = cfg.micro_batches
@@ -317,25 +324,29 @@ def train(
                 logp, values, hidden = forward(policy, sub, banned)
                 shared = hidden if method == "mgda_ub" else None
                 pol = opt.loss(logp, old_logp[mb], adv[mb], mask[mb], shared=shared)
-                if grpo:
-                    aux = cfg.grpo_kl_coef * k3_kl(logp, ref_logp[mb], mask[mb])
-                else:
-                    aux = cfg.vf_coef * value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
+                aux = torch.zeros((), device=device)
+                if kl_in_loss:
+                    kl_term = cfg.loss_kl_coef * k3_kl(logp, ref_logp[mb], mask[mb])
+                    aux = aux + kl_term
+                if not grpo:
+                    vl = value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
+                    aux = aux + cfg.vf_coef * vl
                 ((pol + aux) / K).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             weights.append(mean_weights(opt.last_weights, mask[micro[-1]]))  # the last micro-batch's
             opt.step()
         seq_kl = float((kl.sum(1)).mean())
-        if not grpo:  # GRPO's KL coefficient is fixed
+        if not kl_in_loss:  # the KL coefficient in the loss is fixed
             kl_ctl.update(seq_kl, cfg.batch)
         rec = {
             "step": step,
             "rewards": scores.mean(0).tolist(),
             "weights": [sum(c) / len(c) for c in zip(*weights)],
             "kl": seq_kl,
-            "kl_coef": cfg.grpo_kl_coef if grpo else kl_ctl.value,
+            "kl_coef": cfg.loss_kl_coef if kl_in_loss else kl_ctl.value,
             "policy_loss": float(pol.detach()),
-            ("kl_loss" if grpo else "value_loss"): float(aux.detach()),
+            **({"kl_loss": float(kl_term.detach())} if kl_in_loss else {}),
+            **({} if grpo else {"value_loss": float(vl.detach())}),
             "response_tokens": float(mask.sum(1).float().mean()),
         }
         history.append(rec)
