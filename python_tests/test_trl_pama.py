@@ -210,3 +210,13 @@ def test_normalization_follows_scale_rewards(tmp_path):
         assert args.objective_normalization == want
     args = PAMAGRPOConfig(**tiny.common_args(str(tmp_path)))
     assert args.objective_granularity == pama_ext.DEFAULT_GRANULARITY and args.objective_combiner == "pama"
+
+
+def test_evaluate_logs_weights(tmp_path):
+    # evaluation: the weights of the evaluation batch alone, logged with the eval_ prefix
+    trainer = _trainer(tmp_path, objective_granularity="batch", per_device_eval_batch_size=8)
+    trainer.eval_dataset = tiny.dataset(8)
+    metrics = trainer.evaluate()
+    ws = [metrics[f"eval_objectives/{n}/weight"] for n in NAMES]
+    assert sum(ws) == pytest.approx(1.0, abs=1e-5) and all(w >= 0 for w in ws)
+    assert 0.0 <= metrics["eval_objectives/zero_advantage_fraction"] <= 1.0
