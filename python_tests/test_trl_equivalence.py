@@ -101,9 +101,10 @@ class NoonGRPOTrainer(GRPOTrainer):
     "case",
     [
         dict(loss_type="dapo", gradient_accumulation_steps=2, epsilon_high=0.28, optim="sgd", learning_rate=0.5),
-        dict(loss_type="grpo", num_iterations=2, beta=0.05, optim="sgd", learning_rate=0.5),
+        dict(loss_type="grpo", num_iterations=2, beta=0.05, mask_truncated_completions=True, max_completion_length=12,
+             optim="sgd", learning_rate=0.5),
     ],
-    ids=["dapo_accum", "grpo_iterations_beta"],
+    ids=["dapo_accum", "grpo_iterations_beta_masked"],
 )
 def test_pama_one_objective_is_noon_grpo(case, tmp_path):
     tok = tiny.tokenizer()
