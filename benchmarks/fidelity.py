@@ -29,10 +29,6 @@ SETTINGS = {
     "gae_three": ["--estimator", "gae", "--objectives", "sentiment,length,diversity"],
     "grpo_pair": ["--estimator", "grpo", "--objectives", "sentiment,length"],
     "grpo_three": ["--estimator", "grpo", "--objectives", "sentiment,length,diversity"],
-    # the KL to the reference as a loss term of its own instead of inside every objective's
-    # reward (FIDELITY.md: why the Noon clamp and the per-objective whitening distort it there)
-    "gaeklloss_pair": ["--estimator", "gae", "--kl-penalty", "loss", "--objectives", "sentiment,length"],
-    "gaeklloss_three": ["--estimator", "gae", "--kl-penalty", "loss", "--objectives", "sentiment,length,diversity"],
 }
 METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub"]
 SEEDS = list(range(10))
@@ -44,7 +40,7 @@ def _csv(text):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", type=_csv, default=list(SETTINGS)[:4])
+    p.add_argument("--settings", type=_csv, default=list(SETTINGS))
     p.add_argument("--methods", type=_csv, default=METHODS)
     p.add_argument("--seeds", type=_csv, default=[str(s) for s in SEEDS])
     p.add_argument("--steps", type=int, default=40)

@@ -28,8 +28,6 @@ SETTING_TEXT = {
     "gae_three": "GAE (PPO), sentiment + length + diversity",
     "grpo_pair": "GRPO, sentiment + length",
     "grpo_three": "GRPO, sentiment + length + diversity",
-    "gaeklloss_pair": "GAE (PPO), KL in the loss, sentiment + length",
-    "gaeklloss_three": "GAE (PPO), KL in the loss, sentiment + length + diversity",
 }
 PAIR = ("sentiment", "length")
 START, END = "<!-- fidelity-tables:start -->", "<!-- fidelity-tables:end -->"

@@ -124,6 +124,18 @@ def test_demo_grpo_end_to_end(tmp_path, one_thread):
     assert all(f == firsts[0] for f in firsts)  # the same first rollout for every method
 
 
+def test_demo_gae_with_the_kl_in_the_loss(tmp_path, one_thread):
+    """--kl-penalty loss: GAE on scores alone, the value loss and a k3 KL term of its own with
+    a fixed coefficient (no adaptation)."""
+    s = cli.main([*TINY, "--kl-penalty", "loss", "--loss-kl-coef", "0.3", "--objectives", "sentiment,length",
+                  "--methods", "pama_token,linear", "--seeds", "0", "--out", str(tmp_path / "o")])
+    for r in s["runs"]:
+        for h in r["history"]:
+            assert math.isfinite(h["value_loss"]) and h["kl_loss"] >= 0 and h["kl_coef"] == 0.3
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--kl-penalty", "advantage"])
+
+
 def test_grpo_rollout_holds_groups(monkeypatch, one_thread):
     """The prompts of one rollout come in groups of group_size identical prompts, and the
     advantages the loss sees are group_advantages of the scores."""
