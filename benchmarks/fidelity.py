@@ -30,7 +30,7 @@ SETTINGS = {
     "grpo_pair": ["--estimator", "grpo", "--objectives", "sentiment,length"],
     "grpo_three": ["--estimator", "grpo", "--objectives", "sentiment,length,diversity"],
 }
-METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub"]
+METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub", "noon_linear"]
 SEEDS = list(range(10))
 
 

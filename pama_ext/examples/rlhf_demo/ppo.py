@@ -41,6 +41,9 @@ METHODS: Dict[str, Dict[str, str]] = {
     "pama": {"combiner": "pama"},
     **{f"pama_{g}": {"combiner": "pama", "granularity": g} for g in pama_ext.GRANULARITIES},
     "linear": {"combiner": "linear"},
+    # an ablation: MORLHF's uniform weights on the Noon-clamped advantages (the surrogate is
+    # then Noon PPO's), which separates what the clamp does from what PAMA's weights do
+    "noon_linear": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
 }
@@ -309,6 +312,8 @@ def train(
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
                 adv = whiten_per_objective(gae.advantages, mask)
+        if method == "noon_linear":
+            adv = adv.clamp_min(0)
         K = cfg.micro_batches
         micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
         weights = []
