@@ -44,6 +44,11 @@ METHODS: Dict[str, Dict[str, str]] = {
     # an ablation: MORLHF's uniform weights on the Noon-clamped advantages (the surrogate is
     # then Noon PPO's), which separates what the clamp does from what PAMA's weights do
     "noon_linear": {"combiner": "linear"},
+    # an experiment (benchmarks/FIDELITY.md): Theorem 1 on each token's signed advantages,
+    # without the Noon clamp: s_t = the projection of 0 onto [min_i A_i, max_i A_i] (up only
+    # when every objective's advantage is positive, down only when every one is negative),
+    # under the standard signed PPO clip
+    "pama_token_signed": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
 }
@@ -312,8 +317,12 @@ def train(
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
                 adv = whiten_per_objective(gae.advantages, mask)
+        signed_w = None
         if method == "noon_linear":
             adv = adv.clamp_min(0)
+        elif method == "pama_token_signed":
+            signed_w = pama_ext.theorem1(adv).to(adv.dtype)  # per token (gae) or per response (grpo)
+            adv = n * signed_w * adv  # linear's uniform 1/n preference then gives sum_i w_i A_i
         K = cfg.micro_batches
         micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
         weights = []
@@ -338,7 +347,8 @@ def train(
                     aux = aux + cfg.vf_coef * vl
                 ((pol + aux) / K).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            weights.append(mean_weights(opt.last_weights, mask[micro[-1]]))  # the last micro-batch's
+            w_step = opt.last_weights if signed_w is None else signed_w[micro[-1]]
+            weights.append(mean_weights(w_step, mask[micro[-1]]))  # the last micro-batch's
             opt.step()
         seq_kl = float((kl.sum(1)).mean())
         if not kl_in_loss:  # the KL coefficient in the loss is fixed
