@@ -49,6 +49,11 @@ METHODS: Dict[str, Dict[str, str]] = {
     # when every objective's advantage is positive, down only when every one is negative),
     # under the standard signed PPO clip
     "pama_token_signed": {"combiner": "linear"},
+    # an experiment (benchmarks/FIDELITY.md): Theorem 1 on each token's Noon-clamped
+    # advantages over the objectives whose advantage is not exactly 0 (an objective whose
+    # group rewards are all equal, e.g. a saturated length reward under GRPO, expresses no
+    # preference and does not veto the others); s_t is still 0 whenever one is negative
+    "pama_token_abstain": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
 }
@@ -323,6 +328,13 @@ def train(
         elif method == "pama_token_signed":
             signed_w = pama_ext.theorem1(adv).to(adv.dtype)  # per token (gae) or per response (grpo)
             adv = n * signed_w * adv  # linear's uniform 1/n preference then gives sum_i w_i A_i
+        elif method == "pama_token_abstain":
+            voting = adv != 0
+            s_t = torch.where(voting, adv.clamp_min(0), torch.full_like(adv, math.inf)).amin(-1)
+            s_t = torch.where(voting.any(-1), s_t, torch.zeros_like(s_t))
+            signed_w = torch.where(voting & (adv.clamp_min(0) == s_t[..., None]), 1.0, 0.0)
+            signed_w = torch.where(voting.any(-1, keepdim=True), signed_w / signed_w.sum(-1, keepdim=True).clamp_min(1), 1.0 / n)
+            adv = s_t[..., None].expand_as(adv).contiguous()  # linear's uniform average of n equal columns is s_t
         K = cfg.micro_batches
         micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
         weights = []
