@@ -102,8 +102,9 @@ def pama_loss(
             before the Noon clamp (negative values are clamped to zero here).
         mask: [B, T] response-token mask (bool, or numbers where nonzero means "in").
         clip_eps: PPO clip range, > 0.
-        granularity: where the weights are solved: ``batch`` (min-norm over the batch's
-            advantage vectors), ``token``, ``sequence`` or ``batch_mean`` (Theorem 1), or
+        granularity: where the weights are solved (default ``pama_ext.DEFAULT_GRANULARITY``,
+            ``token``, chosen by benchmarks/FIDELITY.md): ``token``, ``sequence`` or
+            ``batch_mean`` (Theorem 1), ``batch`` (min-norm over the batch's advantage vectors), or
             ``sequence_gram`` (min-norm over the Gram of the per-response mean advantage
             vectors: each response counts once, whatever its length).
         loss_agg: ``token_mean`` (divide by the masked tokens) or ``seq_mean_token_mean``.

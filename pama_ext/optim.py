@@ -11,7 +11,7 @@ optimizer's step. Everything else is the base optimizer's: ``PAMA`` shares its
 Usage (one PPO minibatch per optimizer step)::
 
     base = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    opt = pama_ext.PAMA(base, num_objectives=2)        # combiner="pama", granularity="batch"
+    opt = pama_ext.PAMA(base, num_objectives=2)        # combiner="pama", granularity=pama_ext.DEFAULT_GRANULARITY
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for batch in minibatches:
         logp = policy_logprobs(policy, batch)          # [B, T], requires grad
@@ -64,8 +64,8 @@ Combiners (one call, ``opt.loss(logp, old_logp, advantages, mask, *, shared=None
 preference=None)``, for all of them):
 
 =========== ===================================================================================
-``pama``    Noon PPO with PAMA's weights at ``granularity`` (``batch`` default, ``token``,
-            ``sequence``, ``batch_mean``, ``sequence_gram``: the min-norm point of the Gram
+``pama``    Noon PPO with PAMA's weights at ``granularity`` (``pama_ext.DEFAULT_GRANULARITY``
+            by default: ``token``; ``sequence``, ``batch``, ``batch_mean``, ``sequence_gram``: the min-norm point of the Gram
             in which each response counts once): the fused op ``pama_ext.pama_loss``; with
             accumulation or a process group, the statistics pass + one solve +
             ``weighted_noon_loss`` with those weights (backward: the fused kernel). Extra
@@ -202,7 +202,8 @@ class PAMA(Optimizer):
         optimizer: the base ``torch.optim.Optimizer`` (its ``param_groups`` are shared).
         num_objectives: N, the number of objectives (advantages' last dimension).
         clip_eps: PPO clip range.
-        granularity: ``batch`` (default), ``token``, ``sequence``, ``batch_mean`` or
+        granularity: one of ``pama_ext.GRANULARITIES``, default ``pama_ext.DEFAULT_GRANULARITY``:
+            ``token``, ``sequence``, ``batch``, ``batch_mean`` or
             ``sequence_gram`` (one weight vector from the min-norm point of the Gram of the
             per-response mean advantage vectors: each response counts once, so accumulation
             and data parallelism sum per-response terms; ``combiner="pama"`` only; see
@@ -249,10 +250,10 @@ class PAMA(Optimizer):
         check_choice(fn, "backend", backend, functional._backends.known_backends())
         if preference is not None and combiner != "linear":
             raise ValueError(f"{fn}: `preference` is for combiner='linear', not {combiner!r}")
-        if combiner != "pama" and granularity != "batch":
+        if combiner != "pama" and granularity != DEFAULT_GRANULARITY:
             raise ValueError(
                 f"{fn}: granularity={granularity!r} applies to combiner='pama' only; "
-                f"combiner={combiner!r} has its own (leave granularity at 'batch')"
+                f"combiner={combiner!r} has its own (leave granularity at its default, {DEFAULT_GRANULARITY!r})"
             )
         self.optimizer = optimizer
         self.num_objectives = num_objectives
