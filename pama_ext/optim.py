@@ -202,7 +202,7 @@ class PAMA(Optimizer):
         optimizer: the base ``torch.optim.Optimizer`` (its ``param_groups`` are shared).
         num_objectives: N, the number of objectives (advantages' last dimension).
         clip_eps: PPO clip range.
-        granularity: one of ``pama_ext.GRANULARITIES``, default ``pama_ext.DEFAULT_GRANULARITY``:
+        granularity: one of ``pama_ext.GRANULARITIES``; None (default): ``pama_ext.DEFAULT_GRANULARITY``:
             ``token``, ``sequence``, ``batch``, ``batch_mean`` or
             ``sequence_gram`` (one weight vector from the min-norm point of the Gram of the
             per-response mean advantage vectors: each response counts once, so accumulation
@@ -224,7 +224,7 @@ class PAMA(Optimizer):
         num_objectives: int,
         *,
         clip_eps: float = 0.2,
-        granularity: str = DEFAULT_GRANULARITY,
+        granularity: Optional[str] = None,
         combiner: str = "pama",
         preference: Optional[Union[Tensor, list, tuple]] = None,
         loss_agg: str = "token_mean",
@@ -243,6 +243,12 @@ class PAMA(Optimizer):
         if not 1 <= num_objectives <= MAX_OBJECTIVES:
             raise ValueError(f"{fn}: `num_objectives` must be in [1, {MAX_OBJECTIVES}], got {num_objectives}")
         self.clip_eps = check_clip_eps(fn, clip_eps)
+        if granularity is not None and combiner != "pama":
+            raise ValueError(
+                f"{fn}: granularity={granularity!r} applies to combiner='pama' only; "
+                f"combiner={combiner!r} has its own (leave granularity unset)"
+            )
+        granularity = DEFAULT_GRANULARITY if granularity is None else granularity
         check_choice(fn, "granularity", granularity, GRANULARITIES)
         check_choice(fn, "combiner", combiner, COMBINERS)
         check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
@@ -250,11 +256,6 @@ class PAMA(Optimizer):
         check_choice(fn, "backend", backend, functional._backends.known_backends())
         if preference is not None and combiner != "linear":
             raise ValueError(f"{fn}: `preference` is for combiner='linear', not {combiner!r}")
-        if combiner != "pama" and granularity != DEFAULT_GRANULARITY:
-            raise ValueError(
-                f"{fn}: granularity={granularity!r} applies to combiner='pama' only; "
-                f"combiner={combiner!r} has its own (leave granularity at its default, {DEFAULT_GRANULARITY!r})"
-            )
         self.optimizer = optimizer
         self.num_objectives = num_objectives
         self.granularity = granularity

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
-# The granularity every public entry point uses when none is given (README, "Decisions").
-DEFAULT_GRANULARITY = "batch"
+# The granularity every public entry point uses when none is given: Theorem 1 on each
+# token's scalars, chosen by the fidelity sweep (benchmarks/FIDELITY.md; README, "Decisions").
+DEFAULT_GRANULARITY = "token"
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 STATS_FIELDS = (
     "masked_tokens",

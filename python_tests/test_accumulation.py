@@ -162,7 +162,7 @@ def test_optimizer_accumulation_sequence_gram_ragged(per_sequence):
 def test_accumulation_lifecycle():
     x = make_inputs(4, 6, N_OBJ, seed=5)
     lp = leaf(x.logp)
-    opt = pama_ext.PAMA(torch.optim.SGD([lp], lr=1.0), N_OBJ)
+    opt = pama_ext.PAMA(torch.optim.SGD([lp], lr=1.0), N_OBJ, granularity="batch")
     with pytest.raises(RuntimeError, match="no statistics accumulated"):
         opt.solve()
     # loss() solves on its own after accumulate()
@@ -181,7 +181,7 @@ def test_accumulation_lifecycle():
     assert_close_rel(opt.last_weights, first, 0, 1e-12, "fused")
 
 
-@pytest.mark.parametrize("combiner,granularity", [("pama", "token"), ("pama", "sequence"), ("linear", "batch")])
+@pytest.mark.parametrize("combiner,granularity", [("pama", "token"), ("pama", "sequence"), ("linear", None)])
 def test_accumulate_is_a_no_op_where_weights_are_local(combiner, granularity):
     x = make_inputs(4, 6, N_OBJ, seed=7)
     lp = leaf(x.logp)

@@ -118,7 +118,7 @@ def test_weighted_noon_loss_with_pama_weights_is_pama_loss(granularity, per_sequ
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_weighted_noon_loss_low_precision(dtype):
     x = make_inputs(6, 9, N_OBJ, dtype=dtype, seed=4)
-    w = pama_ext.pama_weights(*x)
+    w = pama_ext.pama_weights(*x, granularity="batch")
     lp = leaf(x.logp)
     loss = pama_ext.weighted_noon_loss(lp, *x[1:], w)
     loss.backward()
@@ -315,7 +315,8 @@ def test_all_combiners_one_loop():
     """The same training loop runs every combiner (the uniform usage of PAMA.loss)."""
     for combiner in pama_ext.COMBINERS:
         policy, tokens, old_logp, adv, mask = policy_batch(seed=15)
-        opt = pama_ext.PAMA(torch.optim.AdamW(policy.parameters(), lr=1e-2), N_OBJ, combiner=combiner)
+        gran = {"granularity": "batch"} if combiner == "pama" else {}  # one weight vector [N] for every combiner
+        opt = pama_ext.PAMA(torch.optim.AdamW(policy.parameters(), lr=1e-2), N_OBJ, combiner=combiner, **gran)
         before = [p.detach().clone() for p in policy.parameters()]
         for _ in range(2):
             with torch.no_grad():

@@ -100,7 +100,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
         # 3. accumulation (2 micro-batches per rank) + distribution: one all-reduce per step
         tokens, old, adv, mask = (shard(t, rank) for t in global_batch("ragged"))
         model = Policy()
-        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ)
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity="batch")
         with torch.no_grad():
             for r in (slice(0, 2), slice(2, 4)):
                 opt.accumulate(model(tokens[r])[0], old[r], adv[r], mask[r])
@@ -119,10 +119,10 @@ def _worker(rank: int, init_file: str, out_dir: str):
             res.setdefault("accum_weights_sequence_gram", []).append(_gathered(opt.last_weights))
         # 4. an explicit process group; and sync_statistics=False
         group = dist.new_group(list(range(WORLD)))
-        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, process_group=group)
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity="batch", process_group=group)
         opt.loss(model(tokens)[0], old, adv, mask)
         res["group_weights"] = _gathered(opt.last_weights)
-        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, sync_statistics=False)
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity="batch", sync_statistics=False)
         opt.loss(model(tokens)[0], old, adv, mask)
         res["local_weights"] = opt.last_weights.clone()
         # 5. mgda_ub (Gram summed over ranks) and mgda (per-objective gradients averaged), equal counts
@@ -139,7 +139,7 @@ def _worker(rank: int, init_file: str, out_dir: str):
             res[f"{combiner}_params"] = [p.detach().clone() for p in model.module.parameters()]
         # 6. two loss calls before a step, no accumulation: each uses its own batch's weights
         model = Policy()
-        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ)
+        opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity="batch")
         for kind in ("ragged", "balanced"):
             tokens, old, adv, mask = (shard(t, rank) for t in global_batch(kind))
             opt.loss(model(tokens)[0], old, adv, mask)
@@ -181,7 +181,7 @@ def ranks(tmp_path_factory):
 def single_process(mask_kind, granularity="batch", combiner="pama", step=False):
     tokens, old, adv, mask = global_batch(mask_kind)
     model = Policy()
-    opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity=granularity, combiner=combiner)
+    opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.5), N_OBJ, granularity=granularity if combiner == "pama" else None, combiner=combiner)
     logp, h = model(tokens)
     loss = opt.loss(logp, old, adv, mask, shared=h if combiner == "mgda_ub" else None)
     if step:
@@ -234,7 +234,7 @@ def test_explicit_group_and_local_solve(ranks):
         assert_identical_on_ranks(ranks[r]["group_weights"])
         torch.testing.assert_close(ranks[r]["group_weights"][0], w_single, rtol=0, atol=1e-12)
         tokens, old, adv, mask = (shard(t, r) for t in global_batch("ragged"))
-        w_local = pama_ext.pama_weights(Policy()(tokens)[0].detach(), old, adv, mask)
+        w_local = pama_ext.pama_weights(Policy()(tokens)[0].detach(), old, adv, mask, granularity="batch")
         torch.testing.assert_close(ranks[r]["local_weights"], w_local, rtol=0, atol=1e-12)
     assert not torch.allclose(ranks[0]["local_weights"], ranks[1]["local_weights"])
 
