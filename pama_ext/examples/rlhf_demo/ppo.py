@@ -57,7 +57,7 @@ METHODS: Dict[str, Dict[str, str]] = {
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
 }
-DEFAULT_METHODS = ("pama", "pama_token", "linear", "mgda_ub")
+DEFAULT_METHODS = ("pama", "pama_batch", "linear", "mgda_ub")
 ESTIMATORS = ("gae", "grpo")
 KL_PENALTIES = ("reward", "loss")
 
