@@ -755,6 +755,21 @@ def test_gradcheck(backend, granularity, loss_agg, per_sequence):
     assert torch.autograd.gradcheck(f, (leaf(x.logp),), eps=1e-6, atol=1e-9, rtol=1e-6)
 
 
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_gradcheck_token_exact_zeros(backend, loss_agg, per_sequence):
+    x = make_inputs(4, 6, 3, F64, per_sequence=per_sequence, mask_kind="full", seed=142, margin=1e-3)
+    x = with_exact_zeros(x, 142, frac=0.4, nonneg=True)
+    A = x.advantages if not per_sequence else x.advantages[:, None, :].expand(4, 6, -1)
+    assert bool(((A == 0).any(-1) & (A > 0).any(-1)).any())  # abstentions that matter
+
+    def f(lp):
+        return pama_ext.pama_loss(lp, x.old_logp, x.advantages, x.mask,
+                                  granularity="token", loss_agg=loss_agg, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (leaf(x.logp),), eps=1e-6, atol=1e-9, rtol=1e-6)
+
+
 # --------------------------------------------------------------------------- more contract details
 @pytest.mark.parametrize("dtype", [F64, torch.float32], ids=str)
 def test_indicator_is_one_at_the_clip_boundary(backend, dtype):
