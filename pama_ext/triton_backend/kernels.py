@@ -189,7 +189,7 @@ def reduce_tokens_kernel(
         acc_s += ad * md[:, None]
         ia = tl.where(ind[:, None], ad, 0.0)  # I(A)
         acc_q += ia
-        amin = tl.reduce(tl.where(nmask[None, :], an, float("inf")), 1, _elementwise_min)
+        amin = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
         acc_smin += amin.to(tl.float64) * md
         if DO_GRAM:
             acc_g += ia[:, :, None] * ia[:, None, :]
@@ -210,6 +210,19 @@ def reduce_tokens_kernel(
             g,
             mask=nmask[:, None] & nmask[None, :],
         )
+
+
+# --------------------------------------------------------------------------- token min
+@triton.jit
+def _token_min(a, valid, nmask):
+    """s_t of granularity "token" from the raw advantages a [TOK, BN] (pama_math.h's
+    token_min): key = a (a > 0), 0 (a < 0), +inf (a == 0, -0.0 included: the objective
+    abstains; also the padding columns); s = min key, 0 when that is +inf or the token is
+    not valid."""
+    key = tl.where(a > 0.0, a, tl.where(a < 0.0, 0.0, float("inf")))
+    key = tl.where(nmask[None, :], key, float("inf"))
+    kmin = tl.reduce(key, 1, _elementwise_min)
+    return tl.where(valid & (kmin < float("inf")), kmin, 0.0)
 
 
 # --------------------------------------------------------------------------- Theorem 1
@@ -604,10 +617,10 @@ def backward_kernel(
     else:
         u = tl.exp(d)
     ind = u <= thr_c
-    an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)
     if TOKEN_MIN:
-        s = tl.reduce(tl.where(nmask[None, :], an, float("inf")), 1, _elementwise_min)
+        s = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
     else:
+        an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)
         w = tl.load(weights_ptr + b64[:, None] * stride_wb + ln[None, :], mask=inb[:, None] & nmask[None, :], other=0.0)
         s = tl.reduce(an * w.to(CD), 1, _sum_combine)
     go = tl.load(grad_ptr).to(CD)
