@@ -10,7 +10,8 @@ nothing reads the tokens twice and nothing synchronises with the host:
 1. ``reduce_tokens_kernel`` (grid: B x blocks-per-row, blocks never cross a sequence)
    reads logp, old_logp, advantages and mask once and writes, per block, the sufficient
    statistics of every granularity in float64 (the layout is the ``SLOT_*`` constants
-   below): valid tokens M, clipped tokens, non-finite counts, ``Smin = sum min_i A_i m``,
+   below): valid tokens M, clipped tokens, non-finite counts, ``Smin = sum s_t m`` (s_t the
+   zero-abstaining token min, ``_token_min``),
    ``S_i = sum A_i m``, ``Q_i = sum I_i`` and, for ``batch``, the N x N Gram of I.
    Per-token maths runs in float32 (float64 for float64 inputs); every product that is
    summed is formed and accumulated in float64 (each lane accumulates its own tokens,
@@ -73,7 +74,7 @@ SLOT_CLIP = tl.constexpr(1)  # valid tokens with u > 1 + eps
 SLOT_NF_LOGP = tl.constexpr(2)  # masked tokens with non-finite logp
 SLOT_NF_OLD = tl.constexpr(3)  # ... old_logp
 SLOT_NF_ADV = tl.constexpr(4)  # ... advantages
-SLOT_SMIN = tl.constexpr(5)  # sum min_i A_i * min(u, 1+eps)         (token)
+SLOT_SMIN = tl.constexpr(5)  # sum s_t * min(u, 1+eps), s_t = _token_min  (token)
 SLOT_SMIN_M = tl.constexpr(6)  # sum_b Smin_b / M_b                    (derived per row)
 SLOT_NONEMPTY = tl.constexpr(7)  # rows with M_b > 0                      (derived)
 SLOT_SEQ_L = tl.constexpr(8)  # sum_b c_b . S_b                         (sequence, derived)
