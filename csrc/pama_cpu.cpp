@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <string>
 #include <vector>
@@ -149,6 +150,18 @@ inline op_t msel(mask_t<op_t> m, op_t a, op_t b) {  // m ? a : b
 template <typename op_t>
 inline mask_t<op_t> finite_mask(op_t x) {
   return mask_of<op_t>((x - x) == op_t(0));
+}
+
+// granularity "token" (pama::token_key / token_value as lane-mask selects): the key of a raw
+// advantage x is x (x > 0), 0 (x < 0), +inf (x == 0, -0.0 included: the objective abstains)
+template <typename op_t>
+inline op_t token_key_m(op_t x) {
+  return msel(mask_of<op_t>(x > op_t(0)), x, msel0(~mask_of<op_t>(x < op_t(0)), std::numeric_limits<op_t>::infinity()));
+}
+// s = valid && min key < inf ? min key : 0
+template <typename op_t>
+inline op_t token_value_m(mask_t<op_t> valid, op_t key_min) {
+  return msel0(valid & mask_of<op_t>(key_min < std::numeric_limits<op_t>::infinity()), key_min);
 }
 
 // exp for float, branch-free so that the ratio loop vectorises (glibc's expf is a call per
@@ -333,19 +346,24 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       cb.ok[j] = 0;
       cb.m[j] = cb.w[j] = op_t(0);
     }
-    // Noon clamp, zero for invalid tokens
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < Lp; ++j) {
-        const op_t x = cb.At[i][j];
-        cb.At[i][j] = msel0(cb.ok[j] & mask_of<op_t>(x > op_t(0)), x);
-      }
     if constexpr (MODE == Mode::Min) {
+      // s_t on the raw advantages: exactly-zero advantages abstain (pama::token_min)
       op_t mn[CH];
-      for (int j = 0; j < Lp; ++j) mn[j] = cb.At[0][j];
+      for (int j = 0; j < Lp; ++j) mn[j] = token_key_m(cb.At[0][j]);
       for (int i = 1; i < n; ++i)
-        for (int j = 0; j < Lp; ++j) mn[j] = msel(mask_of<op_t>(cb.At[i][j] < mn[j]), cb.At[i][j], mn[j]);
+        for (int j = 0; j < Lp; ++j) {
+          const op_t k = token_key_m(cb.At[i][j]);
+          mn[j] = msel(mask_of<op_t>(k < mn[j]), k, mn[j]);
+        }
+      for (int j = 0; j < Lp; ++j) mn[j] = token_value_m(cb.ok[j], mn[j]);
       dot_lanes_op(mn, cb.m, Lp, accMin);
     } else {
+      // Noon clamp, zero for invalid tokens
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < Lp; ++j) {
+          const op_t x = cb.At[i][j];
+          cb.At[i][j] = msel0(cb.ok[j] & mask_of<op_t>(x > op_t(0)), x);
+        }
       for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
       if constexpr (MODE == Mode::Mean) {
         for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
@@ -399,10 +417,11 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const uint8_t* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
-  op_t A[PAMA_MAX_N];
+  op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
   M fa = ~M(0);
   for (int i = 0; i < n; ++i) {
     const op_t v = ld<op_t>(ar, i);
+    raw[i] = v;
     fa &= finite_mask(v);
     A[i] = pama::noon(v);
   }
@@ -443,8 +462,7 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const double ni = static_cast<double>(n_ind);
   row[0] += static_cast<double>(m_cnt);
   if constexpr (MODE == Mode::Min) {
-    op_t mn = A[0];
-    for (int i = 1; i < n; ++i) mn = pama::pmin(mn, A[i]);
+    const op_t mn = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
     row[1] += static_cast<double>(mn) * sum_m;
   } else {
     for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
@@ -544,7 +562,7 @@ struct BwdArgs {
 };
 
 // g_t = -grad * r_b * s_t * (u_t if u_t <= 1+eps else 0) for valid tokens, 0 elsewhere;
-// s_t = sum_i c_i A_i (min_i A_i for token). The indicator is a select, not a product, so
+// s_t = sum_i c_i A_i (pama::token_min of the raw advantages for token). The indicator is a select, not a product, so
 // that u = inf gives 0 and not inf * 0 = NaN.
 template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
 void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
@@ -570,10 +588,11 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
   ChunkBuf<op_t, CAP, CH> cb;
   if constexpr (BC) {
     const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
-    op_t A[PAMA_MAX_N];
+    op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
     M fa = ~M(0);
     for (int i = 0; i < n; ++i) {
       const op_t v = ld<op_t>(ar, i);
+      raw[i] = v;
       fa &= finite_mask(v);
       A[i] = pama::noon(v);
     }
@@ -581,7 +600,7 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
     for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
     op_t s = A[0];
     if constexpr (TOKEN) {
-      for (int i = 1; i < n; ++i) s = pama::pmin(s, A[i]);
+      s = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
     } else {
       s = c[0] * A[0];
       for (int i = 1; i < n; ++i) s += c[i] * A[i];
@@ -604,13 +623,18 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
       const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
       chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
       chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, L, cb, fa);
-      for (int i = 0; i < n; ++i)  // Noon clamp, zero for tokens with a non-finite advantage
-        for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(fa[j] & mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
       if constexpr (TOKEN) {
-        for (int j = 0; j < L; ++j) s[j] = cb.At[0][j];
+        // on the raw advantages: exactly-zero advantages abstain (pama::token_min)
+        for (int j = 0; j < L; ++j) s[j] = token_key_m(cb.At[0][j]);
         for (int i = 1; i < n; ++i)
-          for (int j = 0; j < L; ++j) s[j] = msel(mask_of<op_t>(cb.At[i][j] < s[j]), cb.At[i][j], s[j]);
+          for (int j = 0; j < L; ++j) {
+            const op_t k = token_key_m(cb.At[i][j]);
+            s[j] = msel(mask_of<op_t>(k < s[j]), k, s[j]);
+          }
+        for (int j = 0; j < L; ++j) s[j] = token_value_m(fa[j], s[j]);
       } else {
+        for (int i = 0; i < n; ++i)  // Noon clamp, zero for tokens with a non-finite advantage
+          for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(fa[j] & mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
         for (int j = 0; j < L; ++j) s[j] = c[0] * cb.At[0][j];
         for (int i = 1; i < n; ++i)
           for (int j = 0; j < L; ++j) s[j] += c[i] * cb.At[i][j];

@@ -298,14 +298,13 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
         cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
         // a select, so that a non-finite advantage of an invalid token contributes 0, never
         // inf * 0 = NaN
-#pragma unroll
-        for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
         if (MODE == kMin) {
-          op_t mn = A[0];
-#pragma unroll
-          for (int i = 1; i < NT; ++i) mn = pama::pmin(mn, A[i]);
+          // on the raw advantages: exactly-zero advantages abstain (pama::token_min)
+          const op_t mn = tk.valid ? pama::token_min(A, NT) : op_t(0);
           r[1] += static_cast<double>(mn * tk.m);
         } else {
+#pragma unroll
+          for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
 #pragma unroll
           for (int i = 0; i < NT; ++i) r[2 + i] += static_cast<double>(A[i] * tk.m);
           if (MODE == kMean) {
@@ -451,12 +450,13 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
       sV[j] = tk.valid ? 1 : 0;
       sW[j] = (tk.valid && tk.ind) ? 1 : 0;
       sM[j] = tk.m;
-      if (MODE == kMin) {
-        op_t mn = op_t(0);
+      if (MODE == kMin) {  // on the raw advantages: exactly-zero advantages abstain
+        op_t key = op_t(0);
         for (int i = 0; i < n; ++i) {
-          const op_t x = tk.valid ? pama::noon(sA[j * P + i]) : op_t(0);
-          mn = (i == 0) ? x : pama::pmin(mn, x);
+          const op_t k = pama::token_key(sA[j * P + i]);
+          key = (i == 0) ? k : pama::pmin(key, k);
         }
+        const op_t mn = tk.valid ? pama::token_value(key) : op_t(0);
         sMin[j] = static_cast<double>(mn * tk.m);
       }
     }
@@ -563,7 +563,8 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
 }
 
 // Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
-// S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij += A_i A_j #{ind}, Smin = min_i A_i sum_t m_t.
+// S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij += A_i A_j #{ind}, Smin = s sum_t m_t
+// (s = pama::token_min of the raw advantages: exactly-zero advantages abstain).
 // A row whose advantages are not all finite has no valid token (sum_t m_t = #{ind} = 0);
 // its A is taken as 0 (a select) so that it contributes exactly 0, as if masked out, and
 // never inf * 0 = NaN (issue 10, defect 3). Rows are reduced by groups of threads
@@ -607,13 +608,17 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
       const double sum_m = v[1], ni = v[2];
       double* row = a.rowpart + rp * R;
       row[0] = v[0];
-      double mn = 0.0;
+      double key = 0.0;  // token: min of pama::token_key over the raw advantages
       for (int i = 0; i < n; ++i) {
-        const double A = fa ? static_cast<double>(pama::noon(ld<op_t>(ar, i))) : 0.0;
-        mn = (i == 0) ? A : pama::pmin(mn, A);
+        const op_t x = ld<op_t>(ar, i);
+        const double A = fa ? static_cast<double>(pama::noon(x)) : 0.0;
+        const double k = static_cast<double>(pama::token_key(x));
+        key = (i == 0) ? k : pama::pmin(key, k);
         row[2 + i] = (MODE == kMin) ? 0.0 : A * sum_m;
         row[2 + n + i] = (MODE == kMean) ? A * ni : 0.0;
       }
+      // exactly-zero advantages abstain (pama::token_min); 0 for a non-finite row
+      const double mn = fa ? pama::token_value(key) : 0.0;
       row[1] = (MODE == kMin) ? mn * sum_m : 0.0;
       if (MODE == kGram) sNi[k] = ni;
     }
@@ -870,12 +875,16 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardArgs a) {
       if (NT == 0 && i >= n) break;
       const op_t v = ld<op_t>(ar, i);
       fa = fa && pama::pisfinite(v);
-      const op_t A = pama::noon(v);
-      if (TOKEN)
-        s = (i == 0) ? A : pama::pmin(s, A);
-      else
+      if (TOKEN) {  // the min of pama::token_key over the raw advantages
+        const op_t k = pama::token_key(v);
+        s = (i == 0) ? k : pama::pmin(s, k);
+      } else {
+        const op_t A = pama::noon(v);
         s = (i == 0) ? c[0] * A : s + c[i] * A;
+      }
     }
+    // token: exactly-zero advantages abstain (pama::token_min); +inf (all abstain) -> 0
+    if (TOKEN) s = pama::token_value(s);
     // coef = -grad_out * r_b rounded once to op_t (the reference's order ((-g r) s) u)
     const op_t coef = static_cast<op_t>(-(go * static_cast<double>(rs[b])));
     const bool ok = a.mask[idx] != 0 && pama::pisfinite(x) && pama::pisfinite(y) && fa && pama::indicator(u, thr);

@@ -82,6 +82,23 @@ PAMA_HD inline T clipped_ratio(T u, T one_plus_eps) { return u <= one_plus_eps ?
 template <typename T>
 PAMA_HD inline T noon(T a) { return a > T(0) ? a : T(0); }
 
+// granularity "token": objectives whose advantage is exactly 0 (-0.0 included) abstain.
+//   some a_i < 0: s = 0;  else some a_i > 0: s = min over {i: a_i > 0} of a_i;  else s = 0.
+// Computed on the raw (un-clamped) advantages as s = token_value(min_i token_key(a_i)):
+// key(a) = a (a > 0), 0 (a < 0), +inf (a == 0: abstains); the min of the keys is +inf only
+// when every objective abstains, and token_value maps that to 0. Without exact zeros this is
+// min_i noon(a_i), bit for bit. Non-finite input: callers exclude such tokens (select to 0).
+template <typename T>
+PAMA_HD inline T token_key(T a) { return a > T(0) ? a : (a < T(0) ? T(0) : T(INFINITY)); }
+template <typename T>
+PAMA_HD inline T token_value(T key_min) { return key_min < T(INFINITY) ? key_min : T(0); }
+template <typename T>
+PAMA_HD inline T token_min(const T* a, int n) {
+  T mn = token_key(a[0]);
+  for (int i = 1; i < n; ++i) mn = pmin(mn, token_key(a[i]));
+  return token_value(mn);
+}
+
 // d loss / d logp for one valid token, up to the factor -grad_out * row_scale:
 // s * (u if u <= 1+eps else 0). A select, not a multiplication by the indicator, so that
 // u = inf gives 0 and not inf * 0 = NaN.

@@ -103,8 +103,10 @@ def pama_loss(
         mask: [B, T] response-token mask (bool, or numbers where nonzero means "in").
         clip_eps: PPO clip range, > 0.
         granularity: where the weights are solved (default ``pama_ext.DEFAULT_GRANULARITY``,
-            ``token``, chosen by benchmarks/FIDELITY.md): ``token``, ``sequence`` or
-            ``batch_mean`` (Theorem 1), ``batch`` (min-norm over the batch's advantage vectors), or
+            ``token``, chosen by benchmarks/FIDELITY.md): ``token`` (Theorem 1 per token;
+            objectives whose advantage is exactly 0 abstain: a token is reinforced when no
+            objective's advantage is negative and at least one is positive, by the smallest
+            positive one), ``sequence`` or ``batch_mean`` (Theorem 1), ``batch`` (min-norm over the batch's advantage vectors), or
             ``sequence_gram`` (min-norm over the Gram of the per-response mean advantage
             vectors: each response counts once, whatever its length).
         loss_agg: ``token_mean`` (divide by the masked tokens) or ``seq_mean_token_mean``.
@@ -144,7 +146,11 @@ def pama_weights(
     """The weights PAMA combines the objectives with (no gradient).
 
     Shape [N] for ``batch``, ``batch_mean`` and ``sequence_gram``, [B, N] for ``sequence``, [B, T, N] for
-    ``token`` (Theorem 1 on each token's Noon advantages; ties share equally). Non-finite
+    ``token`` (per token; objectives whose advantage is exactly 0 abstain: a token is
+    reinforced when no objective's advantage is negative and at least one is positive, by the
+    smallest positive one. Weights: split equally over the negative objectives if any, else
+    over the positive ones equal to the smallest, else uniform 1/N; so
+    ``sum_i c_i max(A_i, 0)`` is the token's combined advantage). Non-finite
     tokens are left out of the statistics, as ``nonfinite="mask"`` does for the loss.
     """
     fn = "pama_weights"

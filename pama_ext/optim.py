@@ -65,7 +65,10 @@ preference=None)``, for all of them):
 
 =========== ===================================================================================
 ``pama``    Noon PPO with PAMA's weights at ``granularity`` (``pama_ext.DEFAULT_GRANULARITY``
-            by default: ``token``; ``sequence``, ``batch``, ``batch_mean``, ``sequence_gram``: the min-norm point of the Gram
+            by default: ``token``, Theorem 1 per token, where objectives whose advantage is
+            exactly 0 abstain: a token is reinforced when no objective's advantage is negative
+            and at least one is positive, by the smallest positive one; ``sequence``, ``batch``,
+            ``batch_mean``, ``sequence_gram``: the min-norm point of the Gram
             in which each response counts once): the fused op ``pama_ext.pama_loss``; with
             accumulation or a process group, the statistics pass + one solve +
             ``weighted_noon_loss`` with those weights (backward: the fused kernel). Extra
@@ -122,7 +125,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import functional
-from .reference import DEFAULT_GRANULARITY
+from .reference import DEFAULT_GRANULARITY, token_advantage
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
@@ -203,7 +206,9 @@ class PAMA(Optimizer):
         num_objectives: N, the number of objectives (advantages' last dimension).
         clip_eps: PPO clip range.
         granularity: one of ``pama_ext.GRANULARITIES``; None (default): ``pama_ext.DEFAULT_GRANULARITY``:
-            ``token``, ``sequence``, ``batch``, ``batch_mean`` or
+            ``token`` (per token; objectives whose advantage is exactly 0 abstain: a token is
+            reinforced when no objective's advantage is negative and at least one is positive,
+            by the smallest positive one), ``sequence``, ``batch``, ``batch_mean`` or
             ``sequence_gram`` (one weight vector from the min-norm point of the Gram of the
             per-response mean advantage vectors: each response counts once, so accumulation
             and data parallelism sum per-response terms; ``combiner="pama"`` only; see
@@ -504,11 +509,12 @@ class PAMA(Optimizer):
         with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
             # with nonfinite="raise" the op has checked that every masked token is finite
             valid = x.mask if self.nonfinite == "raise" else _valid_tokens(x, "mask", fn)
-            a = torch.clamp(x.advantages.to(_acc_dtype(x.logp)), min=0)
+            a_raw = x.advantages.to(_acc_dtype(x.logp))
             if self.granularity == "token":
-                s = a.amin(dim=-1)
+                s = token_advantage(a_raw)  # exactly-zero advantages abstain
                 s = s if s.dim() == 2 else s[:, None]
             else:
+                a = torch.clamp(a_raw, min=0)
                 s = _combine(a, info.weights.to(a.dtype))
             zero = (valid & (s == 0)).sum()
         stats = info.stats

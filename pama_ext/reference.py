@@ -192,6 +192,38 @@ def _token_terms(logp, old_logp, advantages, mask, clip_eps, acc):
     return u, ind, m, a_noon, valid, (finite_lp, finite_old, finite_adv)
 
 
+def token_advantage(adv: Tensor) -> Tensor:
+    """s_t of ``granularity="token"`` from the raw (un-clamped) advantages ``[..., N]``.
+
+    Objectives whose advantage is exactly 0 (-0.0 included) abstain: s_t = 0 if some
+    A_i < 0, else the smallest positive A_i, and 0 when every A_i is 0. Computed as the min
+    over i of key(A_i) = A_i (A_i > 0), 0 (A_i < 0), +inf (A_i == 0), with +inf (every
+    objective abstains) mapped to 0: the same formula as the kernels (pama_math.h).
+    Without exact zeros this is min_i max(A_i, 0) bit for bit.
+    """
+    zero = torch.zeros((), dtype=adv.dtype, device=adv.device)
+    inf = torch.full((), math.inf, dtype=adv.dtype, device=adv.device)
+    key = torch.where(adv > 0, adv, torch.where(adv < 0, zero, inf))
+    mn = key.amin(dim=-1)
+    return torch.where(mn < math.inf, mn, zero)
+
+
+def token_weights(adv: Tensor) -> Tensor:
+    """Per-token weights of ``granularity="token"`` ``[..., N]`` (float64): uniform over the
+    objectives with A_i < 0 if any; else uniform over the positive A_i equal to their min;
+    else (all exactly 0) uniform 1/N. sum_i c_i max(A_i, 0) == token_advantage(adv)."""
+    a = adv.to(torch.float64)
+    neg = a < 0
+    pos = a > 0
+    s = token_advantage(a)
+    at_min = pos & (a == s[..., None])
+    any_neg = neg.any(dim=-1, keepdim=True)
+    any_pos = pos.any(dim=-1, keepdim=True)
+    sel = torch.where(any_neg, neg, torch.where(any_pos, at_min, torch.ones_like(neg)))
+    sel = sel.to(torch.float64)
+    return sel / sel.sum(dim=-1, keepdim=True).clamp_min(1)
+
+
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -281,7 +313,8 @@ def fused_forward(
         raise ValueError(f"unknown granularity {granularity!r}")
     row_scale = _row_scale(m_b, loss_agg)
     if granularity == "token":
-        per_row = (a_noon.amin(dim=-1) * m).to(dd).sum(dim=1)
+        s_tok = _token_s(advantages, valid, acc)
+        per_row = (s_tok * m).to(dd).sum(dim=1)
     elif granularity == "sequence":
         per_row = (weights * surr).sum(-1)
     else:
@@ -301,10 +334,22 @@ def fused_forward(
     return loss.to(acc), weights.to(acc), row_scale.to(acc), stats.to(logp.device)
 
 
-def combined_advantage(a_noon: Tensor, weights: Tensor, granularity: str) -> Tensor:
-    """s_t = sum_i c_i A_i with the weights at the granularity (min_i A_i for ``token``)."""
+def _token_s(advantages: Tensor, valid: Tensor, acc: torch.dtype) -> Tensor:
+    """token_advantage of the raw advantages in dtype ``acc``, [B, T]; 0 at invalid tokens."""
+    b, t = valid.shape
+    adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
+    s = token_advantage(adv.to(acc))
+    return torch.where(valid, s, torch.zeros((), dtype=acc, device=s.device))
+
+
+def combined_advantage(a_noon: Tensor, weights: Tensor, granularity: str, advantages: Tensor = None) -> Tensor:
+    """s_t = sum_i c_i A_i with the weights at the granularity. For ``token`` it is
+    ``token_advantage`` of the raw ``advantages`` [B, T, N] (required: the Noon-clamped
+    a_noon has lost the signs), zero-abstaining min (see token_advantage)."""
     if granularity == "token":
-        return a_noon.amin(dim=-1)
+        if advantages is None:
+            raise ValueError("combined_advantage: granularity='token' needs the raw advantages")
+        return token_advantage(advantages.to(a_noon.dtype))
     if granularity == "sequence":
         return (a_noon * weights[:, None, :].to(a_noon.dtype)).sum(-1)
     return a_noon @ weights.to(a_noon.dtype)
@@ -323,8 +368,11 @@ def fused_backward(
 ) -> Tensor:
     """Reference of the fused backward: dL/dlogp = -g r_b s_t u_t 1[u_t <= 1+eps]."""
     acc = _acc_dtype(logp)
-    u, ind, _m, a_noon, _valid, _ = _token_terms(logp, old_logp, advantages, mask.bool(), clip_eps, acc)
-    s = combined_advantage(a_noon, weights.to(acc), granularity)
+    u, ind, _m, a_noon, valid, _ = _token_terms(logp, old_logp, advantages, mask.bool(), clip_eps, acc)
+    if granularity == "token":
+        s = _token_s(advantages, valid, acc)
+    else:
+        s = combined_advantage(a_noon, weights.to(acc), granularity)
     du = torch.where(ind, u, torch.zeros((), dtype=acc))  # a select: u = inf gives 0, not NaN
     grad = -grad_loss.to(acc) * row_scale.to(acc)[:, None] * s * du
     return grad.to(logp.dtype)
@@ -337,7 +385,7 @@ def pama_weights(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEF
         if granularity == "token":
             b, t = logp.shape
             adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
-            return theorem1(torch.clamp(adv, min=0)).to(_acc_dtype(logp))
+            return token_weights(adv).to(_acc_dtype(logp))
         _, weights, _, _ = fused_forward(
             logp, old_logp, advantages, mask, clip_eps, granularity, "token_mean", False
         )
@@ -373,8 +421,11 @@ def pama_loss_and_stats(
             logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, False
         )
     zero = torch.zeros((), dtype=acc, device=logp.device)
-    a_noon = torch.where(valid[..., None], torch.clamp(adv.detach().to(acc), min=0), zero)
-    s = combined_advantage(a_noon, weights, granularity)
+    if granularity == "token":
+        s = _token_s(adv.detach(), valid, acc)
+    else:
+        a_noon = torch.where(valid[..., None], torch.clamp(adv.detach().to(acc), min=0), zero)
+        s = combined_advantage(a_noon, weights, granularity)
     # invalid tokens must not reach the graph: a NaN logp would poison the gradient via 0 * NaN
     lp = torch.where(valid, logp.to(acc), zero)
     old = torch.where(valid, old_logp.detach().to(acc), zero)

@@ -3,6 +3,8 @@ float64 references written out plainly here."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import BACKENDS, LOSS_AGGS, assert_close_rel, leaf, make_inputs
@@ -225,10 +227,20 @@ def test_linear_overflowing_ratio_gives_no_nan():
 
 
 # --------------------------------------------------------------------------- pama through PAMA
+@pytest.mark.parametrize("zeros", [False, True], ids=["nozeros", "zeros"])
 @pytest.mark.parametrize("granularity", ["batch", "token", "sequence", "batch_mean", "sequence_gram"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_pama_combiner_is_pama_loss(granularity, backend):
+def test_pama_combiner_is_pama_loss(granularity, backend, zeros):
+    if zeros and granularity != "token":
+        pytest.skip("exact zeros change only `token`")
     x = make_inputs(6, 9, N_OBJ, seed=12)
+    if zeros:  # exact zeros abstain under `token`: a zero column, +-0.0 entries, all-zero tokens
+        g = torch.Generator().manual_seed(3)
+        adv = x.advantages.abs()
+        adv = torch.where(torch.rand(adv.shape, generator=g) < 0.3, -0.0, adv)
+        adv[..., 1] = 0.0
+        adv[0, :3] = 0.0
+        x = x._replace(advantages=adv)
     lp1, lp2 = leaf(x.logp), leaf(x.logp)
     opt = pama_ext.PAMA(torch.optim.SGD([lp1], lr=0.1), N_OBJ, granularity=granularity, backend=backend)
     loss = opt.loss(lp1, *x[1:])
@@ -247,8 +259,12 @@ def test_pama_combiner_is_pama_loss(granularity, backend):
     assert float(st.kkt_residual) == pytest.approx(float(info.stats[6]), abs=1e-15)
     # zero-advantage fraction, spelled out
     a = x.advantages.clamp_min(0)
-    if granularity == "token":
-        s = a.amin(-1)
+    if granularity == "token":  # exactly-zero advantages abstain
+        A = x.advantages
+        s = torch.where(A > 0, A, math.inf).amin(-1)
+        s = torch.where(~(A < 0).any(-1) & (A > 0).any(-1), s, 0.0)
+        if zeros:
+            assert bool((x.mask & (s > 0) & (A == 0).any(-1)).any())  # the case is not vacuous
     elif granularity == "sequence":
         s = (a * w_ref[:, None, :]).sum(-1)
     else:

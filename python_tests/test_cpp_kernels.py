@@ -248,8 +248,12 @@ def test_theorem1_properties_and_reference(rows):
 
 
 # ===================================================================== fused kernels
-def make_inputs(B, T, N, dtype, *, bc=False, mask_kind="ragged", seed=0, noise=0.3):
+def make_inputs(B, T, N, dtype, *, bc=False, mask_kind="ragged", seed=0, noise=0.3, zeros=False):
     """PPO-like inputs in ``dtype``; ratios straddle 1 + eps but stay clear of it.
+
+    ``zeros``: exact zeros in the advantages (granularity "token": such objectives abstain):
+    30 % of the entries (+0.0 and -0.0), one whole objective column (N >= 2), the first
+    token (or row) all zero, and every advantage made non-negative when ``seed`` is even.
 
     u within rounding of 1 + eps could flip the clip indicator between two correct
     implementations (their exp differ by an ulp), so such tokens are moved far from it.
@@ -264,6 +268,15 @@ def make_inputs(B, T, N, dtype, *, bc=False, mask_kind="ragged", seed=0, noise=0
     shape = (B, N) if bc else (B, T, N)
     offs = torch.linspace(-0.5, 0.5, N, dtype=torch.float64) if N > 1 else torch.zeros(1, dtype=torch.float64)
     adv = (torch.randn(*shape, generator=g, dtype=torch.float64) + offs).to(dtype)
+    if zeros:
+        if seed % 2 == 0:
+            adv = adv.abs()
+        sel = torch.rand(shape, generator=g) < 0.3
+        sign = torch.where(torch.rand(shape, generator=g) < 0.5, 1.0, -1.0).to(dtype)
+        adv = torch.where(sel, 0.0 * sign, adv)  # 0.0 * -1.0 = -0.0
+        if N >= 2:
+            adv[..., int(torch.randint(0, N, (1,), generator=g))] = -0.0
+        adv.view(-1, N)[0] = 0.0
     if mask_kind == "full":
         mask = torch.ones(B, T, dtype=torch.bool)
     elif mask_kind == "empty":
@@ -352,12 +365,49 @@ def test_fused_matches_reference(granularity, loss_agg, bc, dtype):
                     assert torch.equal(out[1], torch.full((N,), 1.0 / N, dtype=out[1].dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bc", [False, True], ids=["BTN", "BN"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_token_exact_zeros_match_reference(loss_agg, bc, dtype):
+    """granularity "token" with exact zeros (+0.0, -0.0, zero columns, all-zero tokens): they
+    abstain; forward and backward against the reference, every N path (1..5, 8 unrolled, 7 and
+    13 at run time) and segmented rows (T > 2048)."""
+    seed = 100
+    for N in [1, 2, 3, 4, 5, 7, 8, 13]:
+        for (B, T), mask_kind in [((6, 37), "ragged"), ((2, 4500), "random"), ((7, 1), "full")]:
+            seed += 1
+            inputs = make_inputs(B, T, N, dtype, bc=bc, mask_kind=mask_kind, seed=seed, zeros=True)
+            check_against_reference(inputs, "token", loss_agg, dtype)
+
+
+def test_token_abstain_hand_cases_cpp():
+    adv = torch.tensor([[[0.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 5.0], [0.5, 0.5, 0.0],
+                         [-0.0, 0.0, 1.5], [-0.0, -0.0, -0.0], [1.0, 2.0, 3.0], [-1.0, -2.0, 0.0]]])
+    expected = [2.0, 0.0, 0.0, 0.5, 1.5, 0.0, 1.0, 0.0]
+    for dtype in [torch.float64, torch.float32, torch.bfloat16, torch.float16]:
+        a = adv.to(dtype)
+        lp = torch.zeros(1, 8, dtype=dtype)
+        mask = torch.ones(1, 8, dtype=torch.bool)
+        loss, w, r, _ = _C.pama_forward(lp, lp, a, mask, EPS, "token", "token_mean", True)
+        assert float(loss) == -sum(expected) / 8 and w.numel() == 0
+        g = _C.pama_backward(torch.tensor(-8.0, dtype=acc_dtype(dtype)), lp, lp, a, mask, w, r, EPS, "token")
+        assert g[0].double().tolist() == expected, dtype
+        for t in range(8):  # [B, N]: one row per token, broadcast over 4 tokens
+            lp4 = torch.zeros(1, 4, dtype=dtype)
+            m4 = torch.ones(1, 4, dtype=torch.bool)
+            loss, w, r, _ = _C.pama_forward(lp4, lp4, a[:, t], m4, EPS, "token", "token_mean", True)
+            assert float(loss) == -expected[t], (dtype, t)
+            g = _C.pama_backward(torch.tensor(-4.0, dtype=acc_dtype(dtype)), lp4, lp4, a[:, t], m4, w, r, EPS, "token")
+            assert g.double().tolist() == [[expected[t]] * 4], (dtype, t)
+
+
 def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
     """The contract, written directly in float64 (for float64 inputs; no reference.py)."""
     B, T = lp.shape
     A = adv if adv.dim() == 3 else adv[:, None, :].expand(B, T, adv.shape[-1])
     N = A.shape[-1]
     valid = mask & torch.isfinite(lp) & torch.isfinite(olp) & torch.isfinite(A).all(-1)
+    raw = torch.where(valid[..., None], A, 0.0)
     u = torch.exp(lp - olp)
     ind = (u <= 1 + EPS) & valid
     A = torch.where(valid[..., None], A.clamp(min=0), 0.0)
@@ -393,7 +443,11 @@ def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
         per_row = (S * c).sum(-1)
     else:
         c = None
-        per_row = (A.min(-1).values * m).sum(1)
+        # token: exactly-zero advantages abstain; 0 if some A_i < 0 or all are 0
+        pos = raw > 0
+        s_tok = torch.where(pos, raw, math.inf).amin(-1)
+        s_tok = torch.where(~(raw < 0).any(-1) & pos.any(-1), s_tok, 0.0)
+        per_row = (s_tok * m).sum(1)
     nonempty = int((Mb > 0).sum())
     if loss_agg == "token_mean":
         r = torch.full((B,), 1.0 / float(M) if M > 0 else 0.0, dtype=torch.float64)
@@ -403,12 +457,15 @@ def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
     return loss, c, r, float(M), int((valid & ~(u <= 1 + EPS)).sum()), nonempty
 
 
+@pytest.mark.parametrize("zeros", [False, True], ids=["nozeros", "zeros"])
 @pytest.mark.parametrize("bc", [False, True], ids=["BTN", "BN"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_fused_matches_independent_float64(granularity, bc):
+def test_fused_matches_independent_float64(granularity, bc, zeros):
+    if zeros and granularity != "token":
+        pytest.skip("exact zeros change only `token` (elsewhere they make the minimiser non-unique)")
     for N, (B, T), seed in [(2, (4, 50), 1), (3, (5, 2100), 2), (4, (3, 7), 3), (6, (9, 33), 4)]:
         for loss_agg in LOSS_AGGS:
-            lp, olp, adv, mask = make_inputs(B, T, N, torch.float64, bc=bc, mask_kind="ragged", seed=seed)
+            lp, olp, adv, mask = make_inputs(B, T, N, torch.float64, bc=bc, mask_kind="ragged", seed=seed, zeros=zeros)
             loss, w, r, st_ = _C.pama_forward(lp, olp, adv, mask, EPS, granularity, loss_agg, True)
             l2, c2, r2, M, clipped, nonempty = independent_forward(lp, olp, adv, mask, granularity, loss_agg)
             assert abs(float(loss) - float(l2)) <= 1e-11 * max(1.0, abs(float(l2)))

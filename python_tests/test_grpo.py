@@ -116,7 +116,10 @@ def test_demo_grpo_end_to_end(tmp_path, one_thread):
     assert s["config"]["ppo"]["estimator"] == "grpo" and s["config"]["ppo"]["group_size"] == 4
     for r in s["runs"]:
         for h in r["history"]:
-            assert "value_loss" not in h and h["kl"] >= 0 and math.isfinite(h["kl_loss"]) and h["kl_coef"] == 0.1
+            # h["kl"] is the sampled estimate mean_b sum_t (old_logp - ref_logp): it may be
+            # slightly negative on a tiny run; the k3 term in the loss is >= 0 by construction
+            assert "value_loss" not in h and math.isfinite(h["kl"]) and math.isfinite(h["kl_loss"])
+            assert h["kl_loss"] >= 0.0 and h["kl_coef"] == 0.1
             w = h["weights"]
             assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
         assert r["history"][0]["kl_loss"] >= 0.0

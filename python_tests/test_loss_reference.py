@@ -37,6 +37,44 @@ F64 = torch.float64
 
 
 # --------------------------------------------------------------------------- the oracle
+def token_rule(A: torch.Tensor) -> torch.Tensor:
+    """s_t of ``token`` on raw advantages [..., N], spelled out: objectives whose advantage is
+    exactly 0 abstain. 0 if some A_i < 0; else the smallest positive A_i; 0 if all are 0."""
+    pos = A > 0
+    smallest_pos = torch.where(pos, A, math.inf).amin(-1)
+    reinforced = ~(A < 0).any(-1) & pos.any(-1)
+    return torch.where(reinforced, smallest_pos, 0.0)
+
+
+def token_rule_weights(A: torch.Tensor) -> torch.Tensor:
+    """The per-token weights of ``token``: equal shares over the negative objectives if any,
+    else over the positive ones equal to the smallest positive, else 1/N (all exactly 0)."""
+    A = A.to(F64)
+    neg, pos = A < 0, A > 0
+    at_min = pos & (A == token_rule(A)[..., None])
+    sel = torch.where(neg.any(-1, keepdim=True), neg,
+                      torch.where(pos.any(-1, keepdim=True), at_min, torch.ones_like(neg))).to(F64)
+    return sel / sel.sum(-1, keepdim=True)
+
+
+def with_exact_zeros(x: Inputs, seed: int, frac: float = 0.3, nonneg: bool = False) -> Inputs:
+    """``x`` with exact zeros mixed into the advantages: a random ``frac`` of the entries
+    (+0.0 or -0.0), one whole objective column (N >= 2), and the first token (or row) all
+    zero; ``nonneg``: |A| first, so that the zeros decide many tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    adv = x.advantages.clone()
+    if nonneg:
+        adv = adv.abs()
+    sel = torch.rand(adv.shape, generator=gen) < frac
+    sign = torch.where(torch.rand(adv.shape, generator=gen) < 0.5, 1.0, -1.0).to(adv.dtype)
+    adv = torch.where(sel, 0.0 * sign, adv)  # 0.0 * -1.0 = -0.0
+    n = adv.shape[-1]
+    if n >= 2:
+        adv[..., int(torch.randint(0, n, (1,), generator=gen))] = -0.0
+    adv.view(-1, n)[0] = 0.0
+    return x._replace(advantages=adv)
+
+
 def oracle(x: Inputs, granularity: str, loss_agg: str, clip_eps: float = CLIP_EPS) -> dict:
     """Loss, gradient, weights, row scale and statistics in float64, written out plainly."""
     lp, old, adv, mask = upcast(x)
@@ -82,7 +120,7 @@ def oracle(x: Inputs, granularity: str, loss_agg: str, clip_eps: float = CLIP_EP
         objective = float(((w * a).sum(-1) ** 2)[nonempty].mean()) if bool(nonempty.any()) else 0.0
     else:
         w = torch.zeros(0, dtype=F64)
-        s = a_noon.amin(-1)
+        s = token_rule(torch.where(valid[..., None], A, 0.0))
     if loss_agg == "token_mean":
         row_scale = torch.full((B,), 1.0 / big_m if big_m > 0 else 0.0, dtype=F64)
     else:
@@ -133,7 +171,7 @@ def check_against_oracle(x: Inputs, backend: str, granularity: str, loss_agg: st
     if granularity == "token":
         b, t = x.logp.shape
         a = x.advantages if x.advantages.dim() == 3 else x.advantages[:, None, :].expand(b, t, -1)
-        expected = pama_ext.theorem1(a.to(F64).clamp_min(0))
+        expected = token_rule_weights(a)
         assert w.shape == (b, t, a.shape[-1]), tag
         assert_close_rel(w, expected, 0.0, atol=w_atol, msg=f"pama_weights {tag}")
     else:
@@ -301,6 +339,116 @@ def test_token_granularity_explicit_gradient(backend, per_sequence):
     all_pos = (A > 0).all(-1) & x.mask & (u <= 1 + CLIP_EPS)
     assert torch.equal(grad != 0, all_pos)
     assert bool(all_pos.any()) and bool((x.mask & ~all_pos).any())
+
+
+ZERO_CASES = [
+    (1, 1, 1, "full", 60),
+    (1, 1, 3, "full", 61),
+    (3, 17, 2, "ragged", 62),
+    (3, 17, 5, "random", 63),
+    (4, 9, 8, "full", 64),
+    (5, 7, 3, "ragged", 65),
+]
+
+
+@pytest.mark.parametrize("nonneg", [False, True], ids=["signed", "nonneg"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+@pytest.mark.parametrize("case", ZERO_CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_token_exact_zeros_match_oracle(backend, dtype, case, loss_agg, per_sequence, nonneg):
+    """Exact zeros (+0.0, -0.0, whole zero columns, all-zero tokens) abstain; every backend
+    against the float64 oracle (which spells the rule out)."""
+    B, T, N, mask_kind, seed = case
+    x = make_inputs(B, T, N, dtype, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    x = with_exact_zeros(x, seed, nonneg=nonneg)
+    check_against_oracle(x, backend, "token", loss_agg)
+
+
+@given(
+    B=st.integers(1, 5),
+    T=st.integers(1, 9),
+    N=st.integers(1, 6),
+    per_sequence=st.booleans(),
+    mask_kind=st.sampled_from(["full", "ragged", "empty", "random"]),
+    frac=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+    nonneg=st.booleans(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_token_exact_zeros_property(B, T, N, per_sequence, mask_kind, frac, nonneg, dtype, seed):
+    """Every backend against the oracle on advantages with exact zeros in a random subset."""
+    x = make_inputs(B, T, N, dtype, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    x = with_exact_zeros(x, seed, frac=frac, nonneg=nonneg)
+    for backend in BACKENDS:
+        check_against_oracle(x, backend, "token", "token_mean")
+
+
+def token_s(adv: torch.Tensor, backend: str) -> torch.Tensor:
+    """s_t as a backend computes it, read off the gradient: u = 1, full mask, token_mean,
+    so dL/dlogp_t = -s_t / M (exact up to the rounding of 1/M)."""
+    B, T = adv.shape[0], (adv.shape[1] if adv.dim() == 3 else 3)
+    lp = torch.zeros(B, T, dtype=adv.dtype)
+    x = Inputs(lp, lp.clone(), adv, torch.ones(B, T, dtype=torch.bool))
+    loss, grad, _ = loss_and_grad(x, granularity="token", backend=backend)
+    s = -grad.to(F64) * (B * T)
+    assert_close_rel(loss, -s.sum() / (B * T), 1e-12, msg="loss")
+    return s
+
+
+def test_token_abstain_hand_cases(backend):
+    adv = torch.tensor([[[0.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 5.0], [0.5, 0.5, 0.0],
+                         [-0.0, 0.0, 1.5], [-0.0, -0.0, -0.0], [1.0, 2.0, 3.0], [-1.0, -2.0, 0.0]]], dtype=F64)
+    s = token_s(adv, backend)
+    assert s[0].tolist() == [2.0, 0.0, 0.0, 0.5, 1.5, 0.0, 1.0, 0.0]
+    lp = torch.zeros(1, 8, dtype=F64)
+    w = pama_ext.pama_weights(lp, lp, adv, torch.ones(1, 8, dtype=torch.bool), granularity="token", backend=backend)
+    assert w[0].tolist() == [
+        [0.0, 1.0, 0.0],
+        [1 / 3, 1 / 3, 1 / 3],
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0],
+        [0.0, 0.0, 1.0],
+        [1 / 3, 1 / 3, 1 / 3],
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.0],
+    ]
+    # the weights reproduce s_t: sum_i c_i max(A_i, 0) == s_t
+    assert torch.equal((w * adv.clamp_min(0)).sum(-1), s)
+    # [B, N] advantages broadcast over the tokens of each row
+    s_bn = token_s(adv[0], backend)  # 8 rows of 3 tokens
+    assert_close_rel(s_bn, s[0][:, None].expand(8, 3), 1e-15)
+
+
+@given(
+    B=st.integers(1, 4),
+    T=st.integers(1, 8),
+    N=st.integers(1, 6),
+    frac=st.sampled_from([0.0, 0.3, 0.7]),
+    nonneg=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_token_abstain_properties(B, T, N, frac, nonneg, seed):
+    """s_t > 0 only when no advantage is negative; s_t <= every positive advantage; the
+    weights reproduce s_t; without exact zeros, s_t = min_i max(A_i, 0) (the old rule)."""
+    x = with_exact_zeros(make_inputs(B, T, N, F64, seed=seed), seed, frac=frac, nonneg=nonneg)
+    A = x.advantages
+    for backend in BACKENDS:
+        s = token_s(A, backend)
+        assert bool((s >= 0).all())
+        assert not bool(((s > 0) & (A < 0).any(-1)).any())
+        assert bool((torch.where(A > 0, A, math.inf) * (1 + 1e-14) >= s[..., None]).all())
+        # s_t > 0 exactly when no negative and at least one positive
+        assert torch.equal(s > 0, ~(A < 0).any(-1) & (A > 0).any(-1))
+        w = pama_ext.pama_weights(*x, granularity="token", backend=backend)
+        assert_close_rel((w * A.clamp_min(0)).sum(-1), s, 1e-15)
+        assert_close_rel(w.sum(-1), torch.ones_like(s), 1e-15)
+        nz = make_inputs(B, T, N, F64, seed=seed).advantages
+        nz = torch.where(nz == 0, 1e-3, nz)  # no exact zeros: the old rule, bit for bit
+        if nonneg:
+            nz = nz.abs()
+        assert_close_rel(token_s(nz, backend), torch.clamp(nz, min=0).amin(-1), 1e-15)
+        assert torch.equal(reference.token_advantage(nz), torch.clamp(nz, min=0).amin(-1))
 
 
 # --------------------------------------------------------------------------- sequence_gram granularity
@@ -603,6 +751,21 @@ def test_gradcheck(backend, granularity, loss_agg, per_sequence):
     def f(lp):
         return pama_ext.pama_loss(lp, x.old_logp, x.advantages, x.mask,
                                   granularity=granularity, loss_agg=loss_agg, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (leaf(x.logp),), eps=1e-6, atol=1e-9, rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_gradcheck_token_exact_zeros(backend, loss_agg, per_sequence):
+    x = make_inputs(4, 6, 3, F64, per_sequence=per_sequence, mask_kind="full", seed=142, margin=1e-3)
+    x = with_exact_zeros(x, 142, frac=0.4, nonneg=True)
+    A = x.advantages if not per_sequence else x.advantages[:, None, :].expand(4, 6, -1)
+    assert bool(((A == 0).any(-1) & (A > 0).any(-1)).any())  # abstentions that matter
+
+    def f(lp):
+        return pama_ext.pama_loss(lp, x.old_logp, x.advantages, x.mask,
+                                  granularity="token", loss_agg=loss_agg, backend=backend)
 
     assert torch.autograd.gradcheck(f, (leaf(x.logp),), eps=1e-6, atol=1e-9, rtol=1e-6)
 

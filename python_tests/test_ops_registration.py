@@ -72,6 +72,22 @@ def test_opcheck_backward(granularity):
     )
 
 
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_opcheck_token_exact_zeros(per_sequence):
+    """granularity "token" with exactly-zero advantages (they abstain): forward and backward."""
+    logp, old, adv, mask = _inputs(per_sequence=per_sequence)
+    adv = adv.abs().clone()
+    adv[..., 0] = 0.0
+    adv.view(-1, adv.shape[-1])[1] = -0.0
+    opcheck(torch.ops.pama_ext.pama_forward.default, (logp, old, adv, mask, 0.2, "token", "token_mean", True))
+    with torch.no_grad():
+        _, w, rs, _ = torch.ops.pama_ext.pama_forward(logp, old, adv, mask, 0.2, "token", "token_mean", True)
+    opcheck(
+        torch.ops.pama_ext.pama_backward.default,
+        (torch.tensor(1.5), logp.detach(), old, adv, mask, w, rs, 0.2, "token"),
+    )
+
+
 def test_empty_mask_opcheck():
     logp, old, adv, mask = _inputs()
     opcheck(

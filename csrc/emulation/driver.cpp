@@ -193,6 +193,23 @@ void check_finalise(const Config& c, int gran, int agg, const Partition& part, c
   if (try_smem) ++g_smem_checked;
 }
 
+// granularity "token", written out independently of pama::token_min: 0 if some advantage is
+// negative, else the smallest positive one, 0 when every advantage is exactly 0 (they abstain)
+template <class O, class S>
+O token_rule(const S* ad, int n) {
+  bool neg = false, pos = false;
+  O mn = O(0);
+  for (int i = 0; i < n; ++i) {
+    const O x = to_op<O>(ad[i]);
+    if (x < O(0)) neg = true;
+    if (x > O(0)) {
+      mn = pos ? std::min(mn, x) : x;
+      pos = true;
+    }
+  }
+  return (neg || !pos) ? O(0) : mn;
+}
+
 template <class S, class O, int MODE>
 void check_config(const Config& c) {
   std::mt19937 rng(c.seed);
@@ -221,8 +238,15 @@ void check_config(const Config& c) {
       mask[i] = (!empty_row && uniform(rng) < 0.85) ? 1 : 0;
     }
   }
+  // exact zeros (+0.0 and -0.0; under granularity "token" such objectives abstain): 20 % of
+  // the entries, and in some configs one whole objective column; in half the configs only
+  // non-negative advantages, so that the abstention decides the tokens' values
+  const bool nonneg = uniform(rng) < 0.5;
+  const long zero_col = static_cast<long>(rng() % (2 * static_cast<unsigned>(n)));  // >= n: none
   for (long k = 0; k < n_adv; ++k) {
     double a = normal(rng);
+    if (nonneg) a = std::fabs(a);
+    if (uniform(rng) < 0.2 || k % n == zero_col) a = uniform(rng) < 0.5 ? 0.0 : -0.0;
     if (uniform(rng) < (c.broadcast ? 0.02 : 0.003)) a = nonfinite();
     adv[k] = from_double<S>(a);
   }
@@ -306,8 +330,7 @@ void check_config(const Config& c) {
         I[i] = weighted ? (double)X[i] : 0.0;
       }
       if (MODE == kMin) {
-        O mn = X[0];
-        for (int i = 1; i < n; ++i) mn = pama::pmin(mn, X[i]);
+        const O mn = valid ? token_rule<O>(ad, n) : O(0);
         row[1] += (double)(mn * m);
         row_mag[1] += fabsl((double)(mn * m));
       } else {
@@ -336,8 +359,7 @@ void check_config(const Config& c) {
         long double* row_mag = &mag_rows[rp * R];
         double A[kMaxN];
         for (int i = 0; i < n; ++i) A[i] = row_adv_finite ? (double)pama::noon(to_op<O>(adv[b * n + i])) : 0.0;
-        double mn = A[0];
-        for (int i = 1; i < n; ++i) mn = std::min(mn, A[i]);
+        const double mn = row_adv_finite ? (double)token_rule<O>(adv + b * n, n) : 0.0;
         if (MODE == kMin) {
           row[1] = mn * sum_m[rp];
           row_mag[1] = fabsl(row[1]);

@@ -10,7 +10,8 @@ nothing reads the tokens twice and nothing synchronises with the host:
 1. ``reduce_tokens_kernel`` (grid: B x blocks-per-row, blocks never cross a sequence)
    reads logp, old_logp, advantages and mask once and writes, per block, the sufficient
    statistics of every granularity in float64 (the layout is the ``SLOT_*`` constants
-   below): valid tokens M, clipped tokens, non-finite counts, ``Smin = sum min_i A_i m``,
+   below): valid tokens M, clipped tokens, non-finite counts, ``Smin = sum s_t m`` (s_t the
+   zero-abstaining token min, ``_token_min``),
    ``S_i = sum A_i m``, ``Q_i = sum I_i`` and, for ``batch``, the N x N Gram of I.
    Per-token maths runs in float32 (float64 for float64 inputs); every product that is
    summed is formed and accumulated in float64 (each lane accumulates its own tokens,
@@ -73,7 +74,7 @@ SLOT_CLIP = tl.constexpr(1)  # valid tokens with u > 1 + eps
 SLOT_NF_LOGP = tl.constexpr(2)  # masked tokens with non-finite logp
 SLOT_NF_OLD = tl.constexpr(3)  # ... old_logp
 SLOT_NF_ADV = tl.constexpr(4)  # ... advantages
-SLOT_SMIN = tl.constexpr(5)  # sum min_i A_i * min(u, 1+eps)         (token)
+SLOT_SMIN = tl.constexpr(5)  # sum s_t * min(u, 1+eps), s_t = _token_min  (token)
 SLOT_SMIN_M = tl.constexpr(6)  # sum_b Smin_b / M_b                    (derived per row)
 SLOT_NONEMPTY = tl.constexpr(7)  # rows with M_b > 0                      (derived)
 SLOT_SEQ_L = tl.constexpr(8)  # sum_b c_b . S_b                         (sequence, derived)
@@ -189,7 +190,7 @@ def reduce_tokens_kernel(
         acc_s += ad * md[:, None]
         ia = tl.where(ind[:, None], ad, 0.0)  # I(A)
         acc_q += ia
-        amin = tl.reduce(tl.where(nmask[None, :], an, float("inf")), 1, _elementwise_min)
+        amin = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
         acc_smin += amin.to(tl.float64) * md
         if DO_GRAM:
             acc_g += ia[:, :, None] * ia[:, None, :]
@@ -210,6 +211,19 @@ def reduce_tokens_kernel(
             g,
             mask=nmask[:, None] & nmask[None, :],
         )
+
+
+# --------------------------------------------------------------------------- token min
+@triton.jit
+def _token_min(a, valid, nmask):
+    """s_t of granularity "token" from the raw advantages a [TOK, BN] (pama_math.h's
+    token_min): key = a (a > 0), 0 (a < 0), +inf (a == 0, -0.0 included: the objective
+    abstains; also the padding columns); s = min key, 0 when that is +inf or the token is
+    not valid."""
+    key = tl.where(a > 0.0, a, tl.where(a < 0.0, 0.0, float("inf")))
+    key = tl.where(nmask[None, :], key, float("inf"))
+    kmin = tl.reduce(key, 1, _elementwise_min)
+    return tl.where(valid & (kmin < float("inf")), kmin, 0.0)
 
 
 # --------------------------------------------------------------------------- Theorem 1
@@ -604,10 +618,10 @@ def backward_kernel(
     else:
         u = tl.exp(d)
     ind = u <= thr_c
-    an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)
     if TOKEN_MIN:
-        s = tl.reduce(tl.where(nmask[None, :], an, float("inf")), 1, _elementwise_min)
+        s = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
     else:
+        an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)
         w = tl.load(weights_ptr + b64[:, None] * stride_wb + ln[None, :], mask=inb[:, None] & nmask[None, :], other=0.0)
         s = tl.reduce(an * w.to(CD), 1, _sum_combine)
     go = tl.load(grad_ptr).to(CD)

@@ -135,6 +135,70 @@ def test_half_precision_inputs(dtype):
         check_case(x, g, AGGS[GRANS.index(g) % 2])
 
 
+# --------------------------------------------------------------------------- token: exact zeros abstain
+def with_exact_zeros(x: Inputs, seed: int, frac: float = 0.3, nonneg: bool = False) -> Inputs:
+    """Exact zeros in the advantages: a random ``frac`` of the entries (+0.0 / -0.0), one
+    whole objective column (N >= 2), the first token (or row) all zero; ``nonneg``: |A|."""
+    gen = torch.Generator().manual_seed(seed)
+    adv = x.advantages.clone()
+    if nonneg:
+        adv = adv.abs()
+    sel = torch.rand(adv.shape, generator=gen) < frac
+    sign = torch.where(torch.rand(adv.shape, generator=gen) < 0.5, 1.0, -1.0).to(adv.dtype)
+    adv = torch.where(sel, 0.0 * sign, adv)
+    n = adv.shape[-1]
+    if n >= 2:
+        adv[..., int(torch.randint(0, n, (1,), generator=gen))] = -0.0
+    adv.view(-1, n)[0] = 0.0
+    return x._replace(advantages=adv)
+
+
+@pytest.mark.parametrize("nonneg", [False, True], ids=["signed", "nonneg"])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16, torch.float16], ids=str)
+def test_token_exact_zeros_match_reference(dtype, per_sequence, nonneg):
+    """granularity "token": objectives whose advantage is exactly 0 abstain (forward and
+    backward), against the float64 reference, which tests/test_loss_reference.py checks
+    against the rule spelled out."""
+    for i, (B, T, N, mask_kind, seed) in enumerate([(3, 17, 3, "ragged", 301), (2, 9, 5, "full", 302),
+                                                     (1, 4, 1, "full", 303), (2, 40, 8, "random", 304)]):
+        x = make_inputs(B, T, N, dtype, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+        check_case(with_exact_zeros(x, seed, nonneg=nonneg), "token", AGGS[i % 2])
+
+
+def test_token_abstain_hand_cases():
+    adv = torch.tensor([[[0.0, 2.0, 3.0], [0.0, 0.0, 0.0], [-1.0, 0.0, 5.0], [0.5, 0.5, 0.0],
+                         [-0.0, 0.0, 1.5], [-0.0, -0.0, -0.0], [1.0, 2.0, 3.0], [-1.0, -2.0, 0.0]]])
+    expected = [2.0, 0.0, 0.0, 0.5, 1.5, 0.0, 1.0, 0.0]
+    lp = torch.zeros(1, 8)
+    x = Inputs(lp, lp.clone(), adv, torch.ones(1, 8, dtype=torch.bool))
+    loss, grad, _ = run_triton(x, "token", "token_mean", grad_out=-8.0)
+    assert float(loss) == -sum(expected) / 8
+    assert grad.cpu()[0].tolist() == expected
+
+
+def test_token_rows_spanning_several_blocks_with_zeros(monkeypatch):
+    monkeypatch.setattr(tops, "TOKENS_PER_PROGRAM", 16)
+    monkeypatch.setattr(tops, "PARTIAL_ROWS", 2)
+    x = with_exact_zeros(make_inputs(5, 300, 3, F32, mask_kind="ragged", seed=305), 305, nonneg=True)
+    for agg in AGGS:
+        check_case(x, "token", agg)
+
+
+def test_opcheck_token_exact_zeros():
+    x = with_exact_zeros(make_inputs(3, 7, 3, F32, mask_kind="random", seed=306), 306, nonneg=True)
+    x = to_dev(x)
+    torch.library.opcheck(
+        torch.ops.pama_ext.triton_forward.default,
+        (x.logp.requires_grad_(), x.old_logp, x.advantages, x.mask, EPS, "token", "token_mean", True),
+    )
+    _, w, rs, _ = torch.ops.pama_ext.triton_forward(*x, EPS, "token", "token_mean", True)
+    torch.library.opcheck(
+        torch.ops.pama_ext.triton_backward.default,
+        (torch.tensor(1.5, device=DEVICE), x.logp.detach(), x.old_logp, x.advantages, x.mask, w, rs, EPS, "token"),
+    )
+
+
 # --------------------------------------------------------------------------- blocks, rows, widths
 def test_rows_spanning_several_blocks(monkeypatch):
     """Rows of several token blocks and groups of several rows per partial vector: the
