@@ -22,7 +22,7 @@ import statistics
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "linear", "noon_linear", "pama_token_signed", "pama_token_abstain", "mgda_ub"]
+ORDER = ["pama_token", "pama_token_veto", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "linear", "noon_linear", "pama_token_signed", "pama_token_abstain", "mgda_ub"]
 SETTING_TEXT = {
     "gae_pair": "GAE (PPO), sentiment + length",
     "gae_three": "GAE (PPO), sentiment + length + diversity",
