@@ -50,7 +50,9 @@ def load(runs: Path) -> dict:
             entry["command"] = s["config"].get("argv")
             per_seed = {r["seed"]: {"rewards": r["final"]["rewards"], "hypervolume": r["final"]["hypervolume"]}
                         for r in s["runs"]}
-            info = s["methods"][mdir.name]
+            # one method per invocation; the folder names it (pama_token_veto: the runs of
+            # the token rule before exact zeros abstained, kept under another name)
+            (info,) = s["methods"].values()
             entry["methods"][mdir.name] = {"per_seed": per_seed, "mean_weights": info["mean_weights"]}
         if entry["methods"]:
             data[setting] = entry
