@@ -187,3 +187,18 @@ def test_grpo_arguments_are_checked():
         ppo.train("linear", 0, None, None, [], [], None, cfg, 1, 1, torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown estimator"):
         ppo.train("linear", 0, None, None, [], [], None, ppo.PPOConfig(estimator="td"), 1, 1, torch.device("cpu"))
+
+
+def test_demo_ablation_methods(tmp_path, one_thread):
+    """The fidelity ablations (benchmarks/FIDELITY.md) run under both estimators, and their
+    logged weights are on the simplex."""
+    for estimator in ("gae", "grpo"):
+        s = cli.main([*TINY, "--estimator", estimator, "--objectives", "sentiment,length",
+                      "--methods", "noon_linear,pama_token_signed,pama_token_abstain", "--seeds", "0",
+                      "--out", str(tmp_path / estimator)])
+        assert [r["method"] for r in s["runs"]] == ["noon_linear", "pama_token_signed", "pama_token_abstain"]
+        for r in s["runs"]:
+            for h in r["history"]:
+                w = h["weights"]
+                assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
+                assert math.isfinite(h["policy_loss"])
