@@ -39,23 +39,10 @@ def tokenizer():
 
 
 def model(tok, seed: int = 0):
-    import transformers
+    """A 1-layer GPT-2 (d = 16) over ``tok``: the demo's builder, seeded, no dropout."""
+    from pama_ext.examples.rlhf_demo.policy import build_tiny_gpt2
 
-    cfg = transformers.GPT2Config(
-        vocab_size=len(tok),
-        n_positions=32,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=tok.eos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg)
+    return build_tiny_gpt2(tok, seed=seed, n_embd=16, n_layer=1, n_head=2, n_positions=32)
 
 
 def saved_model(path: str, seed: int = 0) -> str:

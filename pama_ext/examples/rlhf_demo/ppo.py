@@ -24,6 +24,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 import pama_ext
+from pama_ext.reference import token_advantage, token_weights
 from pama_ext.rl import MultiHeadValueModel, group_advantages, per_objective_gae, scores_to_token_rewards, whiten_per_objective
 
 from .policy import encode_texts, positions
@@ -49,10 +50,9 @@ METHODS: Dict[str, Dict[str, str]] = {
     # when every objective's advantage is positive, down only when every one is negative),
     # under the standard signed PPO clip
     "pama_token_signed": {"combiner": "linear"},
-    # an experiment (benchmarks/FIDELITY.md): Theorem 1 on each token's Noon-clamped
-    # advantages over the objectives whose advantage is not exactly 0 (an objective whose
-    # group rewards are all equal, e.g. a saturated length reward under GRPO, expresses no
-    # preference and does not veto the others); s_t is still 0 whenever one is negative
+    # the experiment (benchmarks/FIDELITY.md) that became the library's token rule: objectives
+    # whose advantage is exactly 0 abstain (pama_ext.reference.token_advantage), run through
+    # the linear combiner so that it did not depend on the kernels; kept to reproduce the page
     "pama_token_abstain": {"combiner": "linear"},
     "mgda_ub": {"combiner": "mgda_ub"},
     "mgda": {"combiner": "mgda"},
@@ -328,13 +328,9 @@ def train(
         elif method == "pama_token_signed":
             signed_w = pama_ext.theorem1(adv).to(adv.dtype)  # per token (gae) or per response (grpo)
             adv = n * signed_w * adv  # linear's uniform 1/n preference then gives sum_i w_i A_i
-        elif method == "pama_token_abstain":
-            voting = adv != 0
-            s_t = torch.where(voting, adv.clamp_min(0), torch.full_like(adv, math.inf)).amin(-1)
-            s_t = torch.where(voting.any(-1), s_t, torch.zeros_like(s_t))
-            signed_w = torch.where(voting & (adv.clamp_min(0) == s_t[..., None]), 1.0, 0.0)
-            signed_w = torch.where(voting.any(-1, keepdim=True), signed_w / signed_w.sum(-1, keepdim=True).clamp_min(1), 1.0 / n)
-            adv = s_t[..., None].expand_as(adv).contiguous()  # linear's uniform average of n equal columns is s_t
+        elif method == "pama_token_abstain":  # the experiment that became the library's token rule
+            signed_w = token_weights(adv).to(adv.dtype)
+            adv = token_advantage(adv)[..., None].expand_as(adv).contiguous()  # linear's average of n equal columns
         K = cfg.micro_batches
         micro = [slice(k * cfg.batch // K, (k + 1) * cfg.batch // K) for k in range(K)]
         weights = []
