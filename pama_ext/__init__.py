@@ -19,6 +19,7 @@ from . import triton_backend as _triton_backend  # registers backend "triton" wh
 from .statistics import BatchStatistics, batch_statistics
 from .combine import weighted_noon_loss, weighted_noon_loss_and_stats
 from .optim import COMBINERS, PAMA, PAMADiagnostics
+from .fused_linear import fused_linear_pama_loss, fused_linear_pama_loss_and_logp
 from . import rl  # multi-objective RL helpers: per-objective GAE, value heads, consistency mask, Pareto tools
 
 __version__ = "0.1.0"
@@ -40,6 +41,8 @@ __all__ = [
     "build_info",
     "has_cpp",
     "min_norm_weights",
+    "fused_linear_pama_loss",
+    "fused_linear_pama_loss_and_logp",
     "pama_loss",
     "pama_loss_and_stats",
     "pama_weights",

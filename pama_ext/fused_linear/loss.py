@@ -1,0 +1,252 @@
+"""The fused linear + log-probability + PAMA loss: the B x T x V logits never exist.
+
+Structure (README, "Fused linear loss"). Rows are the B*T token positions, processed in
+chunks of ``chunk_size`` rows; a chunk's logits ``x = h_c W^T (+ b)`` are C x V.
+
+* **Two passes** (every granularity): pass 1 computes each row's ``logp`` and ``lse`` chunk
+  by chunk (one matmul per chunk, the logits dropped at once); then the loss and
+  ``g = dL/dlogp`` come from ``pama_loss`` itself (and the k3 KL term) on the [B, T]
+  ``logp``: every granularity, aggregation and ``nonfinite`` rule exactly as unfused; pass 2
+  recomputes each chunk's logits and turns ``g`` into ``dL/dx = g (onehot - softmax) / tau``,
+  then ``dL/dh = dL/dx W`` and ``dL/dW += dL/dx^T h``. Four matmuls against the unfused
+  path's three (forward, and two in backward).
+* **One pass** (``granularity="token"``, the default): a token's ``dL/dlogp`` needs only
+  its own logp and the loss normaliser, and the normaliser (masked tokens, per row for
+  ``seq_mean_token_mean``) is known from the mask before any logit. So each chunk's
+  gradient is formed right after its logp: three matmuls, as unfused. The normaliser
+  assumes every masked logp is finite; that is checked after the pass, and if it fails the
+  call is redone with two passes, where ``nonfinite`` decides (raise, or drop the token).
+
+The gradients are computed in the forward (there is nothing left to recompute later) and
+kept until backward, which scales them by the incoming gradient, as Liger-Kernel's fused
+linear losses do. ``weight`` that needs no gradient costs no dW matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..functional import pama_loss
+from . import chunks as torch_chunks
+from .validation import FusedInputs, LossOptions
+
+
+def default_chunk_size(rows: int, hidden: int, vocab: int) -> int:
+    """A chunk's logits hold about as many numbers as the hidden states (rows x H), in a
+    power of two of rows, at least 16 (or all rows)."""
+    target = max(16, 1 << max(0, math.ceil(rows * hidden / max(vocab, 1)) - 1).bit_length())
+    return max(1, min(rows, target))
+
+
+def chunk_ops(backend: str, device: torch.device):
+    """The per-chunk log-softmax kernels: Triton on CUDA tensors when it is installed (or
+    with ``backend="triton"``), else PyTorch."""
+    want_triton = backend == "triton" or (backend in ("auto", "cuda") and device.type == "cuda")
+    if want_triton:
+        from ..triton_backend import HAS_TRITON
+
+        if HAS_TRITON:
+            from . import triton_chunks
+
+            if triton_chunks.supports(device):
+                return triton_chunks
+    return torch_chunks
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor, nonfinite: str) -> Tensor:
+    """Masked mean of ``exp(ref - logp) - (ref - logp) - 1`` (differentiable in ``logp``).
+
+    ``nonfinite="raise"``: a non-finite ``ref_logp`` at a masked position raises;
+    ``"mask"``: tokens whose ``ref_logp`` or ``logp`` is non-finite leave the mean.
+    """
+    ref = ref_logp.to(logp.dtype)
+    fin_ref = torch.isfinite(ref)
+    if nonfinite == "raise":
+        bad = int((mask & ~fin_ref).sum())
+        if bad:
+            raise ValueError(
+                f"fused_linear_pama_loss: `ref_logp` has {bad} non-finite value(s) at masked positions; "
+                "pass nonfinite='mask' to drop such tokens instead"
+            )
+    valid = mask & fin_ref & torch.isfinite(logp)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    d = torch.where(valid, ref - logp, zero)
+    k3 = torch.where(valid, torch.exp(d) - d - 1, zero)
+    return k3.sum() / valid.sum().clamp_min(1)
+
+
+def logp_loss(logp: Tensor, x: FusedInputs, opt: LossOptions) -> Tensor:
+    """The loss as a function of the [B, T] log-probabilities: ``pama_loss`` (+ the KL term)."""
+    loss = pama_loss(logp, x.old_logp, x.advantages, x.mask, **opt.pama_keywords())
+    if opt.kl_coef > 0:
+        loss = loss + opt.kl_coef * kl_k3(logp, x.ref_logp, x.mask, opt.nonfinite)
+    return loss
+
+
+def _raise_nonfinite_logp(logp: Tensor, mask: Tensor) -> None:
+    bad = int((mask & ~torch.isfinite(logp)).sum())
+    if bad:
+        raise ValueError(
+            f"fused_linear_pama_loss: the log-probabilities computed from `hidden` and `weight` (and `bias`) "
+            f"are non-finite at {bad} masked position(s); check them for inf/NaN, or pass nonfinite='mask' "
+            "to drop such tokens"
+        )
+
+
+class _Passes:
+    """The chunked matmuls shared by both structures."""
+
+    def __init__(self, x: FusedInputs, opt: LossOptions, need_h: bool, need_w: bool, need_b: bool):
+        self.x, self.opt = x, opt
+        rows, h = x.hidden.shape
+        self.rows = rows
+        self.chunk = opt.chunk_size or default_chunk_size(rows, h, x.weight.shape[0])
+        self.ops = chunk_ops(opt.backend, x.hidden.device)
+        self.acc = torch_chunks.acc_dtype(torch.promote_types(x.hidden.dtype, x.weight.dtype))
+        self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
+        self.grad_h = torch.zeros_like(x.hidden) if need_h else None
+        # dW accumulates over chunks in float32 (float64) whatever the weight's dtype
+        self.grad_w = torch.zeros(x.weight.shape, dtype=self.acc, device=x.weight.device) if need_w else None
+        self.grad_b = torch.zeros(x.weight.shape[0], dtype=self.acc, device=x.weight.device) if need_b else None
+
+    def ranges(self):
+        for lo in range(0, self.rows, self.chunk):
+            yield lo, min(lo + self.chunk, self.rows)
+
+    def logits(self, lo: int, hi: int) -> Tensor:
+        x = self.x
+        h = x.hidden[lo:hi]
+        w = x.weight
+        if h.dtype != w.dtype:  # mixed dtypes: compute in the promoted one, as `hidden @ weight.T` would refuse to
+            dt = torch.promote_types(h.dtype, w.dtype)
+            h, w = h.to(dt), w.to(dt)
+        if x.bias is None:
+            return h @ w.T
+        return torch.addmm(x.bias.to(h.dtype), h, w.T)
+
+    def logp_lse(self, lo: int, hi: int) -> Tuple[Tensor, Tensor]:
+        return self.ops.logp_lse(self.logits(lo, hi), self.x.targets[lo:hi], self.opt.temperature)
+
+    def backprop(self, lo: int, hi: int, lse: Tensor, g: Tensor) -> None:
+        """Add chunk [lo, hi)'s contribution to the gradients, given its dL/dlogp ``g``."""
+        if not (self.need_h or self.need_w or self.need_b):
+            return
+        x = self.x
+        d = self.ops.grad_logits_(self.logits(lo, hi), x.targets[lo:hi], lse, g, self.opt.temperature)
+        if self.need_b:
+            self.grad_b += d.sum(0)
+        cd = torch.promote_types(x.hidden.dtype, x.weight.dtype)  # the matmuls' dtype, as unfused
+        if self.need_h:
+            self.grad_h[lo:hi] = d.to(cd) @ x.weight.to(cd)
+        if self.need_w:
+            h = x.hidden[lo:hi].to(cd)
+            if cd == self.acc:
+                self.grad_w.addmm_(d.T, h)
+            else:  # a reduced-precision product, accumulated in float32
+                self.grad_w += d.T.to(cd) @ h
+
+    def grads(self):
+        x = self.x
+        gw = self.grad_w.to(x.weight.dtype) if self.need_w else None
+        gb = self.grad_b.to(x.bias.dtype) if self.need_b else None
+        return self.grad_h, gw, gb
+
+
+def two_pass(p: _Passes) -> Tuple[Tensor, Tensor]:
+    x, opt = p.x, p.opt
+    logp = torch.empty(p.rows, dtype=p.acc, device=x.hidden.device)
+    lse = torch.empty_like(logp)
+    for lo, hi in p.ranges():
+        logp[lo:hi], lse[lo:hi] = p.logp_lse(lo, hi)
+    logp2 = logp.view(x.batch, x.time)
+    if opt.nonfinite == "raise":
+        _raise_nonfinite_logp(logp2, x.mask)
+    leaf = logp2.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = logp_loss(leaf, x, opt)
+        (g,) = torch.autograd.grad(loss, leaf)
+    g = g.reshape(-1).to(p.acc)
+    for lo, hi in p.ranges():
+        p.backprop(lo, hi, lse[lo:hi], g[lo:hi])
+    return loss.detach(), logp2
+
+
+def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
+    """The ``token`` loss in one pass, or None when a masked logp turned out non-finite."""
+    x, opt = p.x, p.opt
+    b, t = x.batch, x.time
+    acc = p.acc
+    adv = x.advantages if x.advantages.dim() == 3 else x.advantages[:, None, :].expand(b, t, -1)
+    adv = adv.reshape(b * t, -1)
+    old = x.old_logp.reshape(-1)
+    fin_old = torch.isfinite(old)
+    fin_adv = torch.isfinite(adv).all(-1)
+    mask = x.mask.reshape(-1)
+    if opt.nonfinite == "raise":
+        reference.raise_nonfinite([0, int((mask & ~fin_old).sum()), int((mask & ~fin_adv).sum())])
+    valid = mask & fin_old & fin_adv  # every masked logp finite: checked after the pass
+    row_scale = reference._row_scale(valid.view(b, t).to(torch.float64).sum(1), opt.loss_agg)
+    r = row_scale[:, None].expand(b, t).reshape(-1).to(acc)
+    if opt.kl_coef > 0:
+        ref = x.ref_logp.reshape(-1).to(acc)
+        fin_ref = torch.isfinite(ref)
+        if opt.nonfinite == "raise":
+            bad = int((mask & ~fin_ref).sum())
+            if bad:
+                kl_k3(torch.zeros_like(ref), ref, mask, "raise")  # raises, naming ref_logp
+        kl_valid = mask & fin_ref
+        kl_scale = opt.kl_coef / kl_valid.sum().clamp_min(1).to(acc)
+    zero = torch.zeros((), dtype=acc, device=x.hidden.device)
+    logp = torch.empty(p.rows, dtype=acc, device=x.hidden.device)
+    loss = torch.zeros((), dtype=torch.float64, device=x.hidden.device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=x.hidden.device)
+    for lo, hi in p.ranges():
+        lp, lse = p.logp_lse(lo, hi)
+        logp[lo:hi] = lp
+        v = valid[lo:hi]
+        u, ind, m, _a, _v, _ = reference._token_terms(lp[None], old[lo:hi][None], adv[lo:hi][None], v[None], opt.clip_eps, acc)
+        s = reference._token_s(adv[lo:hi][None], v[None], acc)[0]
+        rc = r[lo:hi]
+        loss -= (rc * s * m[0]).to(torch.float64).sum()
+        g = -rc * s * torch.where(ind[0], u[0], zero)
+        if opt.kl_coef > 0:
+            kv = kl_valid[lo:hi]
+            d = torch.where(kv, ref[lo:hi] - lp, zero)
+            ed = torch.exp(d)
+            kl_sum += torch.where(kv, ed - d - 1, zero).to(torch.float64).sum()
+            g = g + torch.where(kv, kl_scale * (1 - ed), zero)
+        p.backprop(lo, hi, lse, g)
+    if bool((mask & ~torch.isfinite(logp)).any()):
+        return None
+    if opt.kl_coef > 0:
+        loss = loss + kl_sum * kl_scale.to(torch.float64)
+    return loss.to(acc), logp.view(b, t)
+
+
+class FusedLinearPamaLoss(torch.autograd.Function):
+    """(loss, logp) of the fused op; differentiable in hidden, weight and bias."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, x: FusedInputs, opt: LossOptions):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        passes = _Passes(x, opt, need_h, need_w, need_b and bias is not None)
+        out = one_pass_token(passes) if opt.granularity == "token" else None
+        if out is None:
+            passes = _Passes(x, opt, need_h, need_w, need_b and bias is not None)
+            out = two_pass(passes)
+        loss, logp = out
+        ctx.grads = passes.grads()
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        return scale(gh), scale(gw), scale(gb), None, None

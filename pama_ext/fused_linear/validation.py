@@ -1,0 +1,183 @@
+"""Argument checks of ``fused_linear_pama_loss``: done once, where the public call enters.
+
+Every error names the bad argument and the shapes involved. One host synchronisation: the
+target ids at masked positions are checked against the vocabulary (an out-of-range id
+would otherwise be a device-side assert on a GPU, or a silent wrong gather).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .._validation import (
+    GRANULARITIES,
+    LOSS_AGGS,
+    NONFINITE_MODES,
+    _check_float,
+    _check_tensor,
+    _shape,
+    check_choice,
+    check_clip_eps,
+)
+from ..reference import DEFAULT_GRANULARITY
+
+FN = "fused_linear_pama_loss"
+#: the keywords of ``pama_loss`` that ``fused_linear_pama_loss`` passes through
+PAMA_LOSS_KEYWORDS = ("clip_eps", "granularity", "loss_agg", "backend", "nonfinite")
+
+
+class LossOptions(NamedTuple):
+    clip_eps: float
+    granularity: str
+    loss_agg: str
+    backend: str
+    nonfinite: str
+    temperature: float
+    kl_coef: float
+    chunk_size: Optional[int]
+
+    def pama_keywords(self) -> dict:
+        return dict(
+            clip_eps=self.clip_eps,
+            granularity=self.granularity,
+            loss_agg=self.loss_agg,
+            backend=self.backend,
+            nonfinite=self.nonfinite,
+        )
+
+
+class FusedInputs(NamedTuple):
+    """Validated inputs: ``hidden`` flattened to [B*T, H], ``targets`` [B*T] int64 with the
+    ids of masked-out positions replaced by 0 (they are never used), ``mask`` bool [B, T]."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    targets: Tensor
+    old_logp: Tensor
+    advantages: Tensor
+    mask: Tensor
+    ref_logp: Optional[Tensor]
+    batch: int
+    time: int
+
+
+def _check_real(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{FN}: `{name}` must be a float, got {type(value).__name__}")
+    value = float(value)
+    ok = value > 0 if positive else value >= 0
+    if not ok or value == float("inf") or value != value:
+        raise ValueError(f"{FN}: `{name}` must be a finite float {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
+def check_options(keywords: dict, temperature, kl_coef, chunk_size) -> LossOptions:
+    unknown = sorted(set(keywords) - set(PAMA_LOSS_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"{FN}: unexpected keyword argument(s) {', '.join(map(repr, unknown))}; the pama_loss keywords "
+            f"it passes through are {', '.join(map(repr, PAMA_LOSS_KEYWORDS))}"
+        )
+    granularity = keywords.get("granularity", DEFAULT_GRANULARITY)
+    loss_agg = keywords.get("loss_agg", "token_mean")
+    nonfinite = keywords.get("nonfinite", "raise")
+    check_choice(FN, "granularity", granularity, GRANULARITIES)
+    check_choice(FN, "loss_agg", loss_agg, LOSS_AGGS)
+    check_choice(FN, "nonfinite", nonfinite, NONFINITE_MODES)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+            raise TypeError(f"{FN}: `chunk_size` must be None or an int >= 1, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"{FN}: `chunk_size` must be None or an int >= 1, got {chunk_size}")
+        chunk_size = int(chunk_size)
+    return LossOptions(
+        clip_eps=check_clip_eps(FN, keywords.get("clip_eps", 0.2)),
+        granularity=granularity,
+        loss_agg=loss_agg,
+        backend=keywords.get("backend", "auto"),
+        nonfinite=nonfinite,
+        temperature=_check_real("temperature", temperature, positive=True),
+        kl_coef=_check_real("kl_coef", kl_coef, positive=False),
+        chunk_size=chunk_size,
+    )
+
+
+def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, kl_coef: float) -> FusedInputs:
+    named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("old_logp", old_logp),
+             ("advantages", advantages), ("mask", mask)]
+    for name, x in named:
+        _check_tensor(FN, name, x)
+    if bias is not None:
+        _check_tensor(FN, "bias", bias)
+    if ref_logp is not None:
+        _check_tensor(FN, "ref_logp", ref_logp)
+    if hidden.dim() != 3:
+        raise ValueError(f"{FN}: `hidden` must have shape [B, T, H], got {_shape(hidden)}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"{FN}: `hidden` must be floating (the last hidden states), got {hidden.dtype} with shape {_shape(hidden)}")
+    _check_float(FN, "hidden", hidden)
+    _check_float(FN, "weight", weight)
+    b, t, h = hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(f"{FN}: `weight` must have shape [V, H] with H = {h} from `hidden` {_shape(hidden)}, got {_shape(weight)}")
+    v = weight.shape[0]
+    if v == 0:
+        raise ValueError(f"{FN}: `weight` {_shape(weight)} has an empty vocabulary (V = 0)")
+    if bias is not None:
+        _check_float(FN, "bias", bias)
+        if bias.shape != (v,):
+            raise ValueError(f"{FN}: `bias` must have shape [V] = [{v}] from `weight` {_shape(weight)}, got {_shape(bias)}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"{FN}: `targets` must hold integer token ids (int64), got {targets.dtype} with shape {_shape(targets)}")
+    for name, x in (("targets", targets), ("old_logp", old_logp), ("mask", mask)):
+        if x.shape != (b, t):
+            raise ValueError(f"{FN}: `{name}` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(x)}")
+    _check_float(FN, "old_logp", old_logp)
+    _check_float(FN, "advantages", advantages)
+    if mask.is_complex():
+        raise TypeError(f"{FN}: `mask` must be bool, integer or floating, got {mask.dtype} with shape {_shape(mask)}")
+    ok = (advantages.dim() == 3 and advantages.shape[:2] == (b, t)) or (advantages.dim() == 2 and advantages.shape[0] == b)
+    if not ok:
+        raise ValueError(
+            f"{FN}: `advantages` must have shape [B, T, N] (per token) or [B, N] (per sequence) with "
+            f"B, T = {b}, {t} from `hidden` {_shape(hidden)}, got {_shape(advantages)}"
+        )
+    if ref_logp is not None:
+        _check_float(FN, "ref_logp", ref_logp)
+        if ref_logp.shape != (b, t):
+            raise ValueError(f"{FN}: `ref_logp` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(ref_logp)}")
+    elif kl_coef > 0:
+        raise ValueError(f"{FN}: `kl_coef` = {kl_coef} > 0 needs `ref_logp` [B, T] (the reference policy's log-probabilities)")
+    others = named[1:] + [("bias", bias), ("ref_logp", ref_logp)]
+    for name, x in others:
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{FN}: `{name}` is on {x.device} but `hidden` is on {hidden.device}; all inputs must share a device")
+    mask_b = mask.detach() != 0 if mask.dtype != torch.bool else mask.detach()
+    tg = targets.detach().to(torch.int64)
+    bad = mask_b & ((tg < 0) | (tg >= v))
+    n_bad = int(bad.sum())  # the documented host synchronisation
+    if n_bad:
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"{FN}: `targets` {_shape(targets)} has {n_bad} id(s) outside [0, V) = [0, {v}) at masked positions "
+            f"(first at [b, t] = {list(first)}: {int(tg[first])})"
+        )
+    # ids at masked-out positions (padding, -100 labels) are never used: make them gatherable
+    tg = torch.where(mask_b, tg, torch.zeros((), dtype=torch.int64, device=tg.device))
+    return FusedInputs(
+        hidden=hidden.reshape(b * t, h),
+        weight=weight,
+        bias=bias,
+        targets=tg.reshape(b * t).contiguous(),
+        old_logp=old_logp.detach(),
+        advantages=advantages.detach(),
+        mask=mask_b.contiguous(),
+        ref_logp=None if ref_logp is None else ref_logp.detach(),
+        batch=b,
+        time=t,
+    )
