@@ -3,14 +3,20 @@ LM head, chunk by chunk, without the B x T x V logits (``loss.py`` says how)."""
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 from torch import Tensor
 
-from .loss import FusedLinearPamaLoss, default_chunk_size
-from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_options
+from .loss import FusedLinearLoss, default_chunk_size
+from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_options, check_logp_inputs
 
-__all__ = ["fused_linear_pama_loss", "fused_linear_pama_loss_and_logp", "PAMA_LOSS_KEYWORDS", "default_chunk_size"]
+__all__ = [
+    "fused_linear_pama_loss",
+    "fused_linear_pama_loss_and_logp",
+    "fused_linear_logp_loss",
+    "PAMA_LOSS_KEYWORDS",
+    "default_chunk_size",
+]
 
 
 def fused_linear_pama_loss_and_logp(
@@ -32,7 +38,7 @@ def fused_linear_pama_loss_and_logp(
     (detached, float32 or float64): for logging and the next epoch's ``old_logp``, no second pass."""
     opt = check_options(pama_loss_keywords, temperature, kl_coef, chunk_size)
     x = check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, opt.kl_coef)
-    return FusedLinearPamaLoss.apply(x.hidden, x.weight, x.bias, x, opt)
+    return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, None)
 
 
 def fused_linear_pama_loss(
@@ -78,3 +84,32 @@ def fused_linear_pama_loss(
         hidden, weight, targets, old_logp, advantages, mask, bias=bias, temperature=temperature,
         ref_logp=ref_logp, kl_coef=kl_coef, chunk_size=chunk_size, **pama_loss_keywords,
     )[0]
+
+
+def fused_linear_logp_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    loss_of_logp: Callable[[Tensor], Tensor],
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """Any loss of the [B, T] log-probabilities of ``targets``, fused with the LM head.
+
+    ``loss_of_logp(logp)`` (logp [B, T] float32, or float64 for float64 inputs, requiring
+    grad) returns a 0-dim loss; it may read anything else it needs from its closure, and is
+    called once. Two passes over the chunks (four matmuls per chunk): the log-probabilities,
+    then, with ``dL/dlogp`` from autograd of ``loss_of_logp``, the gradients. Returns
+    ``(loss, logp)`` (``logp`` detached). This is how the TRL integration fuses its own
+    normalisers and combiners; ``fused_linear_pama_loss`` is the PAMA loss through it (one
+    pass for ``token``).
+    """
+    if not callable(loss_of_logp):
+        raise TypeError(f"fused_linear_logp_loss: `loss_of_logp` must be callable, got {type(loss_of_logp).__name__}")
+    opt = check_options({"backend": backend, "nonfinite": "mask"}, temperature, 0.0, chunk_size)
+    x = check_logp_inputs(hidden, weight, targets, mask, bias)
+    return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, loss_of_logp)

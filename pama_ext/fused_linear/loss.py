@@ -25,7 +25,7 @@ linear losses do. ``weight`` that needs no gradient costs no dW matmul.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -107,6 +107,7 @@ class _Passes:
         self.rows = rows
         self.chunk = opt.chunk_size or default_chunk_size(rows, h, x.weight.shape[0])
         self.ops = chunk_ops(opt.backend, x.hidden.device)
+        need_b = need_b and x.bias is not None
         self.acc = torch_chunks.acc_dtype(torch.promote_types(x.hidden.dtype, x.weight.dtype))
         self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
         self.grad_h = torch.zeros_like(x.hidden) if need_h else None
@@ -157,7 +158,8 @@ class _Passes:
         return self.grad_h, gw, gb
 
 
-def two_pass(p: _Passes) -> Tuple[Tensor, Tensor]:
+def two_pass(p: _Passes, loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
+    """Pass 1 (logp), the loss and g = dL/dlogp by autograd of ``loss_of_logp``, pass 2."""
     x, opt = p.x, p.opt
     logp = torch.empty(p.rows, dtype=p.acc, device=x.hidden.device)
     lse = torch.empty_like(logp)
@@ -168,8 +170,14 @@ def two_pass(p: _Passes) -> Tuple[Tensor, Tensor]:
         _raise_nonfinite_logp(logp2, x.mask)
     leaf = logp2.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = logp_loss(leaf, x, opt)
-        (g,) = torch.autograd.grad(loss, leaf)
+        loss = loss_of_logp(leaf)
+        if not (isinstance(loss, Tensor) and loss.dim() == 0):
+            raise TypeError(f"fused linear loss: the loss of the log-probabilities must be a 0-dim tensor, got {loss!r}")
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
+        else:
+            g = None
+    g = torch.zeros_like(logp) if g is None else g
     g = g.reshape(-1).to(p.acc)
     for lo, hi in p.ranges():
         p.backprop(lo, hi, lse[lo:hi], g[lo:hi])
@@ -228,17 +236,23 @@ def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
     return loss.to(acc), logp.view(b, t)
 
 
-class FusedLinearPamaLoss(torch.autograd.Function):
-    """(loss, logp) of the fused op; differentiable in hidden, weight and bias."""
+class FusedLinearLoss(torch.autograd.Function):
+    """(loss, logp) of the fused op; differentiable in hidden, weight and bias.
+
+    ``loss_of_logp``: None for the PAMA loss of ``opt`` (one pass for ``token``), or any
+    callable from the [B, T] log-probabilities to a scalar loss (two passes)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, bias, x: FusedInputs, opt: LossOptions):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        passes = _Passes(x, opt, need_h, need_w, need_b and bias is not None)
-        out = one_pass_token(passes) if opt.granularity == "token" else None
+    def forward(ctx, hidden2d, weight, bias, x: FusedInputs, opt: LossOptions, loss_of_logp):
+        need = ctx.needs_input_grad[:3]
+        out = None
+        if loss_of_logp is None:
+            passes = _Passes(x, opt, *need)
+            out = one_pass_token(passes) if opt.granularity == "token" else None
+            loss_of_logp = lambda logp: logp_loss(logp, x, opt)  # noqa: E731
         if out is None:
-            passes = _Passes(x, opt, need_h, need_w, need_b and bias is not None)
-            out = two_pass(passes)
+            passes = _Passes(x, opt, *need)
+            out = two_pass(passes, loss_of_logp)
         loss, logp = out
         ctx.grads = passes.grads()
         ctx.mark_non_differentiable(logp)
@@ -249,4 +263,4 @@ class FusedLinearPamaLoss(torch.autograd.Function):
         gh, gw, gb = ctx.grads
         ctx.grads = None
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(gh), scale(gw), scale(gb), None, None
+        return scale(gh), scale(gw), scale(gb), None, None, None

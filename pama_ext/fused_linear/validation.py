@@ -107,56 +107,38 @@ def check_options(keywords: dict, temperature, kl_coef, chunk_size) -> LossOptio
     )
 
 
-def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, kl_coef: float) -> FusedInputs:
-    named = [("hidden", hidden), ("weight", weight), ("targets", targets), ("old_logp", old_logp),
-             ("advantages", advantages), ("mask", mask)]
-    for name, x in named:
-        _check_tensor(FN, name, x)
+def _check_head(fn: str, hidden, weight, targets, mask, bias):
+    """The LM-head inputs: shapes, dtypes, devices, and the target ids (one sync)."""
+    for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets), ("mask", mask)):
+        _check_tensor(fn, name, x)
     if bias is not None:
-        _check_tensor(FN, "bias", bias)
-    if ref_logp is not None:
-        _check_tensor(FN, "ref_logp", ref_logp)
+        _check_tensor(fn, "bias", bias)
     if hidden.dim() != 3:
-        raise ValueError(f"{FN}: `hidden` must have shape [B, T, H], got {_shape(hidden)}")
+        raise ValueError(f"{fn}: `hidden` must have shape [B, T, H], got {_shape(hidden)}")
     if not hidden.is_floating_point():
-        raise TypeError(f"{FN}: `hidden` must be floating (the last hidden states), got {hidden.dtype} with shape {_shape(hidden)}")
-    _check_float(FN, "hidden", hidden)
-    _check_float(FN, "weight", weight)
+        raise TypeError(f"{fn}: `hidden` must be floating (the last hidden states), got {hidden.dtype} with shape {_shape(hidden)}")
+    _check_float(fn, "hidden", hidden)
+    _check_float(fn, "weight", weight)
     b, t, h = hidden.shape
     if weight.dim() != 2 or weight.shape[1] != h:
-        raise ValueError(f"{FN}: `weight` must have shape [V, H] with H = {h} from `hidden` {_shape(hidden)}, got {_shape(weight)}")
+        raise ValueError(f"{fn}: `weight` must have shape [V, H] with H = {h} from `hidden` {_shape(hidden)}, got {_shape(weight)}")
     v = weight.shape[0]
     if v == 0:
-        raise ValueError(f"{FN}: `weight` {_shape(weight)} has an empty vocabulary (V = 0)")
+        raise ValueError(f"{fn}: `weight` {_shape(weight)} has an empty vocabulary (V = 0)")
     if bias is not None:
-        _check_float(FN, "bias", bias)
+        _check_float(fn, "bias", bias)
         if bias.shape != (v,):
-            raise ValueError(f"{FN}: `bias` must have shape [V] = [{v}] from `weight` {_shape(weight)}, got {_shape(bias)}")
+            raise ValueError(f"{fn}: `bias` must have shape [V] = [{v}] from `weight` {_shape(weight)}, got {_shape(bias)}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"{FN}: `targets` must hold integer token ids (int64), got {targets.dtype} with shape {_shape(targets)}")
-    for name, x in (("targets", targets), ("old_logp", old_logp), ("mask", mask)):
+        raise TypeError(f"{fn}: `targets` must hold integer token ids (int64), got {targets.dtype} with shape {_shape(targets)}")
+    for name, x in (("targets", targets), ("mask", mask)):
         if x.shape != (b, t):
-            raise ValueError(f"{FN}: `{name}` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(x)}")
-    _check_float(FN, "old_logp", old_logp)
-    _check_float(FN, "advantages", advantages)
+            raise ValueError(f"{fn}: `{name}` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(x)}")
     if mask.is_complex():
-        raise TypeError(f"{FN}: `mask` must be bool, integer or floating, got {mask.dtype} with shape {_shape(mask)}")
-    ok = (advantages.dim() == 3 and advantages.shape[:2] == (b, t)) or (advantages.dim() == 2 and advantages.shape[0] == b)
-    if not ok:
-        raise ValueError(
-            f"{FN}: `advantages` must have shape [B, T, N] (per token) or [B, N] (per sequence) with "
-            f"B, T = {b}, {t} from `hidden` {_shape(hidden)}, got {_shape(advantages)}"
-        )
-    if ref_logp is not None:
-        _check_float(FN, "ref_logp", ref_logp)
-        if ref_logp.shape != (b, t):
-            raise ValueError(f"{FN}: `ref_logp` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(ref_logp)}")
-    elif kl_coef > 0:
-        raise ValueError(f"{FN}: `kl_coef` = {kl_coef} > 0 needs `ref_logp` [B, T] (the reference policy's log-probabilities)")
-    others = named[1:] + [("bias", bias), ("ref_logp", ref_logp)]
-    for name, x in others:
+        raise TypeError(f"{fn}: `mask` must be bool, integer or floating, got {mask.dtype} with shape {_shape(mask)}")
+    for name, x in (("weight", weight), ("targets", targets), ("mask", mask), ("bias", bias)):
         if x is not None and x.device != hidden.device:
-            raise ValueError(f"{FN}: `{name}` is on {x.device} but `hidden` is on {hidden.device}; all inputs must share a device")
+            raise ValueError(f"{fn}: `{name}` is on {x.device} but `hidden` is on {hidden.device}; all inputs must share a device")
     mask_b = mask.detach() != 0 if mask.dtype != torch.bool else mask.detach()
     tg = targets.detach().to(torch.int64)
     bad = mask_b & ((tg < 0) | (tg >= v))
@@ -164,19 +146,49 @@ def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_
     if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{FN}: `targets` {_shape(targets)} has {n_bad} id(s) outside [0, V) = [0, {v}) at masked positions "
+            f"{fn}: `targets` {_shape(targets)} has {n_bad} id(s) outside [0, V) = [0, {v}) at masked positions "
             f"(first at [b, t] = {list(first)}: {int(tg[first])})"
         )
     # ids at masked-out positions (padding, -100 labels) are never used: make them gatherable
     tg = torch.where(mask_b, tg, torch.zeros((), dtype=torch.int64, device=tg.device))
+    return mask_b.contiguous(), tg.reshape(b * t).contiguous(), b, t
+
+
+def check_logp_inputs(hidden, weight, targets, mask, bias) -> FusedInputs:
+    """``fused_linear_logp_loss``'s inputs (no advantages: its loss brings its own)."""
+    mask_b, tg, b, t = _check_head("fused_linear_logp_loss", hidden, weight, targets, mask, bias)
+    return FusedInputs(hidden.reshape(b * t, -1), weight, bias, tg, None, None, mask_b, None, b, t)
+
+
+def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, kl_coef: float) -> FusedInputs:
+    mask_b, tg, b, t = _check_head(FN, hidden, weight, targets, mask, bias)
+    for name, x in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
+        if x is not None:
+            _check_tensor(FN, name, x)
+            _check_float(FN, name, x)
+            if x.device != hidden.device:
+                raise ValueError(f"{FN}: `{name}` is on {x.device} but `hidden` is on {hidden.device}; all inputs must share a device")
+    if old_logp.shape != (b, t):
+        raise ValueError(f"{FN}: `old_logp` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(old_logp)}")
+    ok = (advantages.dim() == 3 and advantages.shape[:2] == (b, t)) or (advantages.dim() == 2 and advantages.shape[0] == b)
+    if not ok:
+        raise ValueError(
+            f"{FN}: `advantages` must have shape [B, T, N] (per token) or [B, N] (per sequence) with "
+            f"B, T = {b}, {t} from `hidden` {_shape(hidden)}, got {_shape(advantages)}"
+        )
+    if ref_logp is not None:
+        if ref_logp.shape != (b, t):
+            raise ValueError(f"{FN}: `ref_logp` must have shape [B, T] = [{b}, {t}] from `hidden` {_shape(hidden)}, got {_shape(ref_logp)}")
+    elif kl_coef > 0:
+        raise ValueError(f"{FN}: `kl_coef` = {kl_coef} > 0 needs `ref_logp` [B, T] (the reference policy's log-probabilities)")
     return FusedInputs(
-        hidden=hidden.reshape(b * t, h),
+        hidden=hidden.reshape(b * t, -1),
         weight=weight,
         bias=bias,
-        targets=tg.reshape(b * t).contiguous(),
+        targets=tg,
         old_logp=old_logp.detach(),
         advantages=advantages.detach(),
-        mask=mask_b.contiguous(),
+        mask=mask_b,
         ref_logp=None if ref_logp is None else ref_logp.detach(),
         batch=b,
         time=t,
