@@ -133,12 +133,18 @@ class _Passes:
     def logp_lse(self, lo: int, hi: int) -> Tuple[Tensor, Tensor]:
         return self.ops.logp_lse(self.logits(lo, hi), self.x.targets[lo:hi], self.opt.temperature)
 
-    def backprop(self, lo: int, hi: int, lse: Tensor, g: Tensor) -> None:
-        """Add chunk [lo, hi)'s contribution to the gradients, given its dL/dlogp ``g``."""
+    def backprop(self, lo: int, hi: int, lse: Tensor, g: Tensor, zero_rows: Optional[Tensor] = None) -> None:
+        """Add chunk [lo, hi)'s contribution to the gradients, given its dL/dlogp ``g``.
+
+        ``zero_rows`` [hi - lo] bool: rows whose logits are not finite (an inf/NaN hidden
+        state). They contribute nothing (their g is 0 whatever the loss); without this their
+        0 * NaN softmax would poison every gradient, as it does unfused."""
         if not (self.need_h or self.need_w or self.need_b):
             return
         x = self.x
         d = self.ops.grad_logits_(self.logits(lo, hi), x.targets[lo:hi], lse, g, self.opt.temperature)
+        if zero_rows is not None:
+            d = torch.where(zero_rows[:, None], torch.zeros((), dtype=d.dtype, device=d.device), d)
         if self.need_b:
             self.grad_b += d.sum(0)
         cd = torch.promote_types(x.hidden.dtype, x.weight.dtype)  # the matmuls' dtype, as unfused
@@ -146,6 +152,8 @@ class _Passes:
             self.grad_h[lo:hi] = d.to(cd) @ x.weight.to(cd)
         if self.need_w:
             h = x.hidden[lo:hi].to(cd)
+            if zero_rows is not None:  # 0 * inf in d^T h would be NaN
+                h = torch.where(zero_rows[:, None], torch.zeros((), dtype=h.dtype, device=h.device), h)
             if cd == self.acc:
                 self.grad_w.addmm_(d.T, h)
             else:  # a reduced-precision product, accumulated in float32
@@ -179,13 +187,16 @@ def two_pass(p: _Passes, loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tens
             g = None
     g = torch.zeros_like(logp) if g is None else g
     g = g.reshape(-1).to(p.acc)
-    for lo, hi in p.ranges():
-        p.backprop(lo, hi, lse[lo:hi], g[lo:hi])
+    bad = ~torch.isfinite(lse)
+    bad_chunks = set((bad.nonzero().flatten() // p.chunk).tolist())  # one sync; empty unless inf/NaN came in
+    for k, (lo, hi) in enumerate(p.ranges()):
+        p.backprop(lo, hi, lse[lo:hi], g[lo:hi], bad[lo:hi] if k in bad_chunks else None)
     return loss.detach(), logp2
 
 
 def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
-    """The ``token`` loss in one pass, or None when a masked logp turned out non-finite."""
+    """The ``token`` loss in one pass, or None when a logit row turned out non-finite (the
+    caller then takes two passes, which handle such rows)."""
     x, opt = p.x, p.opt
     b, t = x.batch, x.time
     acc = p.acc
@@ -211,11 +222,12 @@ def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
         kl_scale = opt.kl_coef / kl_valid.sum().clamp_min(1).to(acc)
     zero = torch.zeros((), dtype=acc, device=x.hidden.device)
     logp = torch.empty(p.rows, dtype=acc, device=x.hidden.device)
+    lse_all = torch.empty_like(logp)
     loss = torch.zeros((), dtype=torch.float64, device=x.hidden.device)
     kl_sum = torch.zeros((), dtype=torch.float64, device=x.hidden.device)
     for lo, hi in p.ranges():
         lp, lse = p.logp_lse(lo, hi)
-        logp[lo:hi] = lp
+        logp[lo:hi], lse_all[lo:hi] = lp, lse
         v = valid[lo:hi]
         u, ind, m, _a, _v, _ = reference._token_terms(lp[None], old[lo:hi][None], adv[lo:hi][None], v[None], opt.clip_eps, acc)
         s = reference._token_s(adv[lo:hi][None], v[None], acc)[0]
@@ -229,7 +241,7 @@ def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
             kl_sum += torch.where(kv, ed - d - 1, zero).to(torch.float64).sum()
             g = g + torch.where(kv, kl_scale * (1 - ed), zero)
         p.backprop(lo, hi, lse, g)
-    if bool((mask & ~torch.isfinite(logp)).any()):
+    if not bool((torch.isfinite(lse_all) & (torch.isfinite(logp) | ~mask)).all()):
         return None
     if opt.kl_coef > 0:
         loss = loss + kl_sum * kl_scale.to(torch.float64)
@@ -261,6 +273,5 @@ class FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_logp):
         gh, gw, gb = ctx.grads
-        ctx.grads = None
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
         return scale(gh), scale(gw), scale(gb), None, None, None
