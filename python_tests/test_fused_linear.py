@@ -362,10 +362,10 @@ def test_ref_logp_nonfinite_raises_names_it():
 
 def test_default_chunk_size():
     # the chunk's logits hold about as many numbers as the hidden states, a power of two of rows
-    assert default_chunk_size(8192, 512, 32768) == 128
+    assert default_chunk_size(8192, 512, 32768) == 512  # 128 by the rule; at least 512 rows
     assert default_chunk_size(16384, 4096, 128256) == 1024
-    assert default_chunk_size(10, 4, 1000) == 10  # at least 16 rows, or all of them
-    assert default_chunk_size(100, 4, 1000) == 16
+    assert default_chunk_size(65536, 4096, 32000) == 16384
+    assert default_chunk_size(10, 4, 1000) == 10  # all rows when fewer than 512
 
 
 def test_torch_compile():

@@ -9,8 +9,9 @@ ids. With ``z = x / temperature``:
   ``g_r (onehot(target_r) - softmax(z_r)) / temperature``, written over the chunk's own
   buffer so that no second C x V tensor is allocated.
 
-Both consume ``x``: a float32/float64 chunk is overwritten in place (the caller computed it
-for this call only); a reduced-precision one is upcast into a new buffer first.
+``logp_lse`` only reads ``x``, so one pass can reuse the chunk for the gradient;
+``grad_logits_`` consumes it: a float32/float64 chunk is overwritten in place (the caller
+computed it for this call only), a reduced-precision one is upcast into a new buffer first.
 
 ``triton_chunks.py`` has the same two functions as Triton kernels (CUDA tensors).
 """
@@ -28,17 +29,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def scaled_logits(x: Tensor, temperature: float) -> Tensor:
-    """``x / temperature`` in the accumulation dtype, in ``x``'s buffer when it has that dtype."""
+def scaled_logits(x: Tensor, temperature: float, inplace: bool) -> Tensor:
+    """``x / temperature`` in the accumulation dtype; in ``x``'s buffer when ``inplace`` and
+    it has that dtype (else a new one, or ``x`` itself when there is nothing to do)."""
     z = x.to(acc_dtype(x.dtype))
     if temperature != 1.0:
-        z.div_(temperature)
+        z = z.div_(temperature) if inplace or z is not x else z / temperature
     return z
 
 
 def logp_lse(x: Tensor, targets: Tensor, temperature: float) -> Tuple[Tensor, Tensor]:
     """(logp [C], lse [C]) of raw logits ``x`` [C, V] and ``targets`` [C] (valid ids)."""
-    z = scaled_logits(x, temperature)
+    z = scaled_logits(x, temperature, inplace=False)
     lse = torch.logsumexp(z, dim=-1)
     logp = z.gather(-1, targets[:, None]).squeeze(-1) - lse
     return logp, lse
@@ -49,7 +51,7 @@ def grad_logits_(x: Tensor, targets: Tensor, lse: Tensor, g: Tensor, temperature
 
     ``lse`` is the one ``logp_lse`` returned for the same rows; ``g`` [C] is dL/dlogp.
     """
-    z = scaled_logits(x, temperature)
+    z = scaled_logits(x, temperature, inplace=True)
     p = z.sub_(lse[:, None]).exp_()  # softmax, in z's buffer
     gt = (g / temperature).to(p.dtype)
     p.mul_(-gt[:, None])
