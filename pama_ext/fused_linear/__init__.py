@@ -7,13 +7,16 @@ from typing import Callable, Optional, Tuple
 
 from torch import Tensor
 
-from .loss import FusedLinearLoss, default_chunk_size
+import torch
+
+from .loss import FusedLinearLoss, _Passes, default_chunk_size, logp_pass
 from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_options, check_logp_inputs
 
 __all__ = [
     "fused_linear_pama_loss",
     "fused_linear_pama_loss_and_logp",
     "fused_linear_logp_loss",
+    "fused_linear_logp",
     "PAMA_LOSS_KEYWORDS",
     "default_chunk_size",
 ]
@@ -113,3 +116,24 @@ def fused_linear_logp_loss(
     opt = check_options({"backend": backend, "nonfinite": "mask"}, temperature, 0.0, chunk_size)
     x = check_logp_inputs(hidden, weight, targets, mask, bias)
     return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, loss_of_logp)
+
+
+@torch.no_grad()
+def fused_linear_logp(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """[B, T] log-probabilities of ``targets`` under the LM head, chunk by chunk, no gradient
+    (rollout scoring: the old and reference policies' log-probabilities). Float32, or
+    float64 for float64 inputs; positions outside ``mask`` hold the log-probability of id 0."""
+    opt = check_options({"backend": backend}, temperature, 0.0, chunk_size)
+    x = check_logp_inputs(hidden, weight, targets, mask, bias)
+    logp, _ = logp_pass(_Passes(x, opt, False, False, False))
+    return logp.view(x.batch, x.time)

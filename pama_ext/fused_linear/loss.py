@@ -174,13 +174,19 @@ class _Passes:
         return self.grad_h, gw, gb
 
 
-def two_pass(p: _Passes, loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
-    """Pass 1 (logp), the loss and g = dL/dlogp by autograd of ``loss_of_logp``, pass 2."""
-    x, opt = p.x, p.opt
-    logp = torch.empty(p.rows, dtype=p.acc, device=x.hidden.device)
+def logp_pass(p: _Passes) -> Tuple[Tensor, Tensor]:
+    """Pass 1: every row's (logp, lse), [B*T] each."""
+    logp = torch.empty(p.rows, dtype=p.acc, device=p.x.hidden.device)
     lse = torch.empty_like(logp)
     for lo, hi in p.ranges():
         logp[lo:hi], lse[lo:hi] = p.logp_lse(lo, hi)
+    return logp, lse
+
+
+def two_pass(p: _Passes, loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
+    """Pass 1 (logp), the loss and g = dL/dlogp by autograd of ``loss_of_logp``, pass 2."""
+    x, opt = p.x, p.opt
+    logp, lse = logp_pass(p)
     logp2 = logp.view(x.batch, x.time)
     if opt.nonfinite == "raise":
         _raise_nonfinite_logp(logp2, x.mask)

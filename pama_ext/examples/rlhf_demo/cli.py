@@ -89,6 +89,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every k steps (default: %(default)s)")
     p.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt (default: %(default)s)")
     p.add_argument("--backend", default="auto", help="pama_ext backend of the fused op (default: %(default)s)")
+    p.add_argument("--fused-linear", action="store_true",
+                   help="log-probabilities and loss from the last hidden states and the LM head, chunk by chunk "
+                   "(pama_ext.fused_linear_logp_loss): the B x T x V logits are never built; mgda_ub runs unfused")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads on CPU (default: %(default)s: the tensors are small)")
     p.add_argument("--workers", default="auto",
@@ -213,7 +216,7 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
                     target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
                     group_size=args.group_size, kl_penalty=args.kl_penalty,
-                    loss_kl_coef=args.loss_kl_coef)
+                    loss_kl_coef=args.loss_kl_coef, fused_linear=args.fused_linear)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
 

@@ -24,6 +24,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 import pama_ext
+from pama_ext.fused_linear import fused_linear_logp, fused_linear_logp_loss
 from pama_ext.reference import token_advantage, token_weights
 from pama_ext.rl import MultiHeadValueModel, group_advantages, per_objective_gae, scores_to_token_rewards, whiten_per_objective
 
@@ -89,6 +90,9 @@ class PPOConfig:
     # estimate, a term of its own beside the combined surrogate, as GRPO trainers do)
     kl_penalty: str = "reward"
     loss_kl_coef: float = 0.04
+    # compute the training log-probabilities and the loss from the last hidden states and
+    # the LM head chunk by chunk (pama_ext.fused_linear): the B x T x V logits never exist
+    fused_linear: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +206,42 @@ def forward(vmodel: MultiHeadValueModel, ro: Rollout, banned: Tensor) -> Tuple[T
     return response_logp(out.logits, ro, banned), values.float(), hidden
 
 
+def forward_hidden(vmodel: MultiHeadValueModel, ro: Rollout) -> Tuple[Tensor, Tensor]:
+    """``(hidden [B, T, H], values [B, T, N])`` at the positions that score the response
+    tokens, from the backbone alone: no LM head, so no logits (``--fused-linear``)."""
+    seqs, attn = ro.sequences, ro.attention_mask
+    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
+    out = vmodel.model.base_model(input_ids=seqs, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    hidden = out.last_hidden_state[:, P - 1 : P + T - 1]
+    values = vmodel.value_heads(hidden.to(vmodel.value_heads.weight.dtype))
+    return hidden, values.float()
+
+
+def _head(model, banned: Tensor) -> Tuple[Tensor, Tensor]:
+    """The LM head's weight and its bias with the sampler's renormalisation ``banned`` added."""
+    head = model.get_output_embeddings()
+    return head.weight, banned if head.bias is None else head.bias + banned
+
+
+@torch.no_grad()
+def forward_fused(vmodel: MultiHeadValueModel, ro: Rollout, banned: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(logp, values)`` as ``forward`` gives them, with the log-probabilities computed from
+    the last hidden states chunk by chunk (rollout scoring under ``--fused-linear``)."""
+    hidden, values = forward_hidden(vmodel, ro)
+    weight, bias = _head(vmodel.model, banned)
+    return fused_linear_logp(hidden, weight, ro.responses, ro.response_mask, bias=bias), values
+
+
+def fused_policy_loss(vmodel: MultiHeadValueModel, ro: Rollout, banned: Tensor, mask: Tensor,
+                      loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(loss, logp, values)``: ``loss_of_logp`` of the response log-probabilities, fused with
+    the LM head (the sampler's renormalisation ``banned`` is the head's bias)."""
+    hidden, values = forward_hidden(vmodel, ro)
+    weight, bias = _head(vmodel.model, banned)
+    loss, logp = fused_linear_logp_loss(hidden, weight, ro.responses, mask, loss_of_logp, bias=bias)
+    return loss, logp, values
+
+
 def response_logp(logits: Tensor, ro: Rollout, banned: Tensor) -> Tensor:
     """[B, T] log-probabilities of the response tokens from the logits of the whole sequence
     (position P + t - 1 scores response token t), under the sampler's renormalisation."""
@@ -274,6 +314,9 @@ def train(
     if cfg.kl_penalty not in KL_PENALTIES:
         raise ValueError(f"unknown kl_penalty {cfg.kl_penalty!r}; choose from {', '.join(KL_PENALTIES)}")
     kl_in_loss = grpo or cfg.kl_penalty == "loss"
+    # MGDA-UB differentiates each objective's loss through the graph from the hidden states to
+    # logp, which the fused loss does not build: that baseline always runs unfused
+    fused = cfg.fused_linear and method != "mgda_ub"
     if grpo and cfg.batch % cfg.group_size:
         raise ValueError(f"batch {cfg.batch} is not a multiple of group_size {cfg.group_size}")
     n = len(objectives)
@@ -313,8 +356,12 @@ def train(
         scores = score_all(objectives, ro.prompts, ro.texts, ro.lengths).to(device)
         mask = ro.response_mask
         with torch.no_grad():
-            old_logp, old_values, _ = forward(policy, ro, banned)
-            ref_logp = forward_ref(ref, ro, banned)
+            if fused:
+                old_logp, old_values = forward_fused(policy, ro, banned)
+                ref_logp = forward_ref_fused(ref, ro, banned)
+            else:
+                old_logp, old_values, _ = forward(policy, ro, banned)
+                ref_logp = forward_ref(ref, ro, banned)
             kl = torch.where(mask, old_logp - ref_logp, torch.zeros((), device=device))
             if grpo:
                 adv = group_advantages(scores, cfg.group_size)  # [B, N]
@@ -338,22 +385,41 @@ def train(
             if K > 1:
                 with torch.no_grad():  # PAMA's statistics pass: one set of batch weights for the step
                     for mb in micro:
-                        logp_mb = old_logp[mb] if epoch == 0 else forward(policy, ro.rows(mb), banned)[0]
+                        if epoch == 0:
+                            logp_mb = old_logp[mb]
+                        else:
+                            logp_mb = (forward_fused if fused else forward)(policy, ro.rows(mb), banned)[0]
                         opt.accumulate(logp_mb, old_logp[mb], adv[mb], mask[mb])
             opt.zero_grad(set_to_none=True)
             for mb in micro:
                 sub = ro.rows(mb)
-                logp, values, hidden = forward(policy, sub, banned)
-                shared = hidden if method == "mgda_ub" else None
-                pol = opt.loss(logp, old_logp[mb], adv[mb], mask[mb], shared=shared)
-                aux = torch.zeros((), device=device)
-                if kl_in_loss:
-                    kl_term = cfg.loss_kl_coef * k3_kl(logp, ref_logp[mb], mask[mb])
-                    aux = aux + kl_term
+
+                def policy_terms(logp, shared=None):
+                    pol = opt.loss(logp, old_logp[mb], adv[mb], mask[mb], shared=shared)
+                    kl_term = cfg.loss_kl_coef * k3_kl(logp, ref_logp[mb], mask[mb]) if kl_in_loss else None
+                    return pol, kl_term
+
+                if fused:
+                    parts = {}
+
+                    def loss_of_logp(logp):
+                        parts["pol"], parts["kl"] = policy_terms(logp)
+                        return parts["pol"] if parts["kl"] is None else parts["pol"] + parts["kl"]
+
+                    main, _, values = fused_policy_loss(policy, sub, banned, mask[mb], loss_of_logp)
+                    pol, kl_term = parts["pol"], parts["kl"]  # for the record; the gradient is main's
+                    aux = torch.zeros((), device=device)
+                else:
+                    logp, values, hidden = forward(policy, sub, banned)
+                    pol, kl_term = policy_terms(logp, hidden if method == "mgda_ub" else None)
+                    main = pol
+                    aux = torch.zeros((), device=device)
+                    if kl_term is not None:
+                        aux = aux + kl_term
                 if not grpo:
                     vl = value_loss(values, old_values[mb], gae.returns[mb], mask[mb], cfg.value_clip)
                     aux = aux + cfg.vf_coef * vl
-                ((pol + aux) / K).backward()
+                ((main + aux) / K).backward()
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             w_step = opt.last_weights if signed_w is None else signed_w[micro[-1]]
             weights.append(mean_weights(w_step, mask[micro[-1]]))  # the last micro-batch's
@@ -396,3 +462,13 @@ def forward_ref(ref, ro: Rollout, banned: Tensor) -> Tensor:
     attn = ro.attention_mask
     out = ref(input_ids=ro.sequences, attention_mask=attn, position_ids=positions(attn), use_cache=False)
     return response_logp(out.logits, ro, banned)
+
+
+@torch.no_grad()
+def forward_ref_fused(ref, ro: Rollout, banned: Tensor) -> Tensor:
+    """``forward_ref`` from the reference's last hidden states, chunk by chunk."""
+    attn = ro.attention_mask
+    P, T = ro.prompt_ids.shape[1], ro.responses.shape[1]
+    out = ref.base_model(input_ids=ro.sequences, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    weight, bias = _head(ref, banned)
+    return fused_linear_logp(out.last_hidden_state[:, P - 1 : P + T - 1], weight, ro.responses, ro.response_mask, bias=bias)
