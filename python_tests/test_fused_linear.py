@@ -383,3 +383,25 @@ def test_torch_compile():
     torch.testing.assert_close(l1, l0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
+
+
+def test_fused_linear_logp_scores_without_gradient():
+    case = make_case(seed=14, V=97)
+    lc = leaves(case)
+    logp = pama_ext.fused_linear.fused_linear_logp(lc["hidden"], lc["weight"], lc["targets"], lc["mask"],
+                                                   bias=lc["bias"], temperature=0.8, chunk_size=5)
+    assert not logp.requires_grad and logp.dtype == torch.float64
+    expected = unfused_logp(case["hidden"], case["weight"], case["targets"], case["mask"], case["bias"], 0.8)
+    torch.testing.assert_close(logp[case["mask"]], expected[case["mask"]], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"fused_linear_logp: `targets`"):
+        bad = case["targets"].clone()
+        bad[case["mask"]] = 97
+        pama_ext.fused_linear.fused_linear_logp(lc["hidden"], lc["weight"], bad, lc["mask"])
+
+
+def test_generic_loss_must_be_a_scalar_tensor():
+    lc = leaves(make_case())
+    with pytest.raises(TypeError, match="must be a 0-dim tensor"):
+        fused_linear_logp_loss(lc["hidden"], lc["weight"], lc["targets"], lc["mask"], lambda logp: logp)
+    with pytest.raises(TypeError, match="`loss_of_logp` must be callable"):
+        fused_linear_logp_loss(lc["hidden"], lc["weight"], lc["targets"], lc["mask"], 3.0)

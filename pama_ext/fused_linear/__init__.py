@@ -114,7 +114,7 @@ def fused_linear_logp_loss(
     if not callable(loss_of_logp):
         raise TypeError(f"fused_linear_logp_loss: `loss_of_logp` must be callable, got {type(loss_of_logp).__name__}")
     opt = check_options({"backend": backend, "nonfinite": "mask"}, temperature, 0.0, chunk_size)
-    x = check_logp_inputs(hidden, weight, targets, mask, bias)
+    x = check_logp_inputs("fused_linear_logp_loss", hidden, weight, targets, mask, bias)
     return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, loss_of_logp)
 
 
@@ -134,6 +134,6 @@ def fused_linear_logp(
     (rollout scoring: the old and reference policies' log-probabilities). Float32, or
     float64 for float64 inputs; positions outside ``mask`` hold the log-probability of id 0."""
     opt = check_options({"backend": backend}, temperature, 0.0, chunk_size)
-    x = check_logp_inputs(hidden, weight, targets, mask, bias)
+    x = check_logp_inputs("fused_linear_logp", hidden, weight, targets, mask, bias)
     logp, _ = logp_pass(_Passes(x, opt, False, False, False))
     return logp.view(x.batch, x.time)

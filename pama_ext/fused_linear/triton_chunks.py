@@ -2,19 +2,20 @@
 
 The same two functions as ``chunks.py`` (which states the contract), for CUDA tensors (and
 CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this
-module was imported):
+module was imported). One program per row, looping over the vocabulary in ``BLOCK_V``
+columns:
 
-* ``logp_lse``: ``logsumexp_kernel``-style single pass over each row (one program per
-  row, a loop over the vocabulary in ``BLOCK_V`` columns with a running max and a running
-  sum), so a row is read once and nothing C x V is written;
-* ``grad_logits_``: one program per row re-reads the logits, forms the softmax from the
-  ``lse`` of the first pass and writes ``g (onehot - softmax) / temperature`` over the
-  logits when they are float32 (else into a new float32 buffer), as ``chunks.py`` does.
+* ``logp_lse``: one read of the row with a running max and a running sum of exponentials
+  (an online logsumexp), then the target's logit; ``x`` is only read, so the caller can
+  reuse the chunk for the gradient;
+* ``grad_logits_``: a second read of the row, the softmax from the given ``lse``, and
+  ``g (onehot - softmax) / temperature`` written over the logits when they are float32
+  (else into a new float32 buffer), as ``chunks.py`` does.
 
 The per-row maths runs in float32 for float32/bfloat16/float16 logits. float64 logits
-(and devices Triton cannot reach) go to the PyTorch functions of ``chunks.py``: the
-interpreter's CI covers float32 only, and float64 is the precision of reference runs,
-not of training.
+(and devices Triton cannot reach) go to the PyTorch functions of ``chunks.py``: float64
+is the precision of reference runs, not of training, and keeping it out of the kernels
+keeps one compiled variant per training dtype.
 
 Importing this module does not import Triton: the kernel bodies below are plain
 functions until the first call, which imports Triton, binds the names they use and
@@ -42,15 +43,17 @@ BLOCK_V = 4096
 NUM_WARPS = 8
 
 # Launch-time specialisation (see pama_ext/triton_backend/kernels.py): Triton's JIT turns
-# an int argument equal to 1 into a compile-time constant and compiles another variant for
-# ints divisible by 16, and marks 16-byte aligned pointers. V and the row strides vary
-# with the chunk and the model (V = 1 and C = 1 happen), so none of them is specialised:
-# one compiled kernel per dtype. The per-row vectors (targets, lse, g, logp) are slices
-# of [B*T] tensors at the chunk's first row, so their alignment changes with the chunk
-# size; each program reads one element of them, so alignment buys nothing there.
+# an int argument equal to 1 into a compile-time constant, compiles another variant for
+# ints divisible by 16 and for 16-byte aligned pointers. V and the row strides vary with
+# the model and the chunk (V = 1 and C = 1 happen), and the per-row vectors (targets, lse,
+# g) are slices of [B*T] tensors at the chunk's first row, aligned or not depending on the
+# chunk size. None of them is specialised: one compiled kernel per logits dtype. The
+# alignment would buy nothing anyway: with a row stride of unknown divisibility the
+# compiler cannot prove a row's start aligned, so the loads are not vectorised whatever
+# x_ptr's alignment, and each program reads one element of the per-row vectors.
 # python_tests/test_fused_linear_triton_aot.py checks the variants and compiles them for sm_90.
 SHAPE_ARGS = ("V", "stride_x", "stride_out")
-ROW_VECTORS = ("tgt_ptr", "lse_ptr", "g_ptr", "logp_ptr")
+POINTERS = ("x_ptr", "out_ptr", "tgt_ptr", "lse_ptr", "g_ptr", "logp_ptr")
 
 # Bound by _import_triton at the first call; the kernel bodies read them as globals.
 tl = None
@@ -153,7 +156,7 @@ def _kernels() -> SimpleNamespace:
         import triton
 
         _import_triton()
-        jit = triton.jit(do_not_specialize=list(SHAPE_ARGS), do_not_specialize_on_alignment=list(ROW_VECTORS))
+        jit = triton.jit(do_not_specialize=list(SHAPE_ARGS), do_not_specialize_on_alignment=list(POINTERS))
         _KERNELS = SimpleNamespace(logp_lse_kernel=jit(logp_lse_kernel), grad_logits_kernel=jit(grad_logits_kernel))
     return _KERNELS
 

@@ -154,9 +154,9 @@ def _check_head(fn: str, hidden, weight, targets, mask, bias):
     return mask_b.contiguous(), tg.reshape(b * t).contiguous(), b, t
 
 
-def check_logp_inputs(hidden, weight, targets, mask, bias) -> FusedInputs:
-    """``fused_linear_logp_loss``'s inputs (no advantages: its loss brings its own)."""
-    mask_b, tg, b, t = _check_head("fused_linear_logp_loss", hidden, weight, targets, mask, bias)
+def check_logp_inputs(fn: str, hidden, weight, targets, mask, bias) -> FusedInputs:
+    """The inputs of ``fused_linear_logp_loss`` and ``fused_linear_logp`` (no advantages)."""
+    mask_b, tg, b, t = _check_head(fn, hidden, weight, targets, mask, bias)
     return FusedInputs(hidden.reshape(b * t, -1), weight, bias, tg, None, None, mask_b, None, b, t)
 
 
