@@ -27,6 +27,11 @@ def parse_args(argv=None):
     p.add_argument("--max-completion-length", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (TRL's beta)")
+    p.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="compute the loss from the last hidden states and the LM head, chunk by chunk (use_fused_linear=True)",
+    )
     p.add_argument("--warmup-steps", type=int, default=200, help="supervised warm-up of the embedded policy")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -74,6 +79,7 @@ def _train(method: str, model_path: str, tokenizer, dataset, reward_funcs, args,
         max_completion_length=args.max_completion_length,
         learning_rate=args.lr,
         beta=args.beta,
+        use_fused_linear=args.fused_linear,
         seed=args.seed,
         logging_steps=1,
         save_strategy="no",

@@ -48,6 +48,15 @@ class PAMAGRPOConfig(GRPOConfig):
             divided by the group's std (`"group"`), the whole generation batch's std
             (`"batch"`) or nothing (`"none"`), exactly as TRL's `scale_rewards` does for the
             single combined reward.
+        use_fused_linear (`bool`, defaults to `False`):
+            compute the loss from the policy's last hidden states and its LM head with
+            `pama_ext.fused_linear.fused_linear_logp_loss` (chunk by chunk, the loss's gradient
+            folded into the head's backward): the same loss and gradients up to float rounding.
+            The per-token `entropy` metric is then not logged (it needs the full distribution,
+            which the fused pass never holds). The model's LM head must be a plain linear layer
+            (`get_output_embeddings()`, no PEFT adapter on it) whose logits are neither scaled
+            nor soft-capped by the config, and a Mixture-of-Experts model must not add the
+            router's auxiliary loss: checked when the trainer is built.
     """
 
     objective_combiner: str = field(
@@ -65,6 +74,14 @@ class PAMAGRPOConfig(GRPOConfig):
     objective_normalization: Optional[str] = field(
         default=None,
         metadata={"help": "Per-objective advantage scaling: 'group', 'batch' or 'none'; None: as scale_rewards."},
+    )
+    use_fused_linear: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the loss from the last hidden states and the LM head, chunk by chunk "
+            "(pama_ext.fused_linear), never holding the logits; same results up to float rounding. "
+            "The per-token entropy metric is not logged."
+        },
     )
 
     def __post_init__(self):
@@ -109,6 +126,8 @@ def _check_objective_settings(args) -> None:
                     f"PAMAGRPOConfig: objective_preference must be a non-empty list of finite numbers, got {pref!r}"
                 )
             args.objective_preference = [float(p) for p in pref]
+    if not isinstance(args.use_fused_linear, bool):
+        raise ValueError(f"PAMAGRPOConfig: use_fused_linear must be True or False, got {args.use_fused_linear!r}")
     if args.objective_normalization is None:
         args.objective_normalization = args.scale_rewards
     if args.objective_normalization not in NORMALIZATIONS:
@@ -131,6 +150,8 @@ def check_supported(args) -> None:
         )
     if args.use_vllm and args.vllm_importance_sampling_correction:
         bad.append("vllm_importance_sampling_correction=True with use_vllm=True (a per-token loss correction)")
+    # (the two entropy settings below would also need the full per-token distribution, which
+    # use_fused_linear never holds: refused for every combination, they need no second check)
     if args.top_entropy_quantile < 1.0:
         bad.append(f"top_entropy_quantile={args.top_entropy_quantile} (entropy masking of the per-token loss)")
     if args.off_policy_mask_threshold is not None:
