@@ -54,7 +54,7 @@ def leaves(case, dtype=torch.float64):
     out = dict(case)
     for k in ("hidden", "weight", "bias"):
         if out[k] is not None:
-            out[k] = out[k].to(dtype).requires_grad_(True)
+            out[k] = out[k].to(dtype, copy=True).requires_grad_(True)
     for k in ("old_logp", "advantages", "ref_logp"):
         if out[k] is not None:
             out[k] = out[k].to(dtype)
@@ -368,21 +368,59 @@ def test_default_chunk_size():
     assert default_chunk_size(10, 4, 1000) == 10  # all rows when fewer than 512
 
 
-def test_torch_compile():
-    case = make_case(seed=21)
+@pytest.mark.parametrize("granularity", ["token", "batch"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(granularity, compiler):
+    # the unfused path compiles whole; so does the fused one: the chunk loops and their host
+    # syncs are inside the ops (one pass for token, pass 1 / pass 2 around pama_loss otherwise)
+    case = make_case(seed=21, kl=True)
     lc = leaves(case)
 
     def f(h, w, b):
-        return F(h, w, lc["targets"], lc["old_logp"], lc["advantages"], lc["mask"], bias=b, chunk_size=4)
+        return F(h, w, lc["targets"], lc["old_logp"], lc["advantages"], lc["mask"], bias=b, ref_logp=lc["ref_logp"],
+                 kl_coef=0.1, granularity=granularity, chunk_size=4)
 
-    cf = torch.compile(f, backend="aot_eager")
+    torch._dynamo.reset()
+    cf = torch.compile(f, backend=compiler, fullgraph=True)
     l1 = cf(lc["hidden"], lc["weight"], lc["bias"])
     g1 = torch.autograd.grad(l1, (lc["hidden"], lc["weight"], lc["bias"]))
-    l0 = f(lc["hidden"], lc["weight"], lc["bias"])
-    g0 = torch.autograd.grad(l0, (lc["hidden"], lc["weight"], lc["bias"]))
+    l0, g0 = run(unfused_linear_pama_loss, leaves(case), granularity=granularity, kl_coef=0.1)
     torch.testing.assert_close(l1, l0)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b)
+
+
+def _op_args(case, need=(True, True, True)):
+    lc = leaves(case)
+    tg = lc["targets"].to(torch.int64)
+    return lc, tg
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_logp_ops(bias):
+    from torch.library import opcheck
+
+    case = make_case(seed=22, bias=bias)
+    lc, tg = _op_args(case)
+    args = (lc["hidden"], lc["weight"], lc["bias"], tg, case["mask"], 0.9, 4, "auto", False, "test")
+    opcheck(torch.ops.pama_ext.fused_linear_logp.default, args)
+    with torch.no_grad():
+        logp, lse = torch.ops.pama_ext.fused_linear_logp(*args)
+    g = torch.randn_like(logp)
+    bargs = (case["hidden"].detach(), case["weight"].detach(), case["bias"].detach() if bias else None, tg,
+             case["mask"], lse, g, 0.9, 4, "auto", True, True, bias)
+    opcheck(torch.ops.pama_ext.fused_linear_logp_backward.default, bargs)
+
+
+@pytest.mark.parametrize("loss_agg", LOSS_AGGS)
+def test_opcheck_token_op(loss_agg):
+    from torch.library import opcheck
+
+    case = make_case(seed=23, kl=True, per_seq=True)
+    lc, tg = _op_args(case)
+    args = (lc["hidden"], lc["weight"], lc["bias"], tg, lc["old_logp"], lc["advantages"], case["mask"], lc["ref_logp"],
+            1.0, 0.05, 5, 0.2, loss_agg, "auto", "raise", True, True, True)
+    opcheck(torch.ops.pama_ext.fused_linear_pama_token.default, args)
 
 
 def test_fused_linear_logp_scores_without_gradient():
@@ -401,7 +439,7 @@ def test_fused_linear_logp_scores_without_gradient():
 
 def test_generic_loss_must_be_a_scalar_tensor():
     lc = leaves(make_case())
-    with pytest.raises(TypeError, match="must be a 0-dim tensor"):
+    with pytest.raises(TypeError, match=r"must return a 0-dim tensor, got a tensor of shape \[3, 7\]"):
         fused_linear_logp_loss(lc["hidden"], lc["weight"], lc["targets"], lc["mask"], lambda logp: logp)
     with pytest.raises(TypeError, match="`loss_of_logp` must be callable"):
         fused_linear_logp_loss(lc["hidden"], lc["weight"], lc["targets"], lc["mask"], 3.0)

@@ -1,16 +1,23 @@
 """Fused linear + log-probability + PAMA loss: the loss from the last hidden states and the
-LM head, chunk by chunk, without the B x T x V logits (``loss.py`` says how)."""
+LM head, chunk by chunk, without the B x T x V logits (``loss.py`` says how, ``op.py``
+registers the ops).
+
+* ``fused_linear_pama_loss`` / ``fused_linear_pama_loss_and_logp``: ``pama_loss`` fused with
+  the LM head (one pass for ``token``, two otherwise);
+* ``fused_linear_logp_loss``: any loss of the log-probabilities, fused (two passes);
+* ``fused_linear_logp``: the log-probabilities alone, no gradient (rollout scoring).
+"""
 
 from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-import torch
-
-from .loss import FusedLinearLoss, _Passes, default_chunk_size, logp_pass
-from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_options, check_logp_inputs
+from .loss import default_chunk_size, logp_loss
+from .op import fused_linear_logp_op, fused_linear_pama_token_op
+from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_logp_inputs, check_options
 
 __all__ = [
     "fused_linear_pama_loss",
@@ -20,6 +27,12 @@ __all__ = [
     "PAMA_LOSS_KEYWORDS",
     "default_chunk_size",
 ]
+
+
+def _needs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    grad = torch.is_grad_enabled()
+    return (grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad)
 
 
 def fused_linear_pama_loss_and_logp(
@@ -40,8 +53,19 @@ def fused_linear_pama_loss_and_logp(
     """``fused_linear_pama_loss`` and the [B, T] log-probabilities it computed on the way
     (detached, float32 or float64): for logging and the next epoch's ``old_logp``, no second pass."""
     opt = check_options(pama_loss_keywords, temperature, kl_coef, chunk_size)
-    x = check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, opt.kl_coef)
-    return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, None)
+    x = check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, opt.kl_coef, check_ids=False)
+    targets = targets.to(torch.int64)
+    if opt.granularity == "token":
+        loss, logp, _, _, _ = fused_linear_pama_token_op(
+            hidden, weight, bias, targets, x.old_logp, x.advantages, x.mask, x.ref_logp, opt.temperature,
+            opt.kl_coef, opt.chunk_size, opt.clip_eps, opt.loss_agg, opt.backend, opt.nonfinite,
+            *_needs(hidden, weight, bias),
+        )
+        return loss, logp.detach()
+    logp, _ = fused_linear_logp_op(hidden, weight, bias, targets, x.mask, opt.temperature, opt.chunk_size, opt.backend,
+                                   opt.nonfinite == "raise", "fused_linear_pama_loss",
+                                   x.ref_logp if opt.kl_coef > 0 else None)
+    return logp_loss(logp, x, opt), logp.detach()
 
 
 def fused_linear_pama_loss(
@@ -74,14 +98,17 @@ def fused_linear_pama_loss(
         old_logp, advantages, mask: as in ``pama_loss``.
         bias: [V] or None. temperature: logits are divided by it (> 0).
         ref_logp: [B, T] reference log-probabilities, needed when ``kl_coef > 0``.
-        chunk_size: rows per chunk (default: about H * B * T / V rows, a power of two).
+        chunk_size: rows per chunk (default ``default_chunk_size``: about B*T*H/V rows, a
+            power of two, at least 512).
         **pama_loss_keywords: ``clip_eps``, ``granularity``, ``loss_agg``, ``backend``,
             ``nonfinite``, passed to ``pama_loss`` (``backend`` also picks the per-chunk
             log-softmax kernels: Triton for CUDA tensors when installed, else PyTorch).
+            ``nonfinite="mask"`` also drops tokens whose logits are not finite (an inf/NaN
+            hidden state); their rows get a zero gradient.
 
     ``granularity="token"`` (the default) runs in one pass over the chunks (three matmuls
-    per chunk, as unfused); the others in two (four). One host synchronisation checks the
-    target ids; ``nonfinite="raise"`` adds the finiteness checks' syncs, as in ``pama_loss``.
+    per chunk, as unfused); the others in two (four). Host synchronisations: one to check
+    the target ids, one to look for non-finite logit rows, plus those ``pama_loss`` makes.
     """
     return fused_linear_pama_loss_and_logp(
         hidden, weight, targets, old_logp, advantages, mask, bias=bias, temperature=temperature,
@@ -103,22 +130,26 @@ def fused_linear_logp_loss(
 ) -> Tuple[Tensor, Tensor]:
     """Any loss of the [B, T] log-probabilities of ``targets``, fused with the LM head.
 
-    ``loss_of_logp(logp)`` (logp [B, T] float32, or float64 for float64 inputs, requiring
-    grad) returns a 0-dim loss; it may read anything else it needs from its closure, and is
-    called once. Two passes over the chunks (four matmuls per chunk): the log-probabilities,
-    then, with ``dL/dlogp`` from autograd of ``loss_of_logp``, the gradients. Returns
-    ``(loss, logp)`` (``logp`` detached). This is how the TRL integration fuses its own
-    normalisers and combiners; ``fused_linear_pama_loss`` is the PAMA loss through it (one
-    pass for ``token``).
+    ``loss_of_logp(logp)`` gets logp [B, T] (float32, or float64 for float64 inputs; in the
+    graph of ``hidden``/``weight``/``bias``) and returns a 0-dim loss, written with ordinary
+    autograd ops; it may read anything else from its closure and is called once. Two passes
+    over the chunks (four matmuls per chunk): the log-probabilities in the forward, the
+    gradients in the backward from ``dL/dlogp``. Returns ``(loss, logp)`` (``logp``
+    detached). The TRL integration fuses its own normalisers and combiners this way.
     """
     if not callable(loss_of_logp):
         raise TypeError(f"fused_linear_logp_loss: `loss_of_logp` must be callable, got {type(loss_of_logp).__name__}")
-    opt = check_options({"backend": backend, "nonfinite": "mask"}, temperature, 0.0, chunk_size)
-    x = check_logp_inputs("fused_linear_logp_loss", hidden, weight, targets, mask, bias)
-    return FusedLinearLoss.apply(x.hidden, x.weight, x.bias, x, opt, loss_of_logp)
+    opt = check_options({"backend": backend}, temperature, 0.0, chunk_size)
+    x = check_logp_inputs("fused_linear_logp_loss", hidden, weight, targets, mask, bias, check_ids=False)
+    logp, _ = fused_linear_logp_op(hidden, weight, bias, targets.to(torch.int64), x.mask, opt.temperature,
+                                   opt.chunk_size, opt.backend, False, "fused_linear_logp_loss")
+    loss = loss_of_logp(logp)
+    if not (isinstance(loss, Tensor) and loss.dim() == 0):
+        got = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise TypeError(f"fused_linear_logp_loss: `loss_of_logp` must return a 0-dim tensor, got {got}")
+    return loss, logp.detach()
 
 
-@torch.no_grad()
 def fused_linear_logp(
     hidden: Tensor,
     weight: Tensor,
@@ -134,6 +165,8 @@ def fused_linear_logp(
     (rollout scoring: the old and reference policies' log-probabilities). Float32, or
     float64 for float64 inputs; positions outside ``mask`` hold the log-probability of id 0."""
     opt = check_options({"backend": backend}, temperature, 0.0, chunk_size)
-    x = check_logp_inputs("fused_linear_logp", hidden, weight, targets, mask, bias)
-    logp, _ = logp_pass(_Passes(x, opt, False, False, False))
-    return logp.view(x.batch, x.time)
+    x = check_logp_inputs("fused_linear_logp", hidden, weight, targets, mask, bias, check_ids=False)
+    with torch.no_grad():
+        logp, _ = fused_linear_logp_op(hidden, weight, bias, targets.to(torch.int64), x.mask, opt.temperature,
+                                       opt.chunk_size, opt.backend, False, "fused_linear_logp")
+    return logp

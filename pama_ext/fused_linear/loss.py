@@ -1,25 +1,26 @@
 """The fused linear + log-probability + PAMA loss: the B x T x V logits never exist.
 
-Structure (README, "Fused linear loss"). Rows are the B*T token positions, processed in
-chunks of ``chunk_size`` rows; a chunk's logits ``x = h_c W^T (+ b)`` are C x V.
+Rows are the B*T token positions, processed in chunks of ``chunk_size`` rows; a chunk's
+logits ``x = h_c W^T (+ b)`` are C x V and live only while the chunk is processed.
 
-* **Two passes** (every granularity): pass 1 computes each row's ``logp`` and ``lse`` chunk
-  by chunk (one matmul per chunk, the logits dropped at once); then the loss and
-  ``g = dL/dlogp`` come from ``pama_loss`` itself (and the k3 KL term) on the [B, T]
-  ``logp``: every granularity, aggregation and ``nonfinite`` rule exactly as unfused; pass 2
-  recomputes each chunk's logits and turns ``g`` into ``dL/dx = g (onehot - softmax) / tau``,
-  then ``dL/dh = dL/dx W`` and ``dL/dW += dL/dx^T h``. Four matmuls against the unfused
-  path's three (forward, and two in backward).
-* **One pass** (``granularity="token"``, the default): a token's ``dL/dlogp`` needs only
-  its own logp and the loss normaliser, and the normaliser (masked tokens, per row for
-  ``seq_mean_token_mean``) is known from the mask before any logit. So each chunk's
-  gradient is formed right after its logp: three matmuls, as unfused. The normaliser
-  assumes every masked logp is finite; that is checked after the pass, and if it fails the
-  call is redone with two passes, where ``nonfinite`` decides (raise, or drop the token).
+* **Two passes** (``logp_pass`` then ``backprop_pass``; every granularity, and any loss of
+  the log-probabilities): the forward computes each row's ``logp`` and ``lse``, one matmul
+  per chunk, and keeps only those two numbers per row. The loss is then ordinary autograd
+  code on the [B, T] ``logp`` (``pama_loss`` and the k3 KL term: every granularity,
+  aggregation and ``nonfinite`` rule exactly as unfused). Its backward hands
+  ``g = dL/dlogp`` to the second pass, which recomputes each chunk's logits and forms
+  ``dL/dx = g (onehot - softmax) / tau``, ``dL/dh = dL/dx W``, ``dL/dW += dL/dx^T h``:
+  four matmuls per chunk against the unfused path's three.
+* **One pass** (``token_pass``; ``granularity="token"``, the default): a token's
+  ``dL/dlogp`` needs only its own logp and the loss normaliser, and the normaliser (masked
+  tokens, per row for ``seq_mean_token_mean``) is known from the mask before any logit, so
+  each chunk's gradient is formed right after its logp: three matmuls per chunk, as
+  unfused. The gradients are kept until backward, which scales them by the incoming
+  gradient (as Liger-Kernel's fused linear losses do). The normaliser assumes that every
+  logit row is finite; that is checked after the pass (one sync), and the rare call with
+  an inf/NaN hidden state is redone with those rows dropped (or raises, ``nonfinite``).
 
-The gradients are computed in the forward (there is nothing left to recompute later) and
-kept until backward, which scales them by the incoming gradient, as Liger-Kernel's fused
-linear losses do. ``weight`` that needs no gradient costs no dW matmul.
+``op.py`` wraps both as ``torch.library`` ops.
 """
 
 from __future__ import annotations
@@ -64,56 +65,47 @@ def chunk_ops(backend: str, device: torch.device):
     return torch_chunks
 
 
-def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor, nonfinite: str) -> Tensor:
-    """Masked mean of ``exp(ref - logp) - (ref - logp) - 1`` (differentiable in ``logp``).
-
-    ``nonfinite="raise"``: a non-finite ``ref_logp`` at a masked position raises;
-    ``"mask"``: tokens whose ``ref_logp`` or ``logp`` is non-finite leave the mean.
-    """
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """Masked mean of ``exp(ref - logp) - (ref - logp) - 1`` (differentiable in ``logp``);
+    tokens whose ``ref_logp`` or ``logp`` is non-finite leave the mean (``nonfinite="raise"``
+    has raised before: ``raise_nonfinite_ref``)."""
     ref = ref_logp.to(logp.dtype)
-    fin_ref = torch.isfinite(ref)
-    if nonfinite == "raise":
-        bad = int((mask & ~fin_ref).sum())
-        if bad:
-            raise ValueError(
-                f"fused_linear_pama_loss: `ref_logp` has {bad} non-finite value(s) at masked positions; "
-                "pass nonfinite='mask' to drop such tokens instead"
-            )
-    valid = mask & fin_ref & torch.isfinite(logp)
+    valid = mask & torch.isfinite(ref) & torch.isfinite(logp)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     d = torch.where(valid, ref - logp, zero)
     k3 = torch.where(valid, torch.exp(d) - d - 1, zero)
     return k3.sum() / valid.sum().clamp_min(1)
 
 
+def raise_nonfinite_ref(ref_logp: Tensor, mask: Tensor) -> None:
+    """``nonfinite="raise"``: a non-finite ``ref_logp`` at a masked position (one sync)."""
+    bad = int((mask & ~torch.isfinite(ref_logp)).sum())
+    if bad:
+        raise ValueError(
+            f"fused_linear_pama_loss: `ref_logp` has {bad} non-finite value(s) at masked positions; "
+            "pass nonfinite='mask' to drop such tokens instead"
+        )
+
+
 def logp_loss(logp: Tensor, x: FusedInputs, opt: LossOptions) -> Tensor:
     """The loss as a function of the [B, T] log-probabilities: ``pama_loss`` (+ the KL term)."""
     loss = pama_loss(logp, x.old_logp, x.advantages, x.mask, **opt.pama_keywords())
     if opt.kl_coef > 0:
-        loss = loss + opt.kl_coef * kl_k3(logp, x.ref_logp, x.mask, opt.nonfinite)
+        loss = loss + opt.kl_coef * kl_k3(logp, x.ref_logp, x.mask)
     return loss
-
-
-def _raise_nonfinite_logp(logp: Tensor, mask: Tensor) -> None:
-    bad = int((mask & ~torch.isfinite(logp)).sum())
-    if bad:
-        raise ValueError(
-            f"fused_linear_pama_loss: the log-probabilities computed from `hidden` and `weight` (and `bias`) "
-            f"are non-finite at {bad} masked position(s); check them for inf/NaN, or pass nonfinite='mask' "
-            "to drop such tokens"
-        )
 
 
 class _Passes:
     """The chunked matmuls shared by both structures."""
 
     def __init__(self, x: FusedInputs, opt: LossOptions, need_h: bool, need_w: bool, need_b: bool):
+        # of ``opt`` only temperature, chunk_size and backend are read here
         self.x, self.opt = x, opt
         rows, h = x.hidden.shape
         self.rows = rows
         self.chunk = opt.chunk_size or default_chunk_size(rows, h, x.weight.shape[0])
         self.ops = chunk_ops(opt.backend, x.hidden.device)
-        need_b = need_b and x.bias is not None
+        need_b = bool(need_b and x.bias is not None)
         self.acc = torch_chunks.acc_dtype(torch.promote_types(x.hidden.dtype, x.weight.dtype))
         self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
         self.grad_h = torch.zeros_like(x.hidden) if need_h else None
@@ -183,56 +175,47 @@ def logp_pass(p: _Passes) -> Tuple[Tensor, Tensor]:
     return logp, lse
 
 
-def two_pass(p: _Passes, loss_of_logp: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
-    """Pass 1 (logp), the loss and g = dL/dlogp by autograd of ``loss_of_logp``, pass 2."""
-    x, opt = p.x, p.opt
-    logp, lse = logp_pass(p)
-    logp2 = logp.view(x.batch, x.time)
-    if opt.nonfinite == "raise":
-        _raise_nonfinite_logp(logp2, x.mask)
-    leaf = logp2.detach().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_of_logp(leaf)
-        if not (isinstance(loss, Tensor) and loss.dim() == 0):
-            raise TypeError(f"fused linear loss: the loss of the log-probabilities must be a 0-dim tensor, got {loss!r}")
-        if loss.requires_grad:
-            (g,) = torch.autograd.grad(loss, leaf, allow_unused=True)
-        else:
-            g = None
-    g = torch.zeros_like(logp) if g is None else g
+def backprop_pass(p: _Passes, lse: Tensor, g: Tensor) -> None:
+    """Pass 2: the gradients of ``sum_r g_r logp_r`` (``g`` [B*T]) into ``p``'s buffers.
+    Rows whose logits are not finite contribute nothing (one sync finds them)."""
     g = g.reshape(-1).to(p.acc)
     bad = ~torch.isfinite(lse)
-    bad_chunks = set((bad.nonzero().flatten() // p.chunk).tolist())  # one sync; empty unless inf/NaN came in
+    bad_chunks = set((bad.nonzero().flatten() // p.chunk).tolist())  # empty unless inf/NaN came in
     for k, (lo, hi) in enumerate(p.ranges()):
         p.backprop(lo, hi, lse[lo:hi], g[lo:hi], bad[lo:hi] if k in bad_chunks else None)
-    return loss.detach(), logp2
 
 
-def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
-    """The ``token`` loss in one pass, or None when a logit row turned out non-finite (the
-    caller then takes two passes, which handle such rows)."""
+def raise_nonfinite_logp(logp: Tensor, mask: Tensor) -> None:
+    bad = int((mask & ~torch.isfinite(logp)).sum())
+    if bad:
+        raise ValueError(
+            f"fused_linear_pama_loss: the log-probabilities computed from `hidden` and `weight` (and `bias`) "
+            f"are non-finite at {bad} masked position(s); check them for inf/NaN, or pass nonfinite='mask' "
+            "to drop such tokens"
+        )
+
+
+def _one_pass(p: _Passes, dropped: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(loss, logp [B*T], lse [B*T]) of the ``token`` loss; its gradients into ``p``.
+    ``dropped`` [B*T] bool: rows known to have non-finite logits, left out of the loss, the
+    normalisers and the gradients; None: every row assumed finite."""
     x, opt = p.x, p.opt
     b, t = x.batch, x.time
     acc = p.acc
     adv = x.advantages if x.advantages.dim() == 3 else x.advantages[:, None, :].expand(b, t, -1)
     adv = adv.reshape(b * t, -1)
     old = x.old_logp.reshape(-1)
-    fin_old = torch.isfinite(old)
-    fin_adv = torch.isfinite(adv).all(-1)
     mask = x.mask.reshape(-1)
-    if opt.nonfinite == "raise":
-        reference.raise_nonfinite([0, int((mask & ~fin_old).sum()), int((mask & ~fin_adv).sum())])
-    valid = mask & fin_old & fin_adv  # every masked logp finite: checked after the pass
+    valid = mask & torch.isfinite(old) & torch.isfinite(adv).all(-1)
+    if dropped is not None:
+        valid = valid & ~dropped
     row_scale = reference._row_scale(valid.view(b, t).to(torch.float64).sum(1), opt.loss_agg)
     r = row_scale[:, None].expand(b, t).reshape(-1).to(acc)
     if opt.kl_coef > 0:
         ref = x.ref_logp.reshape(-1).to(acc)
-        fin_ref = torch.isfinite(ref)
-        if opt.nonfinite == "raise":
-            bad = int((mask & ~fin_ref).sum())
-            if bad:
-                kl_k3(torch.zeros_like(ref), ref, mask, "raise")  # raises, naming ref_logp
-        kl_valid = mask & fin_ref
+        kl_valid = mask & torch.isfinite(ref)
+        if dropped is not None:
+            kl_valid = kl_valid & ~dropped
         kl_scale = opt.kl_coef / kl_valid.sum().clamp_min(1).to(acc)
     zero = torch.zeros((), dtype=acc, device=x.hidden.device)
     logp = torch.empty(p.rows, dtype=acc, device=x.hidden.device)
@@ -255,39 +238,30 @@ def one_pass_token(p: _Passes) -> Optional[Tuple[Tensor, Tensor]]:
             ed = torch.exp(d)
             kl_sum += torch.where(kv, ed - d - 1, zero).to(torch.float64).sum()
             g = g + torch.where(kv, kl_scale * (1 - ed), zero)
-        p.backprop(lo, hi, lse, g, logits=logits)
+        p.backprop(lo, hi, lse, g, None if dropped is None else dropped[lo:hi], logits=logits)
         del logits
-    if not bool((torch.isfinite(lse_all) & (torch.isfinite(logp) | ~mask)).all()):
-        return None
     if opt.kl_coef > 0:
         loss = loss + kl_sum * kl_scale.to(torch.float64)
-    return loss.to(acc), logp.view(b, t)
+    return loss.to(acc), logp, lse_all
 
 
-class FusedLinearLoss(torch.autograd.Function):
-    """(loss, logp) of the fused op; differentiable in hidden, weight and bias.
-
-    ``loss_of_logp``: None for the PAMA loss of ``opt`` (one pass for ``token``), or any
-    callable from the [B, T] log-probabilities to a scalar loss (two passes)."""
-
-    @staticmethod
-    def forward(ctx, hidden2d, weight, bias, x: FusedInputs, opt: LossOptions, loss_of_logp):
-        need = ctx.needs_input_grad[:3]
-        out = None
-        if loss_of_logp is None:
-            passes = _Passes(x, opt, *need)
-            out = one_pass_token(passes) if opt.granularity == "token" else None
-            loss_of_logp = lambda logp: logp_loss(logp, x, opt)  # noqa: E731
-        if out is None:
-            passes = _Passes(x, opt, *need)
-            out = two_pass(passes, loss_of_logp)
-        loss, logp = out
-        ctx.grads = passes.grads()
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_logp):
-        gh, gw, gb = ctx.grads
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(gh), scale(gw), scale(gb), None, None, None
+def token_pass(x: FusedInputs, opt: LossOptions, need) -> Tuple[Tensor, Tensor, tuple]:
+    """(loss, logp [B, T], (dL/dhidden [B*T, H], dL/dweight, dL/dbias)) of the ``token`` loss
+    in one pass; a gradient None when not needed. ``nonfinite="raise"`` raises on a
+    non-finite ``old_logp``/``advantages``/``ref_logp`` or logit row at a masked position."""
+    mask = x.mask.reshape(-1)
+    if opt.nonfinite == "raise":
+        adv_ok = torch.isfinite(x.advantages).all(-1)
+        adv_ok = adv_ok if adv_ok.dim() == 2 else adv_ok[:, None].expand(x.batch, x.time)
+        reference.raise_nonfinite([0, int((x.mask & ~torch.isfinite(x.old_logp)).sum()), int((x.mask & ~adv_ok).sum())])
+        if opt.kl_coef > 0:
+            raise_nonfinite_ref(x.ref_logp, x.mask)
+    p = _Passes(x, opt, *need)
+    loss, logp, lse = _one_pass(p, None)
+    bad = ~(torch.isfinite(lse) & torch.isfinite(logp))
+    if bool(bad.any()):  # the one sync of the default path
+        if opt.nonfinite == "raise":
+            raise_nonfinite_logp(logp, mask)
+        p = _Passes(x, opt, *need)
+        loss, logp, lse = _one_pass(p, bad)
+    return loss, logp.view(x.batch, x.time), p.grads()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..functional import pama_loss
-from .loss import kl_k3
+from .loss import kl_k3, raise_nonfinite_ref
 
 
 def unfused_logp(hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, bias=None, temperature: float = 1.0) -> Tensor:
@@ -26,5 +26,7 @@ def unfused_linear_pama_loss(hidden, weight, targets, old_logp, advantages, mask
     loss = pama_loss(logp, old_logp, advantages, mask, **pama_loss_keywords)
     if kl_coef > 0:
         mask_b = mask.bool()
-        loss = loss + kl_coef * kl_k3(logp, ref_logp, mask_b, pama_loss_keywords.get("nonfinite", "raise"))
+        if pama_loss_keywords.get("nonfinite", "raise") == "raise":
+            raise_nonfinite_ref(ref_logp, mask_b)
+        loss = loss + kl_coef * kl_k3(logp, ref_logp, mask_b)
     return loss

@@ -107,8 +107,8 @@ def check_options(keywords: dict, temperature, kl_coef, chunk_size) -> LossOptio
     )
 
 
-def _check_head(fn: str, hidden, weight, targets, mask, bias):
-    """The LM-head inputs: shapes, dtypes, devices, and the target ids (one sync)."""
+def _check_head(fn: str, hidden, weight, targets, mask, bias, check_ids: bool = True):
+    """The LM-head inputs: shapes, dtypes, devices, and (``check_ids``) the target ids (one sync)."""
     for name, x in (("hidden", hidden), ("weight", weight), ("targets", targets), ("mask", mask)):
         _check_tensor(fn, name, x)
     if bias is not None:
@@ -141,27 +141,36 @@ def _check_head(fn: str, hidden, weight, targets, mask, bias):
             raise ValueError(f"{fn}: `{name}` is on {x.device} but `hidden` is on {hidden.device}; all inputs must share a device")
     mask_b = mask.detach() != 0 if mask.dtype != torch.bool else mask.detach()
     tg = targets.detach().to(torch.int64)
+    if check_ids:
+        tg = checked_target_ids(fn, tg, mask_b, v)
+    return mask_b.contiguous(), tg.reshape(b * t).contiguous(), b, t
+
+
+def checked_target_ids(fn: str, tg: Tensor, mask_b: Tensor, v: int) -> Tensor:
+    """``tg`` with every masked id checked to lie in [0, V) (one host sync), and the ids at
+    masked-out positions (padding, -100 labels), which are never used, replaced by 0."""
     bad = mask_b & ((tg < 0) | (tg >= v))
     n_bad = int(bad.sum())  # the documented host synchronisation
     if n_bad:
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"{fn}: `targets` {_shape(targets)} has {n_bad} id(s) outside [0, V) = [0, {v}) at masked positions "
+            f"{fn}: `targets` {_shape(tg)} has {n_bad} id(s) outside [0, V) = [0, {v}) at masked positions "
             f"(first at [b, t] = {list(first)}: {int(tg[first])})"
         )
-    # ids at masked-out positions (padding, -100 labels) are never used: make them gatherable
-    tg = torch.where(mask_b, tg, torch.zeros((), dtype=torch.int64, device=tg.device))
-    return mask_b.contiguous(), tg.reshape(b * t).contiguous(), b, t
+    return torch.where(mask_b, tg, torch.zeros((), dtype=torch.int64, device=tg.device))
 
 
-def check_logp_inputs(fn: str, hidden, weight, targets, mask, bias) -> FusedInputs:
+def check_logp_inputs(fn: str, hidden, weight, targets, mask, bias, check_ids: bool = True) -> FusedInputs:
     """The inputs of ``fused_linear_logp_loss`` and ``fused_linear_logp`` (no advantages)."""
-    mask_b, tg, b, t = _check_head(fn, hidden, weight, targets, mask, bias)
+    mask_b, tg, b, t = _check_head(fn, hidden, weight, targets, mask, bias, check_ids)
     return FusedInputs(hidden.reshape(b * t, -1), weight, bias, tg, None, None, mask_b, None, b, t)
 
 
-def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, kl_coef: float) -> FusedInputs:
-    mask_b, tg, b, t = _check_head(FN, hidden, weight, targets, mask, bias)
+def check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, kl_coef: float,
+                 check_ids: bool = True) -> FusedInputs:
+    """``fused_linear_pama_loss``'s inputs; ``check_ids=False`` leaves the target-id check
+    (the one host sync) to the op, so that the metadata checks trace under torch.compile."""
+    mask_b, tg, b, t = _check_head(FN, hidden, weight, targets, mask, bias, check_ids)
     for name, x in (("old_logp", old_logp), ("advantages", advantages), ("ref_logp", ref_logp)):
         if x is not None:
             _check_tensor(FN, name, x)
