@@ -13,7 +13,8 @@ ids. With ``z = x / temperature``:
 ``grad_logits_`` consumes it: a float32/float64 chunk is overwritten in place (the caller
 computed it for this call only), a reduced-precision one is upcast into a new buffer first.
 
-``triton_chunks.py`` has the same two functions as Triton kernels (CUDA tensors).
+``triton_chunks.py`` has the same two functions as Triton kernels (CUDA tensors, or CPU
+tensors under Triton's interpreter).
 """
 
 from __future__ import annotations

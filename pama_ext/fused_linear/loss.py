@@ -138,11 +138,13 @@ class _Passes:
 
         ``zero_rows`` [hi - lo] bool: rows whose logits are not finite (an inf/NaN hidden
         state). They contribute nothing (their g is 0 whatever the loss); without this their
-        0 * NaN softmax would poison every gradient, as it does unfused."""
+        0 * NaN softmax would poison every gradient, as it does unfused. ``logits``: the
+        chunk's logits when the caller still has them (one pass); consumed here."""
         if not (self.need_h or self.need_w or self.need_b):
             return
         x = self.x
-        d = self.ops.grad_logits_(self.logits(lo, hi), x.targets[lo:hi], lse, g, self.opt.temperature)
+        logits = self.logits(lo, hi) if logits is None else logits
+        d = self.ops.grad_logits_(logits, x.targets[lo:hi], lse, g, self.opt.temperature)
         if zero_rows is not None:
             d = torch.where(zero_rows[:, None], torch.zeros((), dtype=d.dtype, device=d.device), d)
         if self.need_b:
