@@ -20,6 +20,8 @@
 #   profile    each kernel's device time (torch.profiler) for N = 4, 5, 16, 64, and the Triton
 #              launch parameters measured as CUDA-graph replays (benchmarks/gpu_kernel_profile.py)
 #   optimizer  PAMA step vs single-objective Noon PPO step on GPT-2 small (124 M parameters)
+#   fused_linear  fused_linear_pama_loss vs the unfused path at bf16, B*T 16k, H 4096, V 128k
+#              (memory and time; Liger-Kernel's fused GRPO loss for N = 1 where installed)
 # GPU_CHECK_ONLY="tests_cuda raise bench_n" reruns a subset (build always runs). It
 # writes gpu_check.json (every figure and stage status) and gpu_check_log.txt (all the
 # logs) under $OUT when set, else under benchmarks/results/; prints a summary with ratios;
@@ -227,6 +229,8 @@ if [ "$DRY" = 0 ]; then
     --out "$LOGS/bench_grid.json"
   stage optimizer 90 "$PY" benchmarks/bench_optimizer.py --device cuda --model gpt2 --n 4 --rounds 8 --warmup 2 \
     --loss-calls 20 --methods noon pama pama_accum_fwd linear --out "$LOGS/optimizer.json"
+  # issue 15: bf16, B*T 16k, H 4096, V 128k; fused against unfused (and Liger for N = 1 if installed)
+  stage fused_linear 120 "$PY" benchmarks/bench_fused_linear.py --device cuda --reps 3 --out "$LOGS/fused_linear.json"
 else
   stage bench_goal 180 "$PY" benchmarks/bench_gpu_loss.py --dry-run --impls triton,eager --ns 4 --host-overhead \
     --out "$LOGS/bench_goal.json"
@@ -234,6 +238,8 @@ else
   stage raise_paths_cpp 60 "$PY" benchmarks/gpu_sanitize_case.py --backend cpp --device cpu --raise-paths
   stage optimizer 120 "$PY" benchmarks/bench_optimizer.py --device cpu --model tiny --n 2 --rounds 1 --warmup 1 \
     --loss-calls 2 --methods noon pama --out "$LOGS/optimizer.json"
+  stage fused_linear 120 "$PY" benchmarks/bench_fused_linear.py --device cpu --batch 2 --time 64 --hidden 32 \
+    --vocab 1000 --reps 1 --out "$LOGS/fused_linear.json"
 fi
 
 # ------------------------------------------------------------------ report

@@ -186,6 +186,8 @@ def summary(report: dict) -> str:
     for key, res in (opt.get("loss_only") or {}).items():
         for m, r in res.items():
             lines.append(f"  loss only {key} {m:<15} adds {100 * r['added_min_vs_noon_step']:+.2f}% to the noon step (wall min)")
+    for key, r in ((report.get("fused_linear") or {}).get("ratios") or {}).items():
+        lines.append(f"  fused linear {key:<18} " + ", ".join(f"{m} {x:.3g}" for m, x in r.items()) + " (fused / baseline)")
     lines.append(f"  result: {'OK' if report['ok'] else 'FAILED: ' + ', '.join(report['failed'])}")
     return "\n".join(lines)
 
@@ -218,6 +220,12 @@ def main(argv=None) -> int:
         for key, e in profile.get("profile", {}).items():
             if "error" in e:
                 failed.append(f"kernel_profile {key}: {e['error'][:80]}")
+    fused = None
+    if (logs / "fused_linear.json").exists():  # benchmarks/bench_fused_linear.py
+        fused = json.loads((logs / "fused_linear.json").read_text())
+        for variant, r in fused.get("results", {}).items():
+            if "error" in r:
+                failed.append(f"fused_linear {variant}: {r['error'][-80:]}")
     if not stages:
         failed.append("no stage ran")
     report = {
@@ -232,6 +240,7 @@ def main(argv=None) -> int:
         "goal_thresholds": GOALS,
         "kernel_profile": profile,
         "optimizer": opt,
+        "fused_linear": fused,
         "failed": failed,
         "ok": not failed,
     }

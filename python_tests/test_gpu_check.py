@@ -41,12 +41,13 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["ok"] and report["dry_run"] and not report["failed"]
     stages = {s["stage"]: s["status"] for s in report["stages"]}
     for name in ("build", "build_info", "tests_cuda", "tests_triton", "sanitize_flow", "bench_goal", "kernel_profile",
-                 "raise_paths_cpp", "optimizer"):
+                 "raise_paths_cpp", "optimizer", "fused_linear"):
         assert stages.get(name) == "ok", (name, stages)
     assert stages["sanitizer"] == "SKIP"
     assert report["bench"]["bench_goal"]["results"], report["bench"]
     assert "host_overhead" in report["bench"]["bench_goal"]["meta"]
     assert report["optimizer"]["results"]["N=2"]["pama"]["ratio_to_noon_min"] > 0
+    assert report["fused_linear"]["ratios"]["token"]["peak_memory"] > 0
     assert (tmp_path / "gpu_check_log.txt").stat().st_size > 0
     assert "== gpu_check summary (DRY RUN" in proc.stdout
 
