@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _backends, _ops, reference  # noqa: F401  (_ops registers the torch.library ops)
 from .reference import DEFAULT_GRANULARITY
+from .preference import check_preference, scale_advantages
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
@@ -52,6 +53,14 @@ def _check_common(fn, clip_eps, granularity, loss_agg="token_mean", nonfinite="r
     return clip_eps
 
 
+def _with_preference(fn: str, x, preference):
+    if preference is None:
+        return x
+    b, n = x.advantages.shape[0], x.advantages.shape[-1]
+    p = check_preference(fn, preference, n, b, device=x.advantages.device)
+    return x._replace(advantages=scale_advantages(x.advantages, p))
+
+
 def pama_loss_and_stats(
     logp: Tensor,
     old_logp: Tensor,
@@ -63,11 +72,15 @@ def pama_loss_and_stats(
     loss_agg: str = "token_mean",
     backend: str = "auto",
     nonfinite: str = "raise",
+    preference=None,
 ):
-    """``pama_loss`` that also returns the weights and diagnostics (a ``PamaStats``)."""
+    """``pama_loss`` that also returns the weights and diagnostics (a ``PamaStats``).
+
+    With a ``preference`` the weights are those of the preference-scaled advantages
+    ``A_i p_max / p_i`` (on the simplex); the combined advantage is ``sum_i c_i A'_i``."""
     fn = "pama_loss"
     clip_eps = _check_common(fn, clip_eps, granularity, loss_agg, nonfinite)
-    x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+    x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
     backend = _backends.resolve(fn, backend, x.logp.device)
     check = nonfinite == "raise"
     if backend == "torch":
@@ -92,6 +105,7 @@ def pama_loss(
     loss_agg: str = "token_mean",
     backend: str = "auto",
     nonfinite: str = "raise",
+    preference=None,
 ) -> Tensor:
     """The Noon-PPO loss of the PAMA-combined advantage (a scalar), differentiable in ``logp``.
 
@@ -115,6 +129,11 @@ def pama_loss(
             ``old_logp`` or ``advantages`` raises ``ValueError`` naming the argument.
             ``mask``: such tokens are dropped from the loss as if masked out, and counted
             in the statistics of ``pama_loss_and_stats``.
+        preference: None (default: today's PAMA), or a preference on the simplex, [N] or
+            per sample [B, N], every entry > 0, that moves the solution towards the
+            objectives it weights: PAMA on the preference-scaled advantages
+            ``A_i p_max / p_i`` (``pama_ext/preference.py``). The combined advantage still
+            conflicts with no objective; uniform ``p`` is today's PAMA exactly.
 
     An empty mask gives a loss of 0 and a zero gradient. The result is float32 (float64
     for float64 inputs); the gradient has the dtype of ``logp``.
@@ -129,6 +148,7 @@ def pama_loss(
         loss_agg=loss_agg,
         backend=backend,
         nonfinite=nonfinite,
+        preference=preference,
     )
     return loss
 
@@ -142,6 +162,7 @@ def pama_weights(
     clip_eps: float = 0.2,
     granularity: str = DEFAULT_GRANULARITY,
     backend: str = "auto",
+    preference=None,
 ) -> Tensor:
     """The weights PAMA combines the objectives with (no gradient).
 
@@ -152,10 +173,12 @@ def pama_weights(
     over the positive ones equal to the smallest, else uniform 1/N; so
     ``sum_i c_i max(A_i, 0)`` is the token's combined advantage). Non-finite
     tokens are left out of the statistics, as ``nonfinite="mask"`` does for the loss.
+    With a ``preference`` (as in ``pama_loss``) they are the weights of the scaled
+    advantages ``A_i p_max / p_i``.
     """
     fn = "pama_weights"
     clip_eps = _check_common(fn, clip_eps, granularity)
-    x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+    x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
     backend = _backends.resolve(fn, backend, x.logp.device)
     with torch.no_grad():
         if granularity == "token" or backend == "torch":

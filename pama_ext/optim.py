@@ -145,6 +145,7 @@ from .combine import (
 )
 from .distributed import is_distributed
 from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, _valid_tokens, batch_statistics
+from .preference import check_preference, scale_advantages
 
 __all__ = ["PAMA", "PAMADiagnostics", "COMBINERS"]
 
@@ -214,7 +215,11 @@ class PAMA(Optimizer):
             and data parallelism sum per-response terms; ``combiner="pama"`` only; see
             ``pama_ext.pama_loss``).
         combiner: ``pama`` (default), ``linear``, ``mgda_ub`` or ``mgda`` (module docstring).
-        preference: ``linear`` only: the default preference vector [N] (uniform if None).
+        preference: ``linear`` and ``pama``: the default preference vector [N] (uniform if
+            None). ``linear``: the weights of MORLHF's sum (entries >= 0). ``pama``: steers
+            the Pareto point towards the objectives it weights (every entry > 0; PAMA on the
+            preference-scaled advantages ``A_i p_max / p_i``, ``pama_ext/preference.py``);
+            uniform is plain PAMA, exactly.
         loss_agg: ``token_mean`` (default) or ``seq_mean_token_mean``.
         backend: the fused op's backend for ``pama`` (``auto``, ``cpp``, ``torch``).
         nonfinite: ``raise`` (default) or ``mask``, as in ``pama_ext.pama_loss``.
@@ -259,8 +264,8 @@ class PAMA(Optimizer):
         check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
         check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
         check_choice(fn, "backend", backend, functional._backends.known_backends())
-        if preference is not None and combiner != "linear":
-            raise ValueError(f"{fn}: `preference` is for combiner='linear', not {combiner!r}")
+        if preference is not None and combiner not in ("linear", "pama"):
+            raise ValueError(f"{fn}: `preference` is for combiner='linear' or 'pama', not {combiner!r}")
         self.optimizer = optimizer
         self.num_objectives = num_objectives
         self.granularity = granularity
@@ -270,7 +275,7 @@ class PAMA(Optimizer):
         self.nonfinite = nonfinite
         self.process_group = process_group
         self.sync_statistics = bool(sync_statistics)
-        self.preference = self._check_preference(fn, preference, per_sample_ok=False)
+        self.preference = self._check_preference(fn, preference, per_sample_ok=False, combiner=combiner)
         # torch.optim.Optimizer's bookkeeping, without re-registering the parameters
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -313,7 +318,7 @@ class PAMA(Optimizer):
         self._patch_step_function()
 
     def __repr__(self) -> str:
-        extra = f", preference={self.preference.tolist()}" if self.combiner == "linear" else ""
+        extra = f", preference={self.preference.tolist()}" if self.combiner in ("linear", "pama") else ""
         return (
             f"PAMA(num_objectives={self.num_objectives}, combiner={self.combiner!r}, "
             f"granularity={self.granularity!r}, clip_eps={self.clip_eps}, loss_agg={self.loss_agg!r}{extra},\n"
@@ -339,10 +344,14 @@ class PAMA(Optimizer):
         return self._step_count
 
     # ------------------------------------------------------------------ helpers
-    def _check_preference(self, fn: str, preference, per_sample_ok: bool, batch: Optional[int] = None):
+    def _check_preference(self, fn: str, preference, per_sample_ok: bool, batch: Optional[int] = None,
+                          combiner: Optional[str] = None):
         n = self.num_objectives
+        combiner = self.combiner if combiner is None else combiner
         if preference is None:
             return torch.full((n,), 1.0 / n, dtype=_DD)
+        if combiner == "pama":  # > 0 everywhere, normalised (pama_ext/preference.py)
+            return check_preference(fn, preference, n, batch if per_sample_ok else None)
         p = torch.as_tensor(preference)
         if not p.is_floating_point():
             p = p.to(_DD)
@@ -351,6 +360,17 @@ class PAMA(Optimizer):
             want = f"[N] = [{n}]" + (f" or [B, N] = [{batch}, {n}]" if per_sample_ok else "")
             raise ValueError(f"{fn}: `preference` must have shape {want}, got {list(p.shape)}")
         return p.detach()
+
+    def _pama_advantages(self, fn: str, advantages: Tensor, preference) -> Tensor:
+        """``pama``: the advantages scaled by the call's preference, else the constructor's
+        (unchanged when that is uniform: plain PAMA, no copy)."""
+        if preference is not None:
+            p = self._check_preference(fn, preference, per_sample_ok=True, batch=advantages.shape[0])
+        else:
+            p = self.preference
+            if bool((p == p[0]).all()):  # a CPU tensor: no device sync
+                return advantages
+        return scale_advantages(advantages, p)
 
     def _sync(self) -> bool:
         return self.sync_statistics and is_distributed(self.process_group)
@@ -367,17 +387,20 @@ class PAMA(Optimizer):
         return self.combiner == "pama" and self.granularity in STATISTICS_GRANULARITIES
 
     # ------------------------------------------------------------------ accumulation
-    def accumulate(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor) -> None:
+    def accumulate(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                   preference: Optional[Tensor] = None) -> None:
         """Add one micro-batch's statistics to this step's (no gradient, no graph).
 
         For ``pama`` with ``batch`` / ``batch_mean`` / ``sequence_gram`` (micro-batches of
         whole responses); a no-op for every other combiner or granularity (their weights
         need no batch statistics). After a ``solve`` (or the first ``loss`` that solved),
-        ``accumulate`` starts a new step's accumulation.
+        ``accumulate`` starts a new step's accumulation. ``preference``: as in ``loss`` (pass
+        the same one to both).
         """
         self._check_n("PAMA.accumulate", advantages)
         if not self._needs_statistics:
             return
+        advantages = self._pama_advantages("PAMA.accumulate", advantages, preference)
         if self._pinned is not None:
             self.reset_accumulation()
         st = batch_statistics(
@@ -440,17 +463,18 @@ class PAMA(Optimizer):
                 has N = ``num_objectives`` in its last dimension.
             shared: ``mgda_ub`` only (required there): a tensor in the graph of ``logp``
                 that requires grad, e.g. the last hidden states.
-            preference: ``linear`` only: [N] or per-sample [B, N] weights for this call
-                (default: the constructor's preference).
+            preference: ``linear`` or ``pama``: [N] or per-sample [B, N] preference for this
+                call (default: the constructor's). With a batch-level ``pama`` granularity,
+                pass the same one to ``accumulate``.
         """
         fn = "PAMA.loss"
         self._check_n(fn, advantages)
         if shared is not None and self.combiner != "mgda_ub":
             raise ValueError(f"{fn}: `shared` is for combiner='mgda_ub', not {self.combiner!r}")
-        if preference is not None and self.combiner != "linear":
-            raise ValueError(f"{fn}: `preference` is for combiner='linear', not {self.combiner!r}")
+        if preference is not None and self.combiner not in ("linear", "pama"):
+            raise ValueError(f"{fn}: `preference` is for combiner='linear' or 'pama', not {self.combiner!r}")
         if self.combiner == "pama":
-            return self._loss_pama(logp, old_logp, advantages, mask)
+            return self._loss_pama(logp, old_logp, self._pama_advantages(fn, advantages, preference), mask)
         if self.combiner == "linear":
             return self._loss_linear(logp, old_logp, advantages, mask, preference)
         return self._loss_mgda(logp, old_logp, advantages, mask, shared)

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .loss import default_chunk_size, logp_loss
 from .op import fused_linear_logp_op, fused_linear_pama_token_op
-from .validation import PAMA_LOSS_KEYWORDS, check_inputs, check_logp_inputs, check_options
+from ..preference import check_preference, scale_advantages
+from .validation import FN, PAMA_LOSS_KEYWORDS, check_inputs, check_logp_inputs, check_options
 
 __all__ = [
     "fused_linear_pama_loss",
@@ -54,6 +55,10 @@ def fused_linear_pama_loss_and_logp(
     (detached, float32 or float64): for logging and the next epoch's ``old_logp``, no second pass."""
     opt = check_options(pama_loss_keywords, temperature, kl_coef, chunk_size)
     x = check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, opt.kl_coef, check_ids=False)
+    preference = pama_loss_keywords.get("preference")
+    if preference is not None:  # steerable PAMA is PAMA on the scaled advantages (pama_ext/preference.py)
+        p = check_preference(FN, preference, x.advantages.shape[-1], x.batch, device=x.advantages.device)
+        x = x._replace(advantages=scale_advantages(x.advantages, p))
     targets = targets.to(torch.int64)
     if opt.granularity == "token":
         loss, logp, _, _, _ = fused_linear_pama_token_op(
@@ -101,7 +106,7 @@ def fused_linear_pama_loss(
         chunk_size: rows per chunk (default ``default_chunk_size``: about B*T*H/V rows, a
             power of two, at least 512).
         **pama_loss_keywords: ``clip_eps``, ``granularity``, ``loss_agg``, ``backend``,
-            ``nonfinite``, passed to ``pama_loss`` (``backend`` also picks the per-chunk
+            ``nonfinite``, ``preference``, as in ``pama_loss`` (``backend`` also picks the per-chunk
             log-softmax kernels: Triton for CUDA tensors when installed, else PyTorch).
             ``nonfinite="mask"`` also drops tokens whose logits are not finite (an inf/NaN
             hidden state); their rows get a zero gradient.

@@ -27,7 +27,7 @@ from ..reference import DEFAULT_GRANULARITY
 
 FN = "fused_linear_pama_loss"
 #: the keywords of ``pama_loss`` that ``fused_linear_pama_loss`` passes through
-PAMA_LOSS_KEYWORDS = ("clip_eps", "granularity", "loss_agg", "backend", "nonfinite")
+PAMA_LOSS_KEYWORDS = ("clip_eps", "granularity", "loss_agg", "backend", "nonfinite", "preference")
 
 
 class LossOptions(NamedTuple):
