@@ -25,7 +25,7 @@ def _config(tmp_path, **kw):
         (dict(objective_combiner="mgda"), ["objective_combiner", "'mgda'"]),
         (dict(objective_granularity="tokens"), ["objective_granularity", "'tokens'"]),
         (dict(objective_normalization="std"), ["objective_normalization", "'std'"]),
-        (dict(objective_preference=[0.5, 0.5]), ["objective_preference", "'linear'"]),
+        (dict(objective_preference=[0.5, 0.0]), ["objective_preference", "> 0", "'pama'"]),
         (dict(objective_combiner="linear", objective_granularity="token"), ["objective_granularity", "'pama'"]),
         (dict(objective_combiner="linear", objective_preference=[]), ["objective_preference"]),
         (dict(objective_combiner="linear", objective_preference=[1.0, float("nan")]), ["objective_preference"]),

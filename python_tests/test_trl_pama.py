@@ -160,6 +160,37 @@ def test_linear_preference_reaches_the_loss(tmp_path):
     assert [_logged(trainer, f"objectives/{n}/weight")[0] for n in NAMES] == pytest.approx(pref)
 
 
+def test_pama_preference_scales_the_advantages_that_reach_the_loss(tmp_path):
+    # steerable PAMA: the trainer's advantages are the group-normalised ones scaled by
+    # p_max / p_i, and its loss is pama_ext's loss with that preference
+    pref = [0.5, 0.3, 0.2]
+    trainer = _trainer(tmp_path, objective_preference=pref, loss_type="bnpo", max_steps=1)
+    seen = []
+    calc, gen = trainer._calculate_rewards, trainer._generate_and_score_completions
+
+    def rewards(*a, **k):
+        r = calc(*a, **k)
+        seen.append(r.clone())
+        return r
+
+    def generate(inputs):
+        out = gen(inputs)
+        seen.append(out["advantages"].clone())
+        return out
+
+    trainer._calculate_rewards, trainer._generate_and_score_completions = rewards, generate
+    losses = _record_losses(
+        trainer,
+        lambda logp, mb: pama_ext.pama_loss(logp, logp, mb["advantages"], mb["completion_mask"], clip_eps=0.2),
+    )
+    trainer.train()
+    raw = per_objective_advantages(seen[0], 4, "group")
+    torch.testing.assert_close(seen[1], raw * torch.tensor([1.0, 5 / 3, 2.5]))
+    assert losses
+    for got, want in losses:
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
 def test_linear_default_preference_is_uniform(tmp_path):
     trainer = _trainer(tmp_path, reward_funcs=REWARDS[:2], objective_combiner="linear", max_steps=1)
     trainer.train()

@@ -42,7 +42,10 @@ class PAMAGRPOConfig(GRPOConfig):
             (`pama_ext.statistics.STATISTICS_GRANULARITIES`) are solved once per optimizer step
             over all its micro-batches and all processes. `"pama"` only.
         objective_preference (`list[float]` or `None`, defaults to uniform):
-            `"linear"` only: one weight per reward function, used as given.
+            one weight per reward function. `"linear"`: the weights of the sum, used as given.
+            `"pama"`: steers PAMA's Pareto point towards the preferred objectives (every
+            entry > 0; PAMA on the advantages scaled by `p_max / p_i`, see
+            `pama_ext/preference.py`); uniform is plain PAMA.
         objective_normalization (`str` or `None`, defaults to `scale_rewards`):
             how each reward function's rewards become its advantage: minus the group mean,
             divided by the group's std (`"group"`), the whole generation batch's std
@@ -69,7 +72,7 @@ class PAMAGRPOConfig(GRPOConfig):
     )
     objective_preference: Optional[List[float]] = field(
         default=None,
-        metadata={"help": "objective_combiner='linear': one weight per reward function (default uniform)."},
+        metadata={"help": "One weight per reward function (default uniform): linear's weights, or pama's steering."},
     )
     objective_normalization: Optional[str] = field(
         default=None,
@@ -101,11 +104,6 @@ def _check_objective_settings(args) -> None:
             f"PAMAGRPOConfig: objective_combiner must be one of {list(COMBINERS)}, got {args.objective_combiner!r}"
         )
     if args.objective_combiner == "pama":
-        if args.objective_preference is not None:
-            raise ValueError(
-                "PAMAGRPOConfig: objective_preference is for objective_combiner='linear'; "
-                "objective_combiner='pama' solves for the weights"
-            )
         if args.objective_granularity is None:
             args.objective_granularity = pama_ext.DEFAULT_GRANULARITY
         if args.objective_granularity not in pama_ext.GRANULARITIES:
@@ -113,19 +111,24 @@ def _check_objective_settings(args) -> None:
                 f"PAMAGRPOConfig: objective_granularity must be one of {list(pama_ext.GRANULARITIES)}, "
                 f"got {args.objective_granularity!r}"
             )
-    else:
-        if args.objective_granularity is not None:
+    elif args.objective_granularity is not None:
+        raise ValueError(
+            "PAMAGRPOConfig: objective_granularity applies to objective_combiner='pama' only, "
+            f"not {args.objective_combiner!r} (leave it unset)"
+        )
+    if args.objective_preference is not None:
+        pref = list(args.objective_preference)
+        if not pref or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in pref):
             raise ValueError(
-                "PAMAGRPOConfig: objective_granularity applies to objective_combiner='pama' only, "
-                f"not {args.objective_combiner!r} (leave it unset)"
+                f"PAMAGRPOConfig: objective_preference must be a non-empty list of finite numbers, got {pref!r}"
             )
-        if args.objective_preference is not None:
-            pref = list(args.objective_preference)
-            if not pref or not all(isinstance(p, (int, float)) and math.isfinite(p) for p in pref):
-                raise ValueError(
-                    f"PAMAGRPOConfig: objective_preference must be a non-empty list of finite numbers, got {pref!r}"
-                )
-            args.objective_preference = [float(p) for p in pref]
+        if args.objective_combiner == "pama" and min(pref) <= 0:
+            raise ValueError(
+                f"PAMAGRPOConfig: objective_preference must be > 0 for every reward function with "
+                f"objective_combiner='pama' (got {pref!r}): PAMA steers towards the preferred objectives but "
+                "never trades one away; use a small positive share, or objective_combiner='linear' to drop one"
+            )
+        args.objective_preference = [float(p) for p in pref]
     if not isinstance(args.use_fused_linear, bool):
         raise ValueError(f"PAMAGRPOConfig: use_fused_linear must be True or False, got {args.use_fused_linear!r}")
     if args.objective_normalization is None:

@@ -59,6 +59,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from pama_ext.fused_linear import fused_linear_logp_loss
+from pama_ext.preference import scale_advantages
 from pama_ext.statistics import STATISTICS_GRANULARITIES, BatchStatistics, batch_statistics
 
 from .advantages import per_objective_advantages
@@ -288,6 +289,10 @@ class PAMAGRPOTrainer(GRPOTrainer):
         train = self.model.training
         g = self.num_generations if train else self.num_generations_eval
         adv = per_objective_advantages(rewards, g, self.args.objective_normalization)
+        if self.args.objective_combiner == "pama" and self.args.objective_preference is not None:
+            # steerable PAMA is PAMA on the preference-scaled advantages (pama_ext/preference.py):
+            # scaled here, the step statistics, the loss and the metrics all see the same ones
+            adv = scale_advantages(adv, self._pama_preference.to(torch.float64))
         b = output["completion_ids"].shape[0]
         rank = self.accelerator.process_index
         output["advantages"] = adv[rank * b : (rank + 1) * b]  # this process's rows, as TRL slices
