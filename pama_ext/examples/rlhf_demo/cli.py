@@ -24,6 +24,7 @@ import pama_ext
 from . import corpus, report
 from .policy import build_tiny_gpt2, build_tokenizer, load_pretrained, warm_up
 from .ppo import DEFAULT_METHODS, ESTIMATORS, KL_PENALTIES, METHODS, PPOConfig, banned_logits, evaluate, train
+from .steering import RunSpec, analyse_fronts, fronts_table, parse_preferences, steerable
 from .rewards import DEFAULT_OBJECTIVES, OBJECTIVES, build_objectives
 
 EVAL_SEED = 12345  # the held-out evaluation samples with this seed for every method and seed
@@ -58,8 +59,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", default=None, metavar="FILE", help="held-out prompts, one per line")
     p.add_argument("--objectives", type=_csv(str), default=list(DEFAULT_OBJECTIVES),
                    help=f"comma-separated, from {', '.join(OBJECTIVES)} (default: %(default)s)")
-    p.add_argument("--methods", type=_csv(str), default=list(DEFAULT_METHODS),
-                   help=f"comma-separated, from {', '.join(METHODS)} (default: %(default)s)")
+    p.add_argument("--methods", type=_csv(str), default=None,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)}; "
+                   "with --preferences: pama,linear)")
+    p.add_argument("--preferences", default=None, metavar="auto|P;P;...",
+                   help="trace fronts: one run per preference vector per method (pama, pama_<granularity>, linear) "
+                   "and seed; 'auto' = 5 vectors for 2 objectives (0.1/0.9 .. 0.9/0.1), 7 for 3 (uniform, 0.6 on "
+                   "each, 0.4 on each pair); or explicit vectors, e.g. '0.8,0.2;0.5,0.5;0.2,0.8' (each > 0)")
+    p.add_argument("--consistency", action="store_true",
+                   help="also run each method with reward consistency sampling (train only on the responses whose "
+                   "scores are above their baseline on every objective or below it on every one), as <method>+consistency")
     p.add_argument("--estimator", default="gae", choices=ESTIMATORS,
                    help="advantages: gae (per-token GAE on N value heads, KL penalty in the reward; PPO as the spec "
                    "writes it) or grpo (--group-size samples per prompt, each objective normalised within its group, "
@@ -116,9 +125,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--seeds: give at least one seed")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {args.seeds} repeats a seed")
+    if args.methods is None:
+        args.methods = ["pama", "linear"] if args.preferences is not None else list(DEFAULT_METHODS)
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         p.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.preferences is not None:
+        fixed = [m for m in args.methods if not steerable(m)]
+        if fixed:
+            p.error(f"--preferences: {fixed} take no preference; steerable methods: pama, pama_<granularity>, linear")
+        n_obj = len(args.objectives) + (1 if args.reward_model is not None and "reward_model" not in args.objectives else 0)
+        try:
+            args.preference_list = [list(x) for x in parse_preferences(args.preferences, n_obj)]
+        except ValueError as exc:
+            p.error(str(exc))
+    else:
+        args.preference_list = None
     if args.reward_model is not None and "reward_model" not in args.objectives:
         args.objectives = list(args.objectives) + ["reward_model"]
     if args.model is not None and args.dtype != "float32" and args.device == "cpu":
@@ -200,11 +222,14 @@ class Context:
         return evaluate(model, self.tokenizer, self.objectives, self.held_prompts, a.eval_samples, EVAL_SEED,
                         a.max_new_tokens, self.banned)
 
-    def run(self, method: str, seed: int, initial: List[float], on_step=None) -> dict:
+    def run(self, spec: RunSpec, initial: List[float], on_step=None) -> dict:
         t = time.perf_counter()
-        run = train(method, seed, self.model, self.tokenizer, self.objectives, self.train_prompts, self.evaluate,
-                    self.cfg, self.args.steps, self.args.eval_every, self.device, on_step=on_step, initial_eval=initial)
+        run = train(spec.method, spec.seed, self.model, self.tokenizer, self.objectives, self.train_prompts,
+                    self.evaluate, self.cfg, self.args.steps, self.args.eval_every, self.device, on_step=on_step,
+                    initial_eval=initial, preference=spec.preference, consistency=spec.consistency)
         run["seconds"] = time.perf_counter() - t
+        # the report groups seeds by "method": the label says which preference and variant
+        run.update(method=spec.label, base_method=spec.method, family=spec.family)
         return run
 
 
@@ -264,26 +289,26 @@ def _worker_init(args, model_dir: str, device: str) -> None:
     _WORKER = make_context(args, dev, model.eval(), tokenizer)
 
 
-def _worker_run(method: str, seed: int, initial: List[float], events) -> dict:
-    return _WORKER.run(method, seed, initial, on_step=lambda rec: events.put((method, seed, rec["rewards"])))
+def _worker_run(spec: RunSpec, initial: List[float], events) -> dict:
+    return _WORKER.run(spec, initial, on_step=lambda rec: events.put((spec, rec["rewards"])))
 
 
-def run_all(ctx: Context, jobs, initial, model_dir: Optional[str], workers: int, bar) -> List[dict]:
-    """Every (method, seed) run, in this process or in ``workers`` processes; the runs are
-    returned in ``jobs`` order, and their results do not depend on ``workers`` (each run
-    seeds its own generators)."""
+def run_all(ctx: Context, jobs: Sequence[RunSpec], initial, model_dir: Optional[str], workers: int, bar) -> List[dict]:
+    """Every run, in this process or in ``workers`` processes; the runs are returned in
+    ``jobs`` order, and their results do not depend on ``workers`` (each run seeds its own
+    generators)."""
     names = ctx.names
     steps_done = {job: 0 for job in jobs}
 
-    def show(method, seed, rewards):
-        steps_done[(method, seed)] += 1
+    def show(spec, rewards):
+        steps_done[spec] += 1
         finished = sum(n == ctx.args.steps for n in steps_done.values())
         bar.update(1)
         bar.set_description(f"runs {finished}/{len(jobs)} done")
-        bar.set_postfix_str(f"{method} seed {seed}: " + " ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rewards)))
+        bar.set_postfix_str(f"{spec.label} seed {spec.seed}: " + " ".join(f"{n[:4]} {v:.2f}" for n, v in zip(names, rewards)))
 
     if workers <= 1 or len(jobs) <= 1:
-        return [ctx.run(m, s, initial, on_step=lambda rec, m=m, s=s: show(m, s, rec["rewards"])) for m, s in jobs]
+        return [ctx.run(j, initial, on_step=lambda rec, j=j: show(j, rec["rewards"])) for j in jobs]
     import multiprocessing as mp
     import queue as queue_mod
     from concurrent.futures import ProcessPoolExecutor
@@ -293,7 +318,7 @@ def run_all(ctx: Context, jobs, initial, model_dir: Optional[str], workers: int,
         events = manager.Queue()
         with ProcessPoolExecutor(workers, mp_context=mpc, initializer=_worker_init,
                                  initargs=(ctx.args, model_dir, str(ctx.device))) as pool:
-            futures = [pool.submit(_worker_run, m, s, initial, events) for m, s in jobs]
+            futures = [pool.submit(_worker_run, j, initial, events) for j in jobs]
             pending = set(futures)
             while pending:
                 try:
@@ -327,14 +352,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    jobs = [(m, s) for s in args.seeds for m in args.methods]
+    prefs = args.preference_list or [None]
+    variants = (False, True) if args.consistency else (False,)
+    jobs = [RunSpec(m, s, None if p is None else tuple(p), c)
+            for s in args.seeds for m in args.methods for p in prefs for c in variants]
     workers = resolve_workers(args.workers, device, len(jobs), args.threads)
     try:
         model, tokenizer, warm = initial_policy(args, device, log)
         ctx = make_context(args, device, model, tokenizer)
         initial, initial_samples = ctx.evaluate(model)
         log("objectives: " + "; ".join(f"{o.name} = {o.description}" for o in ctx.objectives))
-        log(f"methods {args.methods} x seeds {args.seeds}, {args.steps} PPO steps each "
+        if args.preference_list:
+            log(f"preferences ({len(args.preference_list)} per method): "
+                + "; ".join("/".join(f"{x:.3g}" for x in p) for p in args.preference_list))
+        log(f"methods {args.methods}{' (each also +consistency)' if args.consistency else ''} x seeds {args.seeds}, "
+            f"{args.steps} PPO steps each "
             f"({args.batch} responses, {args.epochs} epochs, lr {args.lr:g}, {_estimator_text(args)}); "
             f"held-out: {len(ctx.held_prompts)} prompts x {args.eval_samples} samples; device {device}, "
             f"{workers} worker(s), pama_ext backends {pama_ext.available_backends()}")
@@ -353,12 +385,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         config["warm_up"] = {"first_loss": warm["losses"][0] if warm["losses"] else None,
                              "last_loss": warm["losses"][-1] if warm["losses"] else None, "saved": warm["saved"]}
     summary = report.summarize(names, [o.lower for o in ctx.objectives], initial, runs, config)
+    if args.preference_list:
+        summary["fronts"] = analyse_fronts(names, summary["reference_point"], summary["runs"])
     summary["initial"]["samples"] = initial_samples[:: max(1, len(initial_samples) // 8)][:8]
     paths = report.write_all(out, summary, runs)
     log("")
     log(f"held-out mean rewards, median over seeds {args.seeds} (reference point for the hypervolume: "
         f"{[round(x, 3) for x in summary['reference_point']]}):")
     log(report.table(summary))
+    if summary.get("fronts"):
+        log("\nfronts traced with the preferences, medians over seeds (front HV: hypervolume of each seed's "
+            "non-dominated final points; rho: Spearman correlation of preference and final reward per objective; "
+            "wins: seeds whose front HV beats linear's):")
+        log(fronts_table(names, summary["fronts"]))
     log(f"\n{time.perf_counter() - t0:.0f} s; results in {out}/: " + ", ".join(p.name for p in paths.values()))
     return summary
 

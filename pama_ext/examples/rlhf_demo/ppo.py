@@ -30,6 +30,7 @@ from pama_ext.rl import MultiHeadValueModel, group_advantages, per_objective_gae
 
 from .policy import encode_texts, positions
 from .rewards import Objective, score_all
+from .steering import consistency_keep, steerable
 
 # name -> PAMA keyword arguments. "pama": the library's default (pama_ext.PAMA with no
 # granularity given: pama_ext.DEFAULT_GRANULARITY); "pama_<granularity>": PAMA at that
@@ -300,14 +301,21 @@ def train(
     device: torch.device,
     on_step: Optional[Callable[[dict], None]] = None,
     initial_eval: Optional[List[float]] = None,
+    preference: Optional[Sequence[float]] = None,
+    consistency: bool = False,
 ) -> dict:
     """Train a copy of ``initial_model`` with ``method`` for ``steps`` rollouts; return the
     history (train rewards, weights, KL, losses per step; held-out rewards every
     ``eval_every`` steps and at the end) and the final samples. ``initial_eval``: the
     held-out rewards of ``initial_model`` when the caller has them (the evaluation seed is
-    the same for every run, so they are the same for every method and seed)."""
+    the same for every run, so they are the same for every method and seed).
+    ``preference``: ``pama*`` and ``linear`` only: steerable PAMA's or MORLHF's preference.
+    ``consistency``: train only on the responses whose scores agree across objectives
+    (reward consistency sampling, ``steering.consistency_keep``)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if preference is not None and not steerable(method):
+        raise ValueError(f"method {method!r} takes no preference (steerable: pama, pama_<granularity>, linear)")
     if cfg.estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {cfg.estimator!r}; choose from {', '.join(ESTIMATORS)}")
     grpo = cfg.estimator == "grpo"
@@ -326,7 +334,8 @@ def train(
     ref = initial_model.eval()  # the frozen reference: never trained (the policy is a copy), only run under no_grad
     banned = banned_logits(tokenizer, policy.config.vocab_size, device)
     base = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    opt = pama_ext.PAMA(base, num_objectives=n, clip_eps=cfg.clip_eps, backend=cfg.backend, **METHODS[method])
+    opt = pama_ext.PAMA(base, num_objectives=n, clip_eps=cfg.clip_eps, backend=cfg.backend, **METHODS[method],
+                        **({} if preference is None else {"preference": list(preference)}))
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     rng = random.Random(seed)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -369,6 +378,11 @@ def train(
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
                 adv = whiten_per_objective(gae.advantages, mask)
+        kept = None
+        if consistency:  # reward consistency sampling: drop the responses whose objectives disagree
+            keep = consistency_keep(scores, cfg.group_size if grpo else None)
+            kept = float(keep.double().mean())
+            mask = mask & keep[:, None]
         signed_w = None
         if method == "noon_linear":
             adv = adv.clamp_min(0)
@@ -437,6 +451,7 @@ def train(
             **({"kl_loss": float(kl_term.detach())} if kl_in_loss else {}),
             **({} if grpo else {"value_loss": float(vl.detach())}),
             "response_tokens": float(mask.sum(1).float().mean()),
+            **({} if kept is None else {"consistency_kept": kept}),
         }
         history.append(rec)
         examples = None
@@ -445,7 +460,8 @@ def train(
             rec["eval"] = evals[-1]["rewards"]
         if on_step is not None:
             on_step(rec)
-    return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or []}
+    return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or [],
+            "preference": None if preference is None else list(preference), "consistency": consistency}
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:

@@ -166,11 +166,15 @@ def plot_curves(path: Path, summary: dict) -> None:
 
 def plot_front(path: Path, summary: dict) -> None:
     """Final held-out mean rewards of every method and seed, one panel per pair of objectives;
-    the points on the Pareto front of all runs (over all N objectives) are ringed."""
+    the points on the Pareto front of all runs (over all N objectives) are ringed. With
+    preference sweeps (``summary["fronts"]``): each method's traced front instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if summary.get("fronts"):
+        return plot_fronts(path, summary)
 
     names = summary["objectives"]
     methods = list(summary["methods"])
@@ -204,19 +208,58 @@ def plot_front(path: Path, summary: dict) -> None:
     plt.close(fig)
 
 
+def plot_fronts(path: Path, summary: dict) -> None:
+    """Each method's front traced by the preferences: the median final point (over seeds) of
+    every preference, joined in preference order and labelled with it; one panel per pair
+    of objectives; the legend gives the median front hypervolume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = summary["objectives"]
+    fronts = summary["fronts"]
+    colors = _colors(list(fronts))
+    n = len(names)
+    pairs = [(a, b) for a in range(n) for b in range(a + 1, n)] or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.8 * len(pairs), 4.4), squeeze=False)
+    for ax, (a, b) in zip(axes[0], pairs):
+        init = summary["initial"]["rewards"]
+        ax.plot(init[a], init[b], "k*", markersize=11, label="initial policy")
+        for fam, f in fronts.items():
+            pts = f["median_points"]
+            xs = [p[a] for p in pts.values()]
+            ys = [p[b] for p in pts.values()]
+            hv = f["median_front_hypervolume"]
+            ax.plot(xs, ys, "o-", color=colors[fam], markersize=5,
+                    label=f"{fam} (median front HV {hv:.3f})" if hv is not None else fam)
+            for key, p in pts.items():
+                ax.annotate(key, (p[a], p[b]), fontsize=6, color=colors[fam], xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(names[a])
+        ax.set_ylabel(names[b])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle("fronts traced with the preferences: median final held-out point per preference\n(labels: "
+                 "the preference " + "/".join(names) + ")", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def table(summary: dict) -> str:
     """Median over seeds of the final held-out rewards and hypervolume, per method."""
     names = summary["objectives"]
-    head = f"{'method':12s}" + "".join(f"{n:>13s}" for n in names) + f"{'hypervolume':>13s}  seeds"
+    w = max([12] + [len(m) + 1 for m in summary["methods"]])
+    head = f"{'method':{w}s}" + "".join(f"{n:>13s}" for n in names) + f"{'hypervolume':>13s}  seeds"
     lines = [head, "-" * len(head)]
     init = summary["initial"]
     hv = init["hypervolume"]
-    lines.append(f"{'initial':12s}" + "".join(f"{x:13.3f}" for x in init["rewards"]) + (f"{hv:13.4f}" if hv is not None else f"{'-':>13s}"))
+    lines.append(f"{'initial':{w}s}" + "".join(f"{x:13.3f}" for x in init["rewards"]) + (f"{hv:13.4f}" if hv is not None else f"{'-':>13s}"))
     for m, info in summary["methods"].items():
         med = info["median_final"]
         hv = info["median_hypervolume"]
         lines.append(
-            f"{m:12s}" + "".join(f"{med[n]:13.3f}" for n in names) + (f"{hv:13.4f}" if hv is not None else f"{'-':>13s}")
+            f"{m:{w}s}" + "".join(f"{med[n]:13.3f}" for n in names) + (f"{hv:13.4f}" if hv is not None else f"{'-':>13s}")
             + f"  {len(info['seeds'])}"
         )
     return "\n".join(lines)
