@@ -313,6 +313,10 @@ def test_demo_rejects_bad_arguments(tmp_path):
         ["--warmup-steps", "-1"],
         ["--workers", "0"],
         ["--workers", "many"],
+        ["--preferences", "auto", "--methods", "pama,mgda_ub"],  # mgda_ub takes no preference
+        ["--preferences", "0.5,0.5;0.7"],  # 1 entry for 3 objectives
+        ["--preferences", "1,0,0"],  # PAMA never trades an objective away
+        ["--preferences", "a,b,c"],
     ):
         with pytest.raises(SystemExit):
             cli.parse_args(bad)
@@ -342,3 +346,31 @@ def test_fused_linear_demo_matches_unfused(tmp_path, one_thread, estimator):
             assert hb["weights"] == pytest.approx(ha["weights"], abs=1e-5)
         for ea, eb in zip(ra["evals"], rb["evals"]):
             assert eb["rewards"] == pytest.approx(ea["rewards"], abs=1e-6)
+
+
+def test_preference_fronts_and_consistency(tmp_path, one_thread):
+    """``--preferences auto`` trains one run per preference for pama and linear and reports
+    each traced front (hypervolume, rank correlations, wins); ``--consistency`` adds the
+    reward-consistency variants, which train on the responses whose objectives agree."""
+    out, s = _run(tmp_path, "--seeds", "0,1", "--objectives", "sentiment,length", "--preferences",
+                  "0.2,0.8;1,1;0.8,0.2", "--consistency", "--steps", "1", "--eval-every", "1")
+    prefs = ["0.2/0.8", "0.5/0.5", "0.8/0.2"]
+    labels = [f"{m}@{p}{c}" for m in ("pama", "linear") for p in prefs for c in ("", "+consistency")]
+    assert set(s["methods"]) == set(labels)
+    assert {r["family"] for r in s["runs"]} == {"pama", "pama+consistency", "linear", "linear+consistency"}
+    for r in s["runs"]:
+        assert r["preference"] is not None and abs(sum(r["preference"]) - 1) < 1e-12
+        assert ("consistency_kept" in r["history"][0]) == r["consistency"]
+        if r["consistency"]:
+            assert 0.0 <= r["history"][0]["consistency_kept"] <= 1.0
+    fronts = s["fronts"]
+    assert set(fronts) == {"pama", "pama+consistency", "linear", "linear+consistency"}
+    for fam, f in fronts.items():
+        assert list(f["median_points"]) == prefs[::-1]  # the first objective's share, largest first
+        assert set(f["per_seed"]) == {0, 1}
+        for v in f["per_seed"].values():
+            assert v["front_hypervolume"] is not None and v["front_hypervolume"] >= 0
+            assert all(r is None or -1 <= r <= 1 for r in v["spearman"])
+    assert fronts["pama"]["seeds_compared"] == 2 and 0 <= fronts["pama"]["front_hv_wins_vs_linear"] <= 2
+    data = (out / "pareto_front.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
