@@ -11,8 +11,9 @@ today's PAMA, bit for bit. Why this steers, and what it keeps:
 * ``token`` (Theorem 1 per token): ``s_t = min_i A'_i`` over the objectives that do not
   abstain. This is the weighted-Chebyshev form of Theorem 1. The least preferred
   objectives are relaxed by ``p_max / p_i >= 1``, so the bottleneck is more often a
-  preferred objective, at its own scale. On the Pareto front the solutions of
-  ``max min_i f_i / p_i`` have gains in proportion to ``p``.
+  preferred objective, at its own scale. Unlike a weighted sum (MORLHF's steering), the
+  Chebyshev scalarisation ``max min_i f_i / p_i`` reaches every Pareto-optimal point, also
+  on non-convex parts of the front.
 * ``batch`` / ``sequence_gram`` (the min-norm point of a Gram): scaling an objective's
   vector up lowers its min-norm weight. For two orthogonal objectives the min-norm point
   of ``{v_1 p_max/p_1, v_2 p_max/p_2}`` is proportional to ``p_1 v_1 + p_2 v_2``, the
