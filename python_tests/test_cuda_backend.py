@@ -309,3 +309,22 @@ def test_runtime_n_bitwise_deterministic(n, per_sequence):
         for o in outs[1:]:
             for a, b in zip(o, outs[0]):
                 assert torch.equal(a, b), gran
+
+
+@pytest.mark.parametrize("gran", GRANS)
+def test_preference_is_the_contract_on_scaled_advantages(gran):
+    # steerable PAMA on the CUDA kernels: the float64 reference on the scaled advantages
+    from pama_ext.preference import scale_advantages
+
+    x = make_inputs(4, 37, 3, dtype=torch.float32, seed=41, mask_kind="ragged")
+    pref = torch.tensor([0.6, 0.3, 0.1])
+    xc = _cuda(x)
+    lp = xc.logp.clone().requires_grad_(True)
+    loss = pama_ext.pama_loss(lp, xc.old_logp, xc.advantages, xc.mask, granularity=gran, backend="cuda", preference=pref)
+    (grad,) = torch.autograd.grad(loss, lp)
+    xs = upcast(x)
+    lp0 = xs.logp.clone().requires_grad_(True)
+    want = reference.pama_loss(lp0, xs.old_logp, scale_advantages(xs.advantages, pref.double()), xs.mask, 0.2, gran)
+    (gwant,) = torch.autograd.grad(want, lp0)
+    assert_close_rel(loss.cpu().double(), want, TOLS[torch.float32][0], msg="loss")
+    assert_close_rel(grad.cpu().double(), gwant, TOLS[torch.float32][1], msg="grad")

@@ -491,3 +491,31 @@ if os.environ.get("PAMA_TRITON_TEST_LARGE") == "1":  # GPU-only: realistic sizes
         B, T, N = case
         x = make_inputs(B, T, N, F32, mask_kind="ragged", seed=B + T + N)
         check_case(x, granularity, AGGS[N % 2])
+
+
+@pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["pref_N", "pref_BN"])
+def test_preference_is_the_contract_on_scaled_advantages(granularity, per_sample):
+    # steerable PAMA (pama_ext/preference.py): the Triton backend with a preference equals the
+    # float64 reference on the advantages scaled by p_max / p_i; uniform is plain PAMA exactly
+    from pama_ext.preference import scale_advantages
+
+    x = make_inputs(3, 11, 3, dtype=F32, seed=31, mask_kind="ragged")
+    pref = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]) if per_sample else torch.tensor([0.6, 0.3, 0.1])
+    xd = to_dev(x)
+    lp = leaf(xd.logp)
+    loss = pama_ext.pama_loss(lp, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton",
+                              preference=pref.to(DEVICE))
+    (grad,) = torch.autograd.grad(loss, lp)
+    xs = upcast(x)
+    scaled = scale_advantages(xs.advantages, pref.to(torch.float64))
+    lp0 = leaf(xs.logp)
+    want = reference.pama_loss(lp0, xs.old_logp, scaled, xs.mask, EPS, granularity)
+    (gwant,) = torch.autograd.grad(want, lp0)
+    assert_close_rel(loss.cpu().double(), want, TOLS[F32][0], msg="loss")
+    assert_close_rel(grad.cpu().double(), gwant, TOLS[F32][1], msg="grad")
+    lp1, lp2 = leaf(xd.logp), leaf(xd.logp)
+    plain = pama_ext.pama_loss(lp1, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton")
+    uniform = pama_ext.pama_loss(lp2, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton",
+                                 preference=[1.0, 1.0, 1.0])
+    assert torch.equal(plain, uniform)
