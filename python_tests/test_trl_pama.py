@@ -39,6 +39,25 @@ def _trainer(tmp_path, reward_funcs=REWARDS, **config):
     )
 
 
+def _record_rewards_and_advantages(trainer):
+    """Wrap the rewards and the generation: record [rewards, advantages] of each generation."""
+    seen = []
+    calc, gen = trainer._calculate_rewards, trainer._generate_and_score_completions
+
+    def rewards(*a, **k):
+        r = calc(*a, **k)
+        seen.append(r.clone())
+        return r
+
+    def generate(inputs):
+        out = gen(inputs)
+        seen.append(out["advantages"].clone())
+        return out
+
+    trainer._calculate_rewards, trainer._generate_and_score_completions = rewards, generate
+    return seen
+
+
 def _record_step_weights(trainer):
     """Wrap the step solve: record (weights, the step's micro-batches, their current logp)."""
     seen = []
@@ -165,20 +184,7 @@ def test_pama_preference_scales_the_advantages_that_reach_the_loss(tmp_path):
     # p_max / p_i, and its loss is pama_ext's loss with that preference
     pref = [0.5, 0.3, 0.2]
     trainer = _trainer(tmp_path, objective_preference=pref, loss_type="bnpo", max_steps=1)
-    seen = []
-    calc, gen = trainer._calculate_rewards, trainer._generate_and_score_completions
-
-    def rewards(*a, **k):
-        r = calc(*a, **k)
-        seen.append(r.clone())
-        return r
-
-    def generate(inputs):
-        out = gen(inputs)
-        seen.append(out["advantages"].clone())
-        return out
-
-    trainer._calculate_rewards, trainer._generate_and_score_completions = rewards, generate
+    seen = _record_rewards_and_advantages(trainer)
     losses = _record_losses(
         trainer,
         lambda logp, mb: pama_ext.pama_loss(logp, logp, mb["advantages"], mb["completion_mask"], clip_eps=0.2),
@@ -200,20 +206,7 @@ def test_linear_default_preference_is_uniform(tmp_path):
 @pytest.mark.parametrize("normalization", ["group", "batch", "none"])
 def test_normalization_reaches_the_advantages(normalization, tmp_path):
     trainer = _trainer(tmp_path, objective_normalization=normalization, max_steps=1)
-    seen = []
-    calc, gen = trainer._calculate_rewards, trainer._generate_and_score_completions
-
-    def rewards(*a, **k):
-        r = calc(*a, **k)
-        seen.append(r.clone())
-        return r
-
-    def generate(inputs):
-        out = gen(inputs)
-        seen.append(out["advantages"].clone())
-        return out
-
-    trainer._calculate_rewards, trainer._generate_and_score_completions = rewards, generate
+    seen = _record_rewards_and_advantages(trainer)
     trainer.train()
     r, adv = seen[0], seen[1]
     grouped = r.view(-1, 4, r.shape[1])

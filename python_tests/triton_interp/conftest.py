@@ -26,6 +26,14 @@ import pytest
 
 DEVICE = os.environ.get("PAMA_TRITON_TEST_DEVICE", "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the kernels run on CPU tensors only through the interpreter: refuse before any test module
+# imports Triton without it (a compiled launch on a CPU tensor would fail obscurely)
+if DEVICE == "cpu" and not INTERPRET:
+    raise RuntimeError(
+        "these tests run the Triton kernels on CPU tensors through Triton's interpreter: set "
+        "TRITON_INTERPRET=1 (python_tests/test_triton_interpreter.py does), or "
+        "PAMA_TRITON_TEST_DEVICE=cuda on a GPU machine"
+    )
 
 _spec = importlib.util.spec_from_file_location("pama_tests_common", Path(__file__).resolve().parent.parent / "conftest.py")
 _common = importlib.util.module_from_spec(_spec)
