@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from pama_ext.examples.rlhf_demo import report as report_mod
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -103,7 +104,7 @@ def report() -> None:
             data[f"{key}_fronts"] = {"objectives": s["objectives"], "fronts": s["fronts"], "initial": s["initial"],
                                      "config": {k: s["config"][k] for k in ("seeds", "steps", "estimator", "preference_list")}}
             lines += fronts_section(f"Fronts, {title}", s)
-            shutil.copy(RUNS / f"{key}_fronts" / "pareto_front.png", HERE / "results" / f"steering_{key}.png")
+            report_mod.plot_fronts(HERE / "results" / f"steering_{key}.png", s)
         if c.exists():
             s = json.loads(c.read_text())
             data[f"{key}_consistency"] = {"objectives": s["objectives"], "methods": {

@@ -239,8 +239,8 @@ def plot_fronts(path: Path, summary: dict) -> None:
         ax.set_ylabel(names[b])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle("fronts traced with the preferences: median final held-out point per preference\n(labels: "
-                 "the preference " + "/".join(names) + ")", fontsize=9)
+    fig.suptitle("fronts traced with the preferences\nmedian final held-out point per preference\n"
+                 "label: preference " + "/".join(names), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
