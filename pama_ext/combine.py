@@ -211,6 +211,13 @@ def weighted_noon_loss_and_stats(
     check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
     x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
     w = _check_weights(fn, weights, x)
+    return fixed_weights_loss_of(x, w, clip_eps, loss_agg, signed, normalizer, nonfinite, fn)
+
+
+def fixed_weights_loss_of(x: LossInputs, w: Tensor, clip_eps: float, loss_agg: str, signed: bool = False,
+                          normalizer=None, nonfinite: str = "raise", fn: str = "weighted_noon_loss"):
+    """``weighted_noon_loss_and_stats`` on inputs already validated (``check_loss_inputs``,
+    ``_check_weights``): the entry for callers that validated once (``PAMA``)."""
     with torch.autocast(x.logp.device.type, enabled=False):
         valid = _valid_tokens(x, nonfinite, fn)
         row_scale = row_scale_of(valid, loss_agg, normalizer)

@@ -19,6 +19,7 @@ from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
     NONFINITE_MODES,
+    LossInputs,
     check_choice,
     check_clip_eps,
     check_gram,
@@ -81,6 +82,13 @@ def pama_loss_and_stats(
     fn = "pama_loss"
     clip_eps = _check_common(fn, clip_eps, granularity, loss_agg, nonfinite)
     x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
+    return loss_and_stats_of(x, clip_eps, granularity, loss_agg, backend, nonfinite, fn)
+
+
+def loss_and_stats_of(x: LossInputs, clip_eps: float, granularity: str, loss_agg: str, backend: str,
+                      nonfinite: str, fn: str = "pama_loss"):
+    """``pama_loss_and_stats`` on inputs already validated (``check_loss_inputs``) and
+    options already checked: the entry for callers that validated once (``PAMA``)."""
     backend = _backends.resolve(fn, backend, x.logp.device)
     check = nonfinite == "raise"
     if backend == "torch":
@@ -179,6 +187,11 @@ def pama_weights(
     fn = "pama_weights"
     clip_eps = _check_common(fn, clip_eps, granularity)
     x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
+    return weights_of(x, clip_eps, granularity, backend, fn)
+
+
+def weights_of(x: LossInputs, clip_eps: float, granularity: str, backend: str = "auto", fn: str = "pama_weights"):
+    """``pama_weights`` on inputs already validated (``check_loss_inputs``)."""
     backend = _backends.resolve(fn, backend, x.logp.device)
     with torch.no_grad():
         if granularity == "token" or backend == "torch":

@@ -131,20 +131,21 @@ from ._validation import (
     LOSS_AGGS,
     MAX_OBJECTIVES,
     NONFINITE_MODES,
+    LossInputs,
     check_choice,
     check_clip_eps,
     check_loss_inputs,
 )
 from .combine import (
     _combine,
+    fixed_weights_loss_of,
     mgda_solve,
     mgda_ub_solve,
     per_objective_logp_grads,
     row_scale_of,
-    weighted_noon_loss_and_stats,
 )
 from .distributed import is_distributed
-from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, _valid_tokens, batch_statistics
+from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, _valid_tokens, statistics_of
 from .preference import check_preference, scale_advantages
 
 __all__ = ["PAMA", "PAMADiagnostics", "COMBINERS"]
@@ -181,12 +182,6 @@ def _diagnostics(masked: Tensor, clipped: Tensor, zero: Tensor, objective, kkt) 
 
 def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _acc_of(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> torch.dtype:
-    """The accumulation dtype of the inputs once promoted to one dtype (as the ops see them)."""
-    dtype = torch.promote_types(torch.promote_types(logp.dtype, old_logp.dtype), advantages.dtype)
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _shared_with_base(name: str) -> property:
@@ -397,21 +392,16 @@ class PAMA(Optimizer):
         ``accumulate`` starts a new step's accumulation. ``preference``: as in ``loss`` (pass
         the same one to both).
         """
-        self._check_n("PAMA.accumulate", advantages)
+        fn = "PAMA.accumulate"
+        self._check_n(fn, advantages)
         if not self._needs_statistics:
             return
-        advantages = self._pama_advantages("PAMA.accumulate", advantages, preference)
+        # validated once here; the statistics pass trusts it
+        x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
+        x = x._replace(advantages=self._pama_advantages(fn, x.advantages, preference))
         if self._pinned is not None:
             self.reset_accumulation()
-        st = batch_statistics(
-            logp.detach(),
-            old_logp,
-            advantages,
-            mask,
-            clip_eps=self.clip_eps,
-            granularity=self.granularity,
-            nonfinite=self.nonfinite,
-        )
+        st = statistics_of(x, self.clip_eps, self.granularity, self.nonfinite, fn)
         if self._accumulated is None:
             self._accumulated = st
         else:
@@ -473,63 +463,40 @@ class PAMA(Optimizer):
             raise ValueError(f"{fn}: `shared` is for combiner='mgda_ub', not {self.combiner!r}")
         if preference is not None and self.combiner not in ("linear", "pama"):
             raise ValueError(f"{fn}: `preference` is for combiner='linear' or 'pama', not {self.combiner!r}")
+        # validated once, where the call enters; everything below trusts ``x``
+        x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
         if self.combiner == "pama":
-            return self._loss_pama(logp, old_logp, self._pama_advantages(fn, advantages, preference), mask)
+            return self._loss_pama(x._replace(advantages=self._pama_advantages(fn, x.advantages, preference)))
         if self.combiner == "linear":
-            return self._loss_linear(logp, old_logp, advantages, mask, preference)
-        return self._loss_mgda(logp, old_logp, advantages, mask, shared)
+            return self._loss_linear(x, preference)
+        return self._loss_mgda(x, shared)
 
-    def _fixed_loss(self, logp, old_logp, advantages, mask, weights: Tensor, signed: bool = False):
-        return weighted_noon_loss_and_stats(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            weights,
-            clip_eps=self.clip_eps,
-            loss_agg=self.loss_agg,
-            signed=signed,
-            nonfinite=self.nonfinite,
-        )
+    def _fixed_loss(self, x: LossInputs, weights: Tensor, signed: bool = False):
+        w = weights.detach().to(device=x.logp.device).contiguous()
+        return fixed_weights_loss_of(x, w, self.clip_eps, self.loss_agg, signed, None, self.nonfinite, "PAMA.loss")
 
-    def _loss_pama(self, logp, old_logp, advantages, mask) -> Tensor:
-        acc = _acc_of(logp, old_logp, advantages)
+    def _loss_pama(self, x: LossInputs) -> Tensor:
+        fn = "PAMA.loss"
+        acc = _acc_dtype(x.logp)
         sol = None
         if self._needs_statistics:
             if self._pinned is not None or self._accumulated is not None:  # this step's weights
                 self.solve()
                 sol = self._pinned
             elif self._sync():  # distributed, no accumulation: this batch's global statistics
-                st = batch_statistics(
-                    logp.detach(),
-                    old_logp,
-                    advantages,
-                    mask,
-                    clip_eps=self.clip_eps,
-                    granularity=self.granularity,
-                    nonfinite=self.nonfinite,
-                )
+                st = statistics_of(x, self.clip_eps, self.granularity, self.nonfinite, fn)
                 sol = st.all_reduce(self.process_group).solve(self.granularity)
         if sol is not None:
-            w = sol.weights.to(device=logp.device, dtype=acc)
-            loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w)
+            w = sol.weights.to(device=x.logp.device, dtype=acc)
+            loss, st = self._fixed_loss(x, w)
             self._last_weights = w
             self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
             return loss
-        with torch.autocast(logp.device.type, enabled=False):  # the op's precision is its own
-            loss, info = functional.pama_loss_and_stats(
-                logp,
-                old_logp,
-                advantages,
-                mask,
-                clip_eps=self.clip_eps,
-                granularity=self.granularity,
-                loss_agg=self.loss_agg,
-                backend=self.backend,
-                nonfinite=self.nonfinite,
+        with torch.autocast(x.logp.device.type, enabled=False):  # the op's precision is its own
+            loss, info = functional.loss_and_stats_of(
+                x, self.clip_eps, self.granularity, self.loss_agg, self.backend, self.nonfinite, fn
             )
-        fn = "PAMA.loss"
-        x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
+        x = x._replace(logp=x.logp.detach())  # the diagnostics below need no graph
         with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
             # with nonfinite="raise" the op has checked that every masked token is finite
             valid = x.mask if self.nonfinite == "raise" else _valid_tokens(x, "mask", fn)
@@ -544,34 +511,31 @@ class PAMA(Optimizer):
         stats = info.stats
         self._last_stats = _diagnostics(stats[0], stats[1], zero, stats[5], stats[6])
         if self.granularity == "token":
-            self._last_weights = lambda: functional.pama_weights(
-                x.logp, x.old_logp, x.advantages, x.mask, clip_eps=self.clip_eps, granularity="token"
-            )
+            self._last_weights = lambda: functional.weights_of(x, self.clip_eps, "token")
         else:
             self._last_weights = info.weights
         return loss
 
-    def _loss_linear(self, logp, old_logp, advantages, mask, preference) -> Tensor:
+    def _loss_linear(self, x: LossInputs, preference) -> Tensor:
         if preference is None:
             w = self.preference
         else:
-            w = self._check_preference("PAMA.loss", preference, per_sample_ok=True, batch=logp.shape[0])
-        w = w.to(device=logp.device, dtype=_acc_of(logp, old_logp, advantages))
-        loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w, signed=True)
+            w = self._check_preference("PAMA.loss", preference, per_sample_ok=True, batch=x.logp.shape[0])
+        w = w.to(device=x.logp.device, dtype=_acc_dtype(x.logp))
+        loss, st = self._fixed_loss(x, w, signed=True)
         self._last_weights = w
         self._last_stats = _diagnostics(st[0], st[1], st[2], None, None)
         return loss
 
-    def _loss_mgda(self, logp, old_logp, advantages, mask, shared) -> Tensor:
+    def _loss_mgda(self, x: LossInputs, shared) -> Tensor:
         fn = "PAMA.loss"
         if self.combiner == "mgda_ub" and shared is None:
             raise ValueError(
                 f"{fn}: combiner='mgda_ub' needs `shared=`: a tensor the policy computed on the way to "
                 "`logp` that requires grad (e.g. the last hidden states)"
             )
-        if not logp.requires_grad:
+        if not x.logp.requires_grad:
             raise ValueError(f"{fn}: combiner={self.combiner!r} needs `logp` with a graph (requires_grad)")
-        x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
         with torch.autocast(x.logp.device.type, enabled=False):
             valid = _valid_tokens(x, self.nonfinite, fn)
             row_scale = row_scale_of(valid, self.loss_agg)
@@ -581,8 +545,8 @@ class PAMA(Optimizer):
             else:
                 params = [p for group in self.param_groups for p in group["params"]]
                 sol = mgda_solve(x.logp, params, grads, self.process_group, self.sync_statistics)
-        w = sol.weights.to(device=logp.device, dtype=_acc_dtype(x.logp))
-        loss, st = self._fixed_loss(logp, old_logp, advantages, mask, w)
+        w = sol.weights.to(device=x.logp.device, dtype=_acc_dtype(x.logp))
+        loss, st = self._fixed_loss(x, w)
         self._last_weights = w
         self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
         return loss

@@ -232,8 +232,15 @@ def batch_statistics(
     check_choice(fn, "granularity", granularity, STATISTICS_GRANULARITIES)
     check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
     x = check_loss_inputs(fn, logp.detach(), old_logp, advantages, mask)
+    return statistics_of(x, clip_eps, granularity, nonfinite, fn)
+
+
+@torch.no_grad()
+def statistics_of(x, clip_eps: float, granularity: str, nonfinite: str, fn: str = "batch_statistics") -> BatchStatistics:
+    """``batch_statistics`` on inputs already validated (``check_loss_inputs``): the entry
+    for callers that validated once (``PAMA``). ``x.logp`` may carry a graph; it is not used."""
     with torch.autocast(x.logp.device.type, enabled=False):
-        return _batch_statistics(x, clip_eps, granularity, nonfinite, fn)
+        return _batch_statistics(x._replace(logp=x.logp.detach()), clip_eps, granularity, nonfinite, fn)
 
 
 # Below this many multiply-adds a Gram is summed elementwise instead of by a BLAS GEMM: a

@@ -174,8 +174,10 @@ def test_validation_errors():
         pama_ext.PAMA(base, 2, combiner="nope")
     with pytest.raises(ValueError, match="unknown granularity"):
         pama_ext.PAMA(base, 2, granularity="nope")
-    with pytest.raises(ValueError, match="`preference` is for combiner='linear'"):
-        pama_ext.PAMA(base, 2, preference=[0.5, 0.5])
+    with pytest.raises(ValueError, match="`preference` is for combiner='linear' or 'pama', not 'mgda_ub'"):
+        pama_ext.PAMA(base, 2, combiner="mgda_ub", preference=[0.5, 0.5])
+    with pytest.raises(ValueError, match="must be > 0 for every objective with combiner 'pama'"):
+        pama_ext.PAMA(base, 2, preference=[1.0, 0.0])  # steerable PAMA never trades an objective away
     with pytest.raises(ValueError, match="applies to combiner='pama' only"):
         pama_ext.PAMA(base, 2, combiner="linear", granularity="token")
     with pytest.raises(ValueError, match=r"`preference` must have shape \[N\]"):
@@ -191,8 +193,10 @@ def test_validation_errors():
     lin = pama_ext.PAMA(base, 3, combiner="linear")
     with pytest.raises(ValueError, match=r"\[B, N\] = \[6, 3\]"):
         lin.loss(model(tokens), old, adv, mask, preference=torch.ones(5, 3))
-    with pytest.raises(ValueError, match="`preference` is for combiner='linear'"):
-        pama_ext.PAMA(base, 3).loss(model(tokens), old, adv, mask, preference=torch.ones(3))
+    with pytest.raises(ValueError, match="`preference` is for combiner='linear' or 'pama', not 'mgda'"):
+        pama_ext.PAMA(base, 3, combiner="mgda").loss(model(tokens), old, adv, mask, preference=torch.ones(3))
+    with pytest.raises(ValueError, match=r"`preference` must have shape \[N\] = \[3\] or \[B, N\] = \[6, 3\]"):
+        pama_ext.PAMA(base, 3).loss(model(tokens), old, adv, mask, preference=torch.ones(2))
 
 
 def test_deepcopy():
@@ -359,3 +363,40 @@ def test_pama_state_dict_beside_a_base_checkpoint():
     assert torch.equal(other.last_weights, opt.last_weights)
     with pytest.raises(ValueError, match="num_objectives=2"):
         pama_ext.PAMA(torch.optim.AdamW(model.parameters()), 3).load_pama_state_dict(pama_sd)
+
+
+@pytest.mark.parametrize("combiner, granularity", [("pama", "token"), ("pama", "batch"), ("pama", "sequence"),
+                                                   ("pama", "sequence_gram"), ("linear", None), ("mgda_ub", None)])
+def test_inputs_are_validated_once_per_call(combiner, granularity, monkeypatch):
+    # validate where the public call enters, then trust the validated object: each
+    # PAMA.loss / PAMA.accumulate call runs check_loss_inputs exactly once (issue 14)
+    import pama_ext._validation as validation
+    from pama_ext import combine, functional, optim, statistics
+
+    calls = []
+    real = validation.check_loss_inputs
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    for mod in (functional, statistics, combine, optim):
+        monkeypatch.setattr(mod, "check_loss_inputs", counting)
+    model = Policy()
+    tokens, old, adv, mask = batch(seed=3, n=2)
+    kw = {"granularity": granularity} if granularity else {}
+    opt = pama_ext.PAMA(torch.optim.SGD(model.parameters(), lr=0.1), 2, combiner=combiner, **kw)
+    for accumulate in (False, True):
+        calls.clear()
+        if accumulate:
+            with torch.no_grad():
+                opt.accumulate(model(tokens), old, adv, mask)
+            needs = combiner == "pama" and granularity in ("batch", "sequence_gram")
+            assert calls == (["PAMA.accumulate"] if needs else []), calls
+            calls.clear()
+        h = torch.tanh(model.lin(model.emb(tokens)))  # Policy.forward, keeping the hidden states
+        logp = torch.log_softmax(model.head(h).float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+        shared = {"shared": h} if combiner == "mgda_ub" else {}
+        opt.loss(logp, old, adv, mask, **shared).backward()
+        assert calls == ["PAMA.loss"], calls
+        opt.step()
