@@ -171,13 +171,24 @@ def kkt_residual(gram: Tensor, c: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- per-token maths
+def per_token(advantages: Tensor, shape) -> Tensor:
+    """Advantages as [B, T, N]: per-token ones as they are, per-sequence [B, N] broadcast
+    over the response (a view, no copy)."""
+    b, t = shape
+    return advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
+
+
+def finite_flags(logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """[B, T] bool: finite logp, finite old_logp, every objective's advantage finite (the
+    three counts of the ``nonfinite`` contract, in ``NONFINITE_ARGS`` order)."""
+    return (torch.isfinite(logp), torch.isfinite(old_logp),
+            torch.isfinite(per_token(advantages, logp.shape)).all(dim=-1))
+
+
 def _token_terms(logp, old_logp, advantages, mask, clip_eps, acc):
     """Ratio, clip indicator, min(u, 1+eps), Noon advantages and validity, in dtype ``acc``."""
-    b, t = logp.shape
-    adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
-    finite_lp = torch.isfinite(logp)
-    finite_old = torch.isfinite(old_logp)
-    finite_adv = torch.isfinite(adv).all(dim=-1)
+    adv = per_token(advantages, logp.shape)
+    finite_lp, finite_old, finite_adv = finite_flags(logp, old_logp, advantages)
     valid = mask & finite_lp & finite_old & finite_adv
     lp = logp.to(acc)
     u = torch.exp(lp - old_logp.to(acc))
@@ -336,9 +347,7 @@ def fused_forward(
 
 def _token_s(advantages: Tensor, valid: Tensor, acc: torch.dtype) -> Tensor:
     """token_advantage of the raw advantages in dtype ``acc``, [B, T]; 0 at invalid tokens."""
-    b, t = valid.shape
-    adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
-    s = token_advantage(adv.to(acc))
+    s = token_advantage(per_token(advantages, valid.shape).to(acc))
     return torch.where(valid, s, torch.zeros((), dtype=acc, device=s.device))
 
 
@@ -383,9 +392,7 @@ def pama_weights(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEF
     """The weights PAMA uses: [N] (batch, batch_mean, sequence_gram), [B, N] (sequence), [B, T, N] (token)."""
     with torch.no_grad():
         if granularity == "token":
-            b, t = logp.shape
-            adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
-            return token_weights(adv).to(_acc_dtype(logp))
+            return token_weights(per_token(advantages, logp.shape)).to(_acc_dtype(logp))
         _, weights, _, _ = fused_forward(
             logp, old_logp, advantages, mask, clip_eps, granularity, "token_mean", False
         )
@@ -410,9 +417,8 @@ def pama_loss_and_stats(
     """
     acc = _acc_dtype(logp)
     mask = mask.bool()
-    b, t = logp.shape
-    adv = advantages if advantages.dim() == 3 else advantages[:, None, :].expand(b, t, -1)
-    flags = (torch.isfinite(logp), torch.isfinite(old_logp), torch.isfinite(adv).all(-1))
+    adv = per_token(advantages, logp.shape)
+    flags = finite_flags(logp, old_logp, advantages)
     valid = mask & flags[0] & flags[1] & flags[2]
     if check_finite:
         _check_finite(mask, flags)
@@ -436,8 +442,8 @@ def pama_loss_and_stats(
     log_ratio = torch.where(clipped_tok, log_ratio.detach().clamp(max=30.0), log_ratio)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    per_token = -torch.minimum(ratio * s, clipped * s)
-    loss = (per_token * row_scale[:, None] * valid).sum()
+    token_loss = -torch.minimum(ratio * s, clipped * s)
+    loss = (token_loss * row_scale[:, None] * valid).sum()
     return loss, weights, row_scale, stats
 
 

@@ -186,10 +186,7 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 def _valid_tokens(x, nonfinite: str, fn: str) -> Tensor:
     """mask & finite(logp, old_logp, every advantage); raises per ``nonfinite`` (a host sync)."""
-    adv_ok = torch.isfinite(x.advantages).all(dim=-1)
-    if x.advantages.dim() == 2:
-        adv_ok = adv_ok[:, None].expand_as(x.mask)
-    flags = (torch.isfinite(x.logp), torch.isfinite(x.old_logp), adv_ok)
+    flags = reference.finite_flags(x.logp, x.old_logp, x.advantages)
     valid = x.mask & flags[0] & flags[1] & flags[2]
     if nonfinite == "raise" and not bool(torch.equal(valid, x.mask)):  # one check; details if it fails
         reference.raise_nonfinite([int((x.mask & ~ok).sum()) for ok in flags], fn)

@@ -204,8 +204,7 @@ def _one_pass(p: _Passes, dropped: Optional[Tensor]) -> Tuple[Tensor, Tensor, Te
     x, opt = p.x, p.opt
     b, t = x.batch, x.time
     acc = p.acc
-    adv = x.advantages if x.advantages.dim() == 3 else x.advantages[:, None, :].expand(b, t, -1)
-    adv = adv.reshape(b * t, -1)
+    adv = reference.per_token(x.advantages, (b, t)).reshape(b * t, -1)
     old = x.old_logp.reshape(-1)
     mask = x.mask.reshape(-1)
     valid = mask & torch.isfinite(old) & torch.isfinite(adv).all(-1)
@@ -253,9 +252,9 @@ def token_pass(x: FusedInputs, opt: LossOptions, need) -> Tuple[Tensor, Tensor, 
     non-finite ``old_logp``/``advantages``/``ref_logp`` or logit row at a masked position."""
     mask = x.mask.reshape(-1)
     if opt.nonfinite == "raise":
-        adv_ok = torch.isfinite(x.advantages).all(-1)
-        adv_ok = adv_ok if adv_ok.dim() == 2 else adv_ok[:, None].expand(x.batch, x.time)
-        reference.raise_nonfinite([0, int((x.mask & ~torch.isfinite(x.old_logp)).sum()), int((x.mask & ~adv_ok).sum())])
+        old_ok = torch.isfinite(x.old_logp)
+        adv_ok = torch.isfinite(reference.per_token(x.advantages, (x.batch, x.time))).all(-1)
+        reference.raise_nonfinite([0, int((x.mask & ~old_ok).sum()), int((x.mask & ~adv_ok).sum())])
         if opt.kl_coef > 0:
             raise_nonfinite_ref(x.ref_logp, x.mask)
     p = _Passes(x, opt, *need)
