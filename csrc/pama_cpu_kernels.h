@@ -1,0 +1,538 @@
+// pama_cpu_kernels.h: the hot loops of the fused CPU op (forward reduction pass, backward
+// elementwise pass), written once and compiled once per instruction set.
+//
+// NOT a normal header: no include guard, no includes. pama_cpu.cpp includes it several times,
+// each inside its own namespace and under its own `#pragma GCC target` (baseline x86-64,
+// AVX2+FMA, AVX-512), after the shared definitions it uses (Mode, Partition, for_each_piece,
+// kBlock, tri_size, pama_math.h). Every function here, the small helpers included, is thus
+// compiled for that instruction set, and the dispatcher in pama_cpu.cpp picks one set at run
+// time (ATen's per-ISA compilation units, done with one source file).
+// ------------------------------------------------------------------------------ scalar helpers
+template <typename op_t, typename scalar_t>
+inline op_t ld(const scalar_t* p, int64_t i) {
+  return static_cast<op_t>(p[i]);
+}
+
+// Lane masks: all ones / all zeros of the width of op_t. Every per-token decision (mask,
+// finiteness, clip indicator, Noon clamp) is a bitwise select on these: scalar float
+// ternaries compile to branches (x86 has no cmov for xmm registers) that are mispredicted
+// about half the time on the random signs and ratios of real data, and the masks let the
+// compiler vectorise the token loops (SSE2 baseline, no -march).
+template <typename op_t>
+using mask_t = std::conditional_t<sizeof(op_t) == 8, uint64_t, uint32_t>;
+
+template <typename op_t>
+inline mask_t<op_t> mask_of(bool c) {
+  return mask_t<op_t>(0) - static_cast<mask_t<op_t>>(c);
+}
+template <typename op_t>
+inline mask_t<op_t> mask_of_byte(uint8_t c) {  // from a bool stored as a byte (any non-zero is true)
+  return mask_t<op_t>(0) - static_cast<mask_t<op_t>>(c != 0);
+}
+template <typename op_t>
+inline mask_t<op_t> bits_of(op_t x) {
+  mask_t<op_t> b;
+  std::memcpy(&b, &x, sizeof(op_t));
+  return b;
+}
+template <typename op_t>
+inline op_t from_bits(mask_t<op_t> b) {
+  op_t x;
+  std::memcpy(&x, &b, sizeof(op_t));
+  return x;
+}
+template <typename op_t>
+inline op_t msel0(mask_t<op_t> m, op_t a) {  // m ? a : 0
+  return from_bits<op_t>(bits_of(a) & m);
+}
+template <typename op_t>
+inline op_t msel(mask_t<op_t> m, op_t a, op_t b) {  // m ? a : b
+  return from_bits<op_t>((bits_of(a) & m) | (bits_of(b) & ~m));
+}
+// finite(x) as a mask: x - x is 0 for finite x, NaN for +-inf and NaN
+template <typename op_t>
+inline mask_t<op_t> finite_mask(op_t x) {
+  return mask_of<op_t>((x - x) == op_t(0));
+}
+
+// granularity "token" (pama::token_key / token_value as lane-mask selects): the key of a raw
+// advantage x is x (x > 0), 0 (x < 0), +inf (x == 0, -0.0 included: the objective abstains)
+template <typename op_t>
+inline op_t token_key_m(op_t x) {
+  return msel(mask_of<op_t>(x > op_t(0)), x, msel0(~mask_of<op_t>(x < op_t(0)), std::numeric_limits<op_t>::infinity()));
+}
+// s = valid && min key < inf ? min key : 0
+template <typename op_t>
+inline op_t token_value_m(mask_t<op_t> valid, op_t key_min) {
+  return msel0(valid & mask_of<op_t>(key_min < std::numeric_limits<op_t>::infinity()), key_min);
+}
+
+// exp for float, branch-free so that the ratio loop vectorises (glibc's expf is a call per
+// element). Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 polynomial
+// (Cephes' expf coefficients), 2^n applied in two halves so that results in the subnormal
+// range round once. Error <= 1 ulp (the same class as the Sleef exp torch uses); inf, 0,
+// NaN, overflow and underflow are exact.
+inline float exp_f32(float x) {
+  float xc = x < -104.0f ? -104.0f : x;  // below: rounds to 0; above 89: overflows to inf
+  xc = xc > 89.0f ? 89.0f : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const float k = xc * 1.44269504088896341f + magic;
+  const float n = k - magic;
+  float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (first part exact)
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r2 + r + 1.0f;
+  uint32_t kb;
+  std::memcpy(&kb, &k, 4);
+  const int32_t ni = static_cast<int32_t>(kb - 0x4B400000u);  // n as an integer
+  const int32_t n1 = ni >> 1, n2 = ni - n1;
+  y = y * from_bits<float>(static_cast<uint32_t>(n1 + 127) << 23);
+  y = y * from_bits<float>(static_cast<uint32_t>(n2 + 127) << 23);
+  return msel<float>(mask_of<float>(x != x), x, y);  // NaN stays NaN
+}
+
+template <typename op_t>
+inline op_t ratio_of(op_t x, op_t y) {
+  if constexpr (std::is_same_v<op_t, float>)
+    return exp_f32(x - y);
+  else
+    return pama::ratio(x, y);  // double: std::exp (float64 is the accuracy path)
+}
+
+// ------------------------------------------------------------------------------ chunks
+// A piece of a row is processed in chunks of kChunk tokens (kChunkGeneric for runtime N,
+// whose transposed advantages are larger): first elementwise loops over the chunk (ratios,
+// masks, advantages transposed to one contiguous array per objective), then the per-
+// objective sums as dot products over the chunk. Sums use LN explicit lanes (vectorisable
+// without re-association flags); lanes are combined in a fixed order, so results stay
+// bitwise reproducible.
+constexpr int kChunk = 256;
+constexpr int kChunkGeneric = 64;
+constexpr int LN = 4;
+
+template <typename op_t, int CAP, int CH>
+struct ChunkBuf {
+  op_t u[CH];               // ratios
+  mask_t<op_t> flp[CH];     // finite(logp)
+  mask_t<op_t> folp[CH];    // finite(old_logp)
+  mask_t<op_t> ok[CH];      // valid token
+  op_t m[CH];               // valid ? min(u, 1+eps) : 0
+  op_t w[CH];               // valid & ind ? 1 : 0
+  op_t At[CAP][CH];         // advantages, transposed; Noon-clamped and zeroed when invalid
+};
+
+// ratios and finiteness of logp/old_logp for tokens [0, L) of the chunk; pads to Lp with
+// neutral tokens (u = 1, marked non-finite so that they are never valid)
+template <typename scalar_t, typename op_t, typename Buf>
+inline void chunk_ratios(const scalar_t* lp, const scalar_t* olp, int L, int Lp, Buf& cb) {
+  for (int j = 0; j < L; ++j) {
+    const op_t x = ld<op_t>(lp, j), y = ld<op_t>(olp, j);
+    cb.flp[j] = finite_mask(x);
+    cb.folp[j] = finite_mask(y);
+    cb.u[j] = ratio_of(x, y);
+  }
+  for (int j = L; j < Lp; ++j) {
+    cb.flp[j] = cb.folp[j] = 0;
+    cb.u[j] = op_t(1);
+  }
+}
+
+// transposed raw advantages At[i][j] = adv[j, i] and their finiteness (per token)
+template <typename scalar_t, typename op_t, int NT, typename Buf>
+inline void chunk_advantages(const scalar_t* ad, int n_rt, int L, int Lp, Buf& cb, mask_t<op_t>* fa) {
+  const int n = NT > 0 ? NT : n_rt;
+  for (int j = 0; j < L; ++j)
+    for (int i = 0; i < n; ++i) cb.At[i][j] = ld<op_t>(ad, static_cast<int64_t>(j) * n + i);
+  for (int i = 0; i < n; ++i)
+    for (int j = L; j < Lp; ++j) cb.At[i][j] = op_t(0);
+  for (int j = 0; j < Lp; ++j) fa[j] = ~mask_t<op_t>(0);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < Lp; ++j) fa[j] &= finite_mask(cb.At[i][j]);
+}
+
+// sum_j (double)x[j] * (double)y[j] into LN lanes (Lp is a multiple of LN)
+template <typename T>
+inline void dot_lanes(const T* x, const T* y, int Lp, double* acc) {
+  for (int j = 0; j < Lp; j += LN)
+    for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l]) * static_cast<double>(y[j + l]);
+}
+// sum_j (double)(x[j] * y[j]) (product in op_t, as the per-token maths) into LN lanes
+template <typename T>
+inline void dot_lanes_op(const T* x, const T* y, int Lp, double* acc) {
+  for (int j = 0; j < Lp; j += LN)
+    for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l] * y[j + l]);
+}
+inline double lanes_sum(const double* acc) {
+  static_assert(LN == 4, "fixed combination order");
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+// ------------------------------------------------------------------------------ forward pass
+
+// Accumulates tokens [t0, t1) of row b (advantages [B, T, N]) into row (+= [M, Smin, S, Q]),
+// gram (+= upper triangle) and cnt (+= [clipped, nf_logp, nf_old, nf_adv]).
+// NT: N at compile time (0 = runtime n).
+template <typename scalar_t, typename op_t, int NT, Mode MODE>
+void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram, int64_t* cnt) {
+  using M = mask_t<op_t>;
+  constexpr int CAP = NT > 0 ? NT : PAMA_MAX_N;
+  constexpr int CH = NT > 0 ? kChunk : kChunkGeneric;
+  const int n = NT > 0 ? NT : a.n;
+  const int npairs = tri_size(n);
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
+  const uint8_t* mk = a.mask + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+
+  ChunkBuf<op_t, CAP, CH> cb;
+  M fa[CH];
+  constexpr int GCAP = (MODE == Mode::Gram && !(NT > 0 && NT <= 4)) ? CAP : 1;
+  double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram dot products
+  double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
+  constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
+  double accG[PCAP][LN];
+  if constexpr (MODE == Mode::Gram)
+    for (int p = 0; p < npairs; ++p)
+      for (int l = 0; l < LN; ++l) accG[p][l] = 0.0;
+  int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
+
+  for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+    const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+    const int Lp = (L + LN - 1) / LN * LN;
+    chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
+    chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, Lp, cb, fa);
+    // per-token masks and counts (counted in the mask width: no widening in the vector loop)
+    M c_m = 0, c_clip = 0, c_lp = 0, c_olp = 0, c_adv = 0;
+    for (int j = 0; j < L; ++j) {
+      const M mt = mask_of_byte<op_t>(mk[c0 + j]);
+      const M v = mt & cb.flp[j] & cb.folp[j] & fa[j];
+      const op_t u = cb.u[j];
+      const M ind = mask_of<op_t>(pama::indicator(u, thr));
+      cb.ok[j] = v;
+      cb.m[j] = msel0(v, msel(ind, u, thr));
+      cb.w[j] = msel0(v & ind, op_t(1));
+      c_m += v & 1;
+      c_clip += (v & ~ind) & 1;
+      c_lp += (mt & ~cb.flp[j]) & 1;
+      c_olp += (mt & ~cb.folp[j]) & 1;
+      c_adv += (mt & ~fa[j]) & 1;
+    }
+    m_cnt += c_m;
+    clipped += c_clip;
+    nf_lp += c_lp;
+    nf_olp += c_olp;
+    nf_adv += c_adv;
+    for (int j = L; j < Lp; ++j) {  // padding: neutral, invalid tokens
+      cb.ok[j] = 0;
+      cb.m[j] = cb.w[j] = op_t(0);
+    }
+    if constexpr (MODE == Mode::Min) {
+      // s_t on the raw advantages: exactly-zero advantages abstain (pama::token_min)
+      op_t mn[CH];
+      for (int j = 0; j < Lp; ++j) mn[j] = token_key_m(cb.At[0][j]);
+      for (int i = 1; i < n; ++i)
+        for (int j = 0; j < Lp; ++j) {
+          const op_t k = token_key_m(cb.At[i][j]);
+          mn[j] = msel(mask_of<op_t>(k < mn[j]), k, mn[j]);
+        }
+      for (int j = 0; j < Lp; ++j) mn[j] = token_value_m(cb.ok[j], mn[j]);
+      dot_lanes_op(mn, cb.m, Lp, accMin);
+    } else {
+      // Noon clamp, zero for invalid tokens
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < Lp; ++j) {
+          const op_t x = cb.At[i][j];
+          cb.At[i][j] = msel0(cb.ok[j] & mask_of<op_t>(x > op_t(0)), x);
+        }
+      for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
+      if constexpr (MODE == Mode::Mean) {
+        for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
+      } else if constexpr (NT > 0 && NT <= 4) {
+        // small N: one pass over the chunk updates every pair (I loaded once per token,
+        // 2 lanes x N(N+1)/2 accumulators stay in registers); products exact in double
+        for (int j = 0; j < Lp; j += 2) {
+          double I[NT][2];
+          for (int i = 0; i < NT; ++i)
+            for (int l = 0; l < 2; ++l) I[i][l] = static_cast<double>(cb.At[i][j + l] * cb.w[j + l]);
+          int p = 0;
+          for (int i = 0; i < NT; ++i)
+            for (int k = i; k < NT; ++k, ++p)
+              for (int l = 0; l < 2; ++l) accG[p][l] += I[i][l] * I[k][l];
+        }
+      } else {
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
+        int p = 0;
+        for (int i = 0; i < n; ++i)
+          for (int k = i; k < n; ++k, ++p) dot_lanes(Id[i], Id[k], Lp, accG[p]);
+      }
+    }
+  }
+  row[0] += static_cast<double>(m_cnt);
+  if constexpr (MODE == Mode::Min) {
+    row[1] += lanes_sum(accMin);
+  } else {
+    for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
+    if constexpr (MODE == Mode::Mean)
+      for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);
+    if constexpr (MODE == Mode::Gram)
+      for (int p = 0; p < npairs; ++p) gram[p] += lanes_sum(accG[p]);
+  }
+  cnt[0] += clipped;
+  cnt[1] += nf_lp;
+  cnt[2] += nf_olp;
+  cnt[3] += nf_adv;
+}
+
+// Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
+// S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij = A_i A_j #{ind}, Smin = min_i A_i sum_t m_t
+// (the products formed once in double instead of per token). The token loop is the ratio.
+template <typename scalar_t, typename op_t, Mode MODE>
+void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row, double* gram, int64_t* cnt) {
+  using M = mask_t<op_t>;
+  const int n = a.n;
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const uint8_t* mk = a.mask + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+  op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
+  M fa = ~M(0);
+  for (int i = 0; i < n; ++i) {
+    const op_t v = ld<op_t>(ar, i);
+    raw[i] = v;
+    fa &= finite_mask(v);
+    A[i] = pama::noon(v);
+  }
+  // A row with a non-finite advantage has no valid token (sum_m = n_ind = 0): zero its
+  // advantages with a select, so that the products below are 0, not inf * 0 = NaN (+inf
+  // survives the Noon clamp), exactly as for a masked-out row.
+  for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
+  ChunkBuf<op_t, 1, kChunk> cb;
+  double acc_m[LN] = {};
+  int64_t m_cnt = 0, n_ind = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
+  for (int64_t c0 = t0; c0 < t1; c0 += kChunk) {
+    const int L = static_cast<int>(std::min<int64_t>(kChunk, t1 - c0));
+    const int Lp = (L + LN - 1) / LN * LN;
+    chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
+    for (int j = L; j < Lp; ++j) cb.m[j] = op_t(0);  // padding
+    M c_m = 0, c_ind = 0, c_lp = 0, c_olp = 0, c_adv = 0;
+    for (int j = 0; j < L; ++j) {
+      const M mt = mask_of_byte<op_t>(mk[c0 + j]);
+      const M v = mt & cb.flp[j] & cb.folp[j] & fa;
+      const op_t u = cb.u[j];
+      const M ind = mask_of<op_t>(pama::indicator(u, thr));
+      cb.m[j] = msel0(v, msel(ind, u, thr));
+      c_m += v & 1;
+      c_ind += (v & ind) & 1;
+      c_lp += (mt & ~cb.flp[j]) & 1;
+      c_olp += (mt & ~cb.folp[j]) & 1;
+      c_adv += (mt & ~fa) & 1;
+    }
+    m_cnt += c_m;
+    n_ind += c_ind;
+    nf_lp += c_lp;
+    nf_olp += c_olp;
+    nf_adv += c_adv;
+    for (int j = 0; j < Lp; j += LN)
+      for (int l = 0; l < LN; ++l) acc_m[l] += static_cast<double>(cb.m[j + l]);
+  }
+  const double sum_m = lanes_sum(acc_m);
+  const double ni = static_cast<double>(n_ind);
+  row[0] += static_cast<double>(m_cnt);
+  if constexpr (MODE == Mode::Min) {
+    const op_t mn = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
+    row[1] += static_cast<double>(mn) * sum_m;
+  } else {
+    for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
+    if constexpr (MODE == Mode::Mean) {
+      for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;
+    } else {
+      int k = 0;
+      for (int i = 0; i < n; ++i)
+        for (int j = i; j < n; ++j, ++k) gram[k] += static_cast<double>(A[i]) * static_cast<double>(A[j]) * ni;
+    }
+  }
+  cnt[0] += m_cnt - n_ind;  // clipped: valid tokens with u > 1 + eps
+  cnt[1] += nf_lp;
+  cnt[2] += nf_olp;
+  cnt[3] += nf_adv;
+}
+
+
+template <typename Piece>
+void run_forward_pass(const FwdArgs& a, const Partition& p, Mode mode, FwdPass& out, Piece piece) {
+  const int n = a.n;
+  const int R = row_stride(n);
+  const int nG = (mode == Mode::Gram) ? tri_size(n) : 0;
+  out.gram_off = kCounts;
+  out.rowpart_off = kCounts + nG;
+  out.slot_stride = kCounts + nG + (p.segs > 1 ? R : 0);
+  out.rows.assign(static_cast<size_t>(p.B * R), 0.0);
+  out.slots.assign(static_cast<size_t>(p.units * out.slot_stride), 0.0);
+  double* rows = out.rows.data();
+  double* slots = out.slots.data();
+  const int S = out.slot_stride, goff = out.gram_off, roff = out.rowpart_off;
+  at::parallel_for(0, p.units, 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u) {
+      double* slot = slots + u * S;
+      int64_t cnt[4] = {0, 0, 0, 0};
+      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) {
+        double* row = (p.segs > 1) ? slot + roff : rows + b * R;
+        piece(a, b, t0, t1, row, slot + goff, cnt);
+      });
+      for (int k = 0; k < 4; ++k) slot[k] = static_cast<double>(cnt[k]);
+    }
+  });
+  if (p.segs > 1) {  // per-row totals: segments in order
+    for (int64_t b = 0; b < p.B; ++b) {
+      double* row = rows + b * R;
+      for (int64_t s = 0; s < p.segs; ++s) {
+        const double* part = slots + (b * p.segs + s) * S + roff;
+        for (int k = 0; k < R; ++k) row[k] += part[k];
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename op_t, Mode MODE>
+void forward_pass_mode(const FwdArgs& a, const Partition& p, bool bc, FwdPass& out) {
+  if (bc) return run_forward_pass(a, p, MODE, out, fwd_piece_bc<scalar_t, op_t, MODE>);
+  switch (a.n) {  // small N unrolled at compile time, the rest at run time
+    case 1: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 1, MODE>);
+    case 2: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 2, MODE>);
+    case 3: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 3, MODE>);
+    case 4: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 4, MODE>);
+    case 8: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 8, MODE>);
+    default: return run_forward_pass(a, p, MODE, out, fwd_piece<scalar_t, op_t, 0, MODE>);
+  }
+}
+
+template <typename scalar_t, typename op_t>
+void forward_pass(const FwdArgs& a, const Partition& p, bool bc, Mode mode, FwdPass& out) {
+  switch (mode) {
+    case Mode::Gram: return forward_pass_mode<scalar_t, op_t, Mode::Gram>(a, p, bc, out);
+    case Mode::Mean: return forward_pass_mode<scalar_t, op_t, Mode::Mean>(a, p, bc, out);
+    case Mode::Min: return forward_pass_mode<scalar_t, op_t, Mode::Min>(a, p, bc, out);
+  }
+}
+
+// ------------------------------------------------------------------------------ backward pass
+
+// g_t = -grad * r_b * s_t * (u_t if u_t <= 1+eps else 0) for valid tokens, 0 elsewhere;
+// s_t = sum_i c_i A_i (pama::token_min of the raw advantages for token). The indicator is a select, not a product, so
+// that u = inf gives 0 and not inf * 0 = NaN.
+template <typename scalar_t, typename op_t, int NT, bool BC, bool TOKEN>
+void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
+  using M = mask_t<op_t>;
+  constexpr int CAP = BC ? 1 : (NT > 0 ? NT : PAMA_MAX_N);
+  constexpr int CH = (NT > 0 || BC) ? kChunk : kChunkGeneric;
+  const int n = NT > 0 ? NT : a.n;
+  const int64_t base = b * a.T;
+  const scalar_t* lp = static_cast<const scalar_t*>(a.logp) + base;
+  const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
+  const uint8_t* mk = a.mask + base;
+  scalar_t* g = static_cast<scalar_t*>(a.grad) + base;
+  const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  // coef = -grad_out * r_b: the double product of two op_t values rounded once to op_t is
+  // exactly op_t multiplication (the reference's order: ((-g * r) * s) * u).
+  const op_t rb = static_cast<const op_t*>(a.row_scale)[b];
+  const op_t coef = static_cast<op_t>(-(a.grad_out * static_cast<double>(rb)));
+  op_t c[PAMA_MAX_N];
+  if constexpr (!TOKEN) {
+    const op_t* w = static_cast<const op_t*>(a.weights) + (a.weights_per_row ? b * n : 0);
+    for (int i = 0; i < n; ++i) c[i] = w[i];
+  }
+  ChunkBuf<op_t, CAP, CH> cb;
+  if constexpr (BC) {
+    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
+    op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
+    M fa = ~M(0);
+    for (int i = 0; i < n; ++i) {
+      const op_t v = ld<op_t>(ar, i);
+      raw[i] = v;
+      fa &= finite_mask(v);
+      A[i] = pama::noon(v);
+    }
+    // a row with a non-finite advantage is invalid: zero it (a select) so that s stays finite
+    for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
+    op_t s = A[0];
+    if constexpr (TOKEN) {
+      s = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
+    } else {
+      s = c[0] * A[0];
+      for (int i = 1; i < n; ++i) s += c[i] * A[i];
+    }
+    const op_t cs = coef * s;
+    for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+      const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+      chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
+      for (int j = 0; j < L; ++j) {
+        const op_t u = cb.u[j];
+        const M ok = mask_of_byte<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa & mask_of<op_t>(pama::indicator(u, thr));
+        g[c0 + j] = static_cast<scalar_t>(msel0(ok, cs * u));
+      }
+    }
+  } else {
+    const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
+    M fa[CH];
+    op_t s[CH];
+    for (int64_t c0 = t0; c0 < t1; c0 += CH) {
+      const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
+      chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, L, cb);
+      chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, L, cb, fa);
+      if constexpr (TOKEN) {
+        // on the raw advantages: exactly-zero advantages abstain (pama::token_min)
+        for (int j = 0; j < L; ++j) s[j] = token_key_m(cb.At[0][j]);
+        for (int i = 1; i < n; ++i)
+          for (int j = 0; j < L; ++j) {
+            const op_t k = token_key_m(cb.At[i][j]);
+            s[j] = msel(mask_of<op_t>(k < s[j]), k, s[j]);
+          }
+        for (int j = 0; j < L; ++j) s[j] = token_value_m(fa[j], s[j]);
+      } else {
+        for (int i = 0; i < n; ++i)  // Noon clamp, zero for tokens with a non-finite advantage
+          for (int j = 0; j < L; ++j) cb.At[i][j] = msel0(fa[j] & mask_of<op_t>(cb.At[i][j] > op_t(0)), cb.At[i][j]);
+        for (int j = 0; j < L; ++j) s[j] = c[0] * cb.At[0][j];
+        for (int i = 1; i < n; ++i)
+          for (int j = 0; j < L; ++j) s[j] += c[i] * cb.At[i][j];
+      }
+      for (int j = 0; j < L; ++j) {
+        const op_t u = cb.u[j];
+        const M ok = mask_of_byte<op_t>(mk[c0 + j]) & cb.flp[j] & cb.folp[j] & fa[j] & mask_of<op_t>(pama::indicator(u, thr));
+        g[c0 + j] = static_cast<scalar_t>(msel0(ok, (coef * s[j]) * u));
+      }
+    }
+  }
+}
+
+template <typename Piece>
+void run_backward_pass(const BwdArgs& a, const Partition& p, Piece piece) {
+  at::parallel_for(0, p.units, 1, [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u)
+      for_each_piece(p, u, [&](int64_t b, int64_t t0, int64_t t1) { piece(a, b, t0, t1); });
+  });
+}
+
+template <typename scalar_t, typename op_t, bool TOKEN>
+void backward_pass(const BwdArgs& a, const Partition& p, bool bc) {
+  if (bc) return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, true, TOKEN>);
+  switch (a.n) {
+    case 1: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 1, false, TOKEN>);
+    case 2: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 2, false, TOKEN>);
+    case 3: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 3, false, TOKEN>);
+    case 4: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 4, false, TOKEN>);
+    case 8: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 8, false, TOKEN>);
+    default: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, false, TOKEN>);
+  }
+}
+
