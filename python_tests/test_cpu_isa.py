@@ -40,7 +40,8 @@ def test_build_info_reports_the_instruction_sets(monkeypatch):
     assert set(INFO["cpu_isa_compiled"]) <= set(ORDER)
     assert INFO["cpu_isa_best"] in INFO["cpu_isa_compiled"]
     monkeypatch.delenv("PAMA_EXT_CPU_ISA", raising=False)
-    assert _C.build_info()["cpu_isa"] == INFO["cpu_isa_best"]
+    assert _C.build_info()["cpu_isa"] == INFO["cpu_isa_best"]  # N <= 4: the best set
+    assert _C.build_info()["cpu_isa_large_n"] == ("avx2" if INFO["cpu_isa_best"] == "avx512" else INFO["cpu_isa_best"])
     monkeypatch.setenv("PAMA_EXT_CPU_ISA", "baseline")
     assert _C.build_info()["cpu_isa"] == "baseline"
     # a set the CPU (or the build) lacks falls back to the best available, never SIGILL
