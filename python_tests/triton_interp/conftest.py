@@ -26,14 +26,20 @@ import pytest
 
 DEVICE = os.environ.get("PAMA_TRITON_TEST_DEVICE", "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# the kernels run on CPU tensors only through the interpreter: refuse before any test module
-# imports Triton without it (a compiled launch on a CPU tensor would fail obscurely)
-if DEVICE == "cpu" and not INTERPRET:
-    raise RuntimeError(
-        "these tests run the Triton kernels on CPU tensors through Triton's interpreter: set "
-        "TRITON_INTERPRET=1 (python_tests/test_triton_interpreter.py does), or "
-        "PAMA_TRITON_TEST_DEVICE=cuda on a GPU machine"
-    )
+
+
+def require_interpreter_or_gpu() -> None:
+    """Called at the top of each interp_*.py module: on CPU tensors the kernels run only
+    through Triton's interpreter; refuse before the module imports Triton without it (a
+    compiled launch on a CPU tensor would fail obscurely). Not at conftest import, which a
+    plain `pytest` run does while collecting python_tests/."""
+    if DEVICE == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            "these tests run the Triton kernels on CPU tensors through Triton's interpreter: set "
+            "TRITON_INTERPRET=1 (python_tests/test_triton_interpreter.py does), or "
+            "PAMA_TRITON_TEST_DEVICE=cuda on a GPU machine"
+        )
+
 
 _spec = importlib.util.spec_from_file_location("pama_tests_common", Path(__file__).resolve().parent.parent / "conftest.py")
 _common = importlib.util.module_from_spec(_spec)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, TOLS, assert_close_rel
+from conftest import DEVICE, require_interpreter_or_gpu, TOLS, assert_close_rel
+
+require_interpreter_or_gpu()
 
 import pama_ext  # noqa: E402
 from pama_ext.fused_linear import chunks as torch_chunks  # noqa: E402

@@ -18,7 +18,9 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, TOLS, Inputs, assert_close_rel, leaf, make_inputs, upcast
+from conftest import DEVICE, require_interpreter_or_gpu, TOLS, Inputs, assert_close_rel, leaf, make_inputs, upcast
+
+require_interpreter_or_gpu()
 
 import pama_ext  # noqa: E402
 from pama_ext import reference  # noqa: E402
