@@ -157,9 +157,11 @@ def test_grpo_rollout_holds_groups(monkeypatch, one_thread):
     monkeypatch.setattr(ppo.pama_ext.PAMA, "loss", spy_loss)
     args = cli.parse_args([*TINY, "--estimator", "grpo", "--group-size", "4", "--objectives", "sentiment,length",
                            "--warmup-steps", "0", "--steps", "1"])
+    from pama_ext.examples.rlhf_demo.steering import RunSpec
+
     model, tok = ppo_policy()
     ctx = cli.make_context(args, torch.device("cpu"), model, tok)
-    run = ctx.run("linear", 0, initial=[0.0, 1.0])
+    run = ctx.run(RunSpec("linear", 0), initial=[0.0, 1.0])
     p = seen["prompts"]
     assert len(p) == 8 and p[0:4] == [p[0]] * 4 and p[4:8] == [p[4]] * 4
     adv = seen["adv"]
