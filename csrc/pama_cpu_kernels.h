@@ -156,6 +156,23 @@ inline void chunk_advantages(const scalar_t* ad, int n_rt, int L, int Lp, Buf& c
     for (int j = 0; j < Lp; ++j) fa[j] &= finite_mask(cb.At[i][j]);
 }
 
+// One row's per-sequence advantages ([B, N] layout): raw[i] as loaded, A[i] Noon-clamped;
+// returns the row's finiteness mask. A row with a non-finite advantage has no valid token:
+// its A is zeroed with a select, so that products with it are 0, not inf * 0 = NaN (+inf
+// survives the Noon clamp), exactly as for a masked-out row.
+template <typename scalar_t, typename op_t>
+inline mask_t<op_t> row_advantages(const scalar_t* ar, int n, op_t* raw, op_t* A) {
+  mask_t<op_t> fa = ~mask_t<op_t>(0);
+  for (int i = 0; i < n; ++i) {
+    const op_t v = ld<op_t>(ar, i);
+    raw[i] = v;
+    fa &= finite_mask(v);
+    A[i] = pama::noon(v);
+  }
+  for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
+  return fa;
+}
+
 // sum_j (double)x[j] * (double)y[j] into LN lanes (Lp is a multiple of LN)
 template <typename T>
 inline void dot_lanes(const T* x, const T* y, int Lp, double* acc) {
@@ -304,19 +321,8 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const scalar_t* olp = static_cast<const scalar_t*>(a.old_logp) + base;
   const uint8_t* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
-  const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
   op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
-  M fa = ~M(0);
-  for (int i = 0; i < n; ++i) {
-    const op_t v = ld<op_t>(ar, i);
-    raw[i] = v;
-    fa &= finite_mask(v);
-    A[i] = pama::noon(v);
-  }
-  // A row with a non-finite advantage has no valid token (sum_m = n_ind = 0): zero its
-  // advantages with a select, so that the products below are 0, not inf * 0 = NaN (+inf
-  // survives the Noon clamp), exactly as for a masked-out row.
-  for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
+  const M fa = row_advantages<scalar_t, op_t>(static_cast<const scalar_t*>(a.adv) + b * n, n, raw, A);
   ChunkBuf<op_t, 1, kChunk> cb;
   double acc_m[LN] = {};
   int64_t m_cnt = 0, n_ind = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
@@ -454,17 +460,8 @@ void bwd_piece(const BwdArgs& a, int64_t b, int64_t t0, int64_t t1) {
   }
   ChunkBuf<op_t, CAP, CH> cb;
   if constexpr (BC) {
-    const scalar_t* ar = static_cast<const scalar_t*>(a.adv) + b * n;
     op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
-    M fa = ~M(0);
-    for (int i = 0; i < n; ++i) {
-      const op_t v = ld<op_t>(ar, i);
-      raw[i] = v;
-      fa &= finite_mask(v);
-      A[i] = pama::noon(v);
-    }
-    // a row with a non-finite advantage is invalid: zero it (a select) so that s stays finite
-    for (int i = 0; i < n; ++i) A[i] = msel0(fa, A[i]);
+    const M fa = row_advantages<scalar_t, op_t>(static_cast<const scalar_t*>(a.adv) + b * n, n, raw, A);
     op_t s = A[0];
     if constexpr (TOKEN) {
       s = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
