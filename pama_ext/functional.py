@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _backends, _ops, reference  # noqa: F401  (_ops registers the torch.library ops)
 from .reference import DEFAULT_GRANULARITY
-from .preference import check_preference, scale_advantages
+from .preference import with_preference
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
@@ -54,14 +54,6 @@ def _check_common(fn, clip_eps, granularity, loss_agg="token_mean", nonfinite="r
     return clip_eps
 
 
-def _with_preference(fn: str, x, preference):
-    if preference is None:
-        return x
-    b, n = x.advantages.shape[0], x.advantages.shape[-1]
-    p = check_preference(fn, preference, n, b, device=x.advantages.device)
-    return x._replace(advantages=scale_advantages(x.advantages, p))
-
-
 def pama_loss_and_stats(
     logp: Tensor,
     old_logp: Tensor,
@@ -81,7 +73,7 @@ def pama_loss_and_stats(
     ``A_i p_max / p_i`` (on the simplex); the combined advantage is ``sum_i c_i A'_i``."""
     fn = "pama_loss"
     clip_eps = _check_common(fn, clip_eps, granularity, loss_agg, nonfinite)
-    x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
+    x = with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
     return loss_and_stats_of(x, clip_eps, granularity, loss_agg, backend, nonfinite, fn)
 
 
@@ -186,7 +178,7 @@ def pama_weights(
     """
     fn = "pama_weights"
     clip_eps = _check_common(fn, clip_eps, granularity)
-    x = _with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
+    x = with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
     return weights_of(x, clip_eps, granularity, backend, fn)
 
 

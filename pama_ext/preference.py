@@ -87,3 +87,13 @@ def scale_advantages(advantages: Tensor, preference: Optional[Tensor]) -> Tensor
     if scale.dim() == 2 and advantages.dim() == 3:
         scale = scale[:, None, :]
     return (advantages.to(torch.float64) * scale).to(advantages.dtype)
+
+
+def with_preference(fn: str, x, preference):
+    """Validated inputs ``x`` (a NamedTuple with ``advantages`` [B, T, N] or [B, N]) with
+    their advantages preference-scaled; ``x`` itself when ``preference`` is None."""
+    if preference is None:
+        return x
+    b, n = x.advantages.shape[0], x.advantages.shape[-1]
+    p = check_preference(fn, preference, n, b, device=x.advantages.device)
+    return x._replace(advantages=scale_advantages(x.advantages, p))

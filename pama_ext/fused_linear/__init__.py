@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .loss import default_chunk_size, logp_loss
 from .op import fused_linear_logp_op, fused_linear_pama_token_op
-from ..preference import check_preference, scale_advantages
+from ..preference import with_preference
 from .validation import FN, PAMA_LOSS_KEYWORDS, check_inputs, check_logp_inputs, check_options
 
 __all__ = [
@@ -55,10 +55,8 @@ def fused_linear_pama_loss_and_logp(
     (detached, float32 or float64): for logging and the next epoch's ``old_logp``, no second pass."""
     opt = check_options(pama_loss_keywords, temperature, kl_coef, chunk_size)
     x = check_inputs(hidden, weight, targets, old_logp, advantages, mask, bias, ref_logp, opt.kl_coef, check_ids=False)
-    preference = pama_loss_keywords.get("preference")
-    if preference is not None:  # steerable PAMA is PAMA on the scaled advantages (pama_ext/preference.py)
-        p = check_preference(FN, preference, x.advantages.shape[-1], x.batch, device=x.advantages.device)
-        x = x._replace(advantages=scale_advantages(x.advantages, p))
+    # steerable PAMA is PAMA on the scaled advantages (pama_ext/preference.py)
+    x = with_preference(FN, x, pama_loss_keywords.get("preference"))
     targets = targets.to(torch.int64)
     if opt.granularity == "token":
         loss, logp, _, _, _ = fused_linear_pama_token_op(
