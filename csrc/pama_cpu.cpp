@@ -152,6 +152,7 @@ struct BwdArgs {
 // elsewhere (aarch64, clang). `cpu_isa(n, gram)` picks the best the CPU supports (and that measured faster) at run time;
 // PAMA_EXT_CPU_ISA=baseline|avx2|avx512 forces one (read at every call, so tests can switch).
 namespace isa_baseline {
+constexpr int kVecDoubles = 2, kVecRegs = 16;  // doubles per vector register, registers
 #include "pama_cpu_kernels.h"
 }  // namespace isa_baseline
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -159,12 +160,14 @@ namespace isa_baseline {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
+constexpr int kVecDoubles = 4, kVecRegs = 16;  // doubles per vector register, registers
 #include "pama_cpu_kernels.h"
 }  // namespace isa_avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
+constexpr int kVecDoubles = 8, kVecRegs = 32;  // doubles per vector register, registers
 #include "pama_cpu_kernels.h"
 }  // namespace isa_avx512
 #pragma GCC pop_options

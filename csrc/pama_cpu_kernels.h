@@ -190,6 +190,81 @@ inline double lanes_sum(const double* acc) {
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+// ------------------------------------------------------------------------------ Gram update
+// G_ik += sum_j I_i[j] I_k[j] over a chunk, for every pair i <= k (G packed: the upper
+// triangle row by row). One dot product at a time costs two vector loads per FMA and is
+// bound by loads (measured 27 ns per token for N = 16). Register tiles of TI x TK pairs,
+// kVecDoubles lanes each, load TI + TK vectors per TI * TK FMAs; a tile on the diagonal also
+// computes a few pairs below it, which are dropped. kVecDoubles / kVecRegs come from the
+// instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair's lanes are
+// added in a fixed order once per chunk, so results stay bitwise reproducible.
+template <int V>
+inline double vec_sum(const double* x) {
+  if constexpr (V == 1) return x[0];
+  else return vec_sum<V / 2>(x) + vec_sum<V / 2>(x + V / 2);
+}
+
+inline int pair_index(int n, int i, int k) { return i * n - i * (i - 1) / 2 + (k - i); }
+
+// One vector register of doubles for this instruction set (GCC vector extension: the code
+// below says which values live in registers; plain arrays were left in memory, 4x slower).
+typedef double vdouble __attribute__((vector_size(kVecDoubles * sizeof(double))));
+inline vdouble vload(const double* p) {
+  vdouble v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. Rows past n are read from
+// row n - 1 (a valid address) and their results dropped. Products of two floats are exact in
+// double, so FMA contraction does not change any result.
+template <int TI, int TK, int CH>
+inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
+  constexpr int V = kVecDoubles;
+  for (int i0 = 0; i0 < n; i0 += TI)
+    for (int k0 = i0; k0 < n; k0 += TK) {
+      const double* x[TI];
+      const double* y[TK];
+      for (int a = 0; a < TI; ++a) x[a] = I[std::min(i0 + a, n - 1)];
+      for (int b = 0; b < TK; ++b) y[b] = I[std::min(k0 + b, n - 1)];
+      vdouble acc[TI][TK];
+#pragma GCC unroll 64
+      for (int a = 0; a < TI; ++a)
+#pragma GCC unroll 64
+        for (int b = 0; b < TK; ++b) acc[a][b] = vdouble{};
+      for (int j = 0; j < Lp; j += V) {
+        vdouble xv[TI];
+#pragma GCC unroll 64
+        for (int a = 0; a < TI; ++a) xv[a] = vload(x[a] + j);
+#pragma GCC unroll 64
+        for (int b = 0; b < TK; ++b) {
+          const vdouble yv = vload(y[b] + j);
+#pragma GCC unroll 64
+          for (int a = 0; a < TI; ++a) acc[a][b] += xv[a] * yv;
+        }
+      }
+      for (int a = 0; a < TI && i0 + a < n; ++a)
+        for (int b = 0; b < TK && k0 + b < n; ++b)
+          if (k0 + b >= i0 + a) {
+            double lanes[V];
+            std::memcpy(lanes, &acc[a][b], sizeof(lanes));
+            G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
+          }
+    }
+}
+
+// The tile shape for N objectives (NT > 0: known at compile time): one tile of all N x N
+// pairs when its accumulators and loads fit the registers; N = 4 in 16 registers: 2 x 4 (16
+// FMAs and 12 loads per vector of tokens, against 27 and 18 for 3 x 3 tiles); else the
+// largest square tile that fits (4 x 4 in 32 registers, 3 x 3 in 16).
+template <int NT>
+struct GramTile {
+  static constexpr bool whole = NT > 0 && NT * NT + NT + 1 <= kVecRegs;
+  static constexpr bool two_by_four = !whole && NT == 4;
+  static constexpr int TI = whole ? NT : two_by_four ? 2 : (kVecRegs >= 32 ? 4 : 3);
+  static constexpr int TK = whole ? NT : two_by_four ? 4 : TI;
+};
+
 // ------------------------------------------------------------------------------ forward pass
 
 // Accumulates tokens [t0, t1) of row b (advantages [B, T, N]) into row (+= [M, Smin, S, Q]),
@@ -211,19 +286,20 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
 
   ChunkBuf<op_t, CAP, CH> cb;
   M fa[CH];
-  constexpr int GCAP = (MODE == Mode::Gram && !(NT > 0 && NT <= 4)) ? CAP : 1;
-  double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram dot products
+  constexpr int GCAP = MODE == Mode::Gram ? CAP : 1;
+  double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram update
   double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
   constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
-  double accG[PCAP][LN];
+  double accG[PCAP];  // packed upper triangle, summed per chunk
   if constexpr (MODE == Mode::Gram)
-    for (int p = 0; p < npairs; ++p)
-      for (int l = 0; l < LN; ++l) accG[p][l] = 0.0;
+    for (int p = 0; p < npairs; ++p) accG[p] = 0.0;
   int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
 
+  constexpr int PAD = LN > kVecDoubles ? LN : kVecDoubles;  // Lp: a multiple of both
+  static_assert(CH % PAD == 0, "chunks hold whole vectors");
   for (int64_t c0 = t0; c0 < t1; c0 += CH) {
     const int L = static_cast<int>(std::min<int64_t>(CH, t1 - c0));
-    const int Lp = (L + LN - 1) / LN * LN;
+    const int Lp = (L + PAD - 1) / PAD * PAD;
     chunk_ratios<scalar_t, op_t>(lp + c0, olp + c0, L, Lp, cb);
     chunk_advantages<scalar_t, op_t, NT>(ad + c0 * n, n, L, Lp, cb, fa);
     // per-token masks and counts (counted in the mask width: no widening in the vector loop)
@@ -272,24 +348,10 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
       if constexpr (MODE == Mode::Mean) {
         for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
-      } else if constexpr (NT > 0 && NT <= 4) {
-        // small N: one pass over the chunk updates every pair (I loaded once per token,
-        // 2 lanes x N(N+1)/2 accumulators stay in registers); products exact in double
-        for (int j = 0; j < Lp; j += 2) {
-          double I[NT][2];
-          for (int i = 0; i < NT; ++i)
-            for (int l = 0; l < 2; ++l) I[i][l] = static_cast<double>(cb.At[i][j + l] * cb.w[j + l]);
-          int p = 0;
-          for (int i = 0; i < NT; ++i)
-            for (int k = i; k < NT; ++k, ++p)
-              for (int l = 0; l < 2; ++l) accG[p][l] += I[i][l] * I[k][l];
-        }
       } else {
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
-        int p = 0;
-        for (int i = 0; i < n; ++i)
-          for (int k = i; k < n; ++k, ++p) dot_lanes(Id[i], Id[k], Lp, accG[p]);
+        gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH>(Id, n, Lp, accG);
       }
     }
   }
@@ -301,7 +363,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
     if constexpr (MODE == Mode::Mean)
       for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);
     if constexpr (MODE == Mode::Gram)
-      for (int p = 0; p < npairs; ++p) gram[p] += lanes_sum(accG[p]);
+      for (int p = 0; p < npairs; ++p) gram[p] += accG[p];
   }
   cnt[0] += clipped;
   cnt[1] += nf_lp;
