@@ -114,7 +114,8 @@ inline op_t ratio_of(op_t x, op_t y) {
 // bitwise reproducible.
 constexpr int kChunk = 256;
 constexpr int kChunkGeneric = 64;
-constexpr int LN = 4;
+constexpr int LN = 16;  // 16 lanes: enough independent add chains to hide the add latency
+                        // (4 lanes left each objective's sum waiting on one chain: 1.2 ns a token)
 
 template <typename op_t, int CAP, int CH>
 struct ChunkBuf {
@@ -185,10 +186,12 @@ inline void dot_lanes_op(const T* x, const T* y, int Lp, double* acc) {
   for (int j = 0; j < Lp; j += LN)
     for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l] * y[j + l]);
 }
-inline double lanes_sum(const double* acc) {
-  static_assert(LN == 4, "fixed combination order");
-  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+template <int V>
+inline double vec_sum(const double* x) {  // pairwise, in a fixed order
+  if constexpr (V == 1) return x[0];
+  else return vec_sum<V / 2>(x) + vec_sum<V / 2>(x + V / 2);
 }
+inline double lanes_sum(const double* acc) { return vec_sum<LN>(acc); }
 
 // ------------------------------------------------------------------------------ Gram update
 // G_ik += sum_j I_i[j] I_k[j] over a chunk, for every pair i <= k (G packed: the upper
@@ -198,12 +201,6 @@ inline double lanes_sum(const double* acc) {
 // computes a few pairs below it, which are dropped. kVecDoubles / kVecRegs come from the
 // instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair's lanes are
 // added in a fixed order once per chunk, so results stay bitwise reproducible.
-template <int V>
-inline double vec_sum(const double* x) {
-  if constexpr (V == 1) return x[0];
-  else return vec_sum<V / 2>(x) + vec_sum<V / 2>(x + V / 2);
-}
-
 inline int pair_index(int n, int i, int k) { return i * n - i * (i - 1) / 2 + (k - i); }
 
 // One vector register of doubles for this instruction set (GCC vector extension: the code
@@ -351,6 +348,11 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       } else {
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
+        // Q_i = sum_t I_i (the statistics' sums; the loss does not need them), from Id: the
+        // same values in the same order as Mode::Mean's dot products
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < Lp; j += LN)
+            for (int l = 0; l < LN; ++l) accQ[i][l] += Id[i][j + l];
         gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH>(Id, n, Lp, accG);
       }
     }
@@ -360,8 +362,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
     row[1] += lanes_sum(accMin);
   } else {
     for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
-    if constexpr (MODE == Mode::Mean)
-      for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);
+    for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);  // 0 unless Mean or Gram
     if constexpr (MODE == Mode::Gram)
       for (int p = 0; p < npairs; ++p) gram[p] += accG[p];
   }
@@ -422,9 +423,8 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
     row[1] += static_cast<double>(mn) * sum_m;
   } else {
     for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;
-    if constexpr (MODE == Mode::Mean) {
-      for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;
-    } else {
+    for (int i = 0; i < n; ++i) row[2 + n + i] += static_cast<double>(A[i]) * ni;  // Q
+    if constexpr (MODE == Mode::Gram) {
       int k = 0;
       for (int i = 0; i < n; ++i)
         for (int j = i; j < n; ++j, ++k) gram[k] += static_cast<double>(A[i]) * static_cast<double>(A[j]) * ni;
