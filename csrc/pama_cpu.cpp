@@ -26,39 +26,22 @@
 #include <vector>
 
 #include "bindings.h"
+#include "pama_checks.h"
 #include "pama_math.h"
 
 namespace {
 
 using at::Tensor;
 
+using pama_checks::Agg;
+using pama_checks::Gran;
+
 constexpr int64_t kBlock = 2048;  // tokens per work unit
 
-enum class Gran { Batch, Token, Sequence, BatchMean, SequenceGram };
-enum class Agg { TokenMean, SeqMeanTokenMean };
 // What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean,
 // sequence_gram: its Gram is built from the per-row means Q_b / M_b after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
 // statistics it does accumulate are the ones the contract defines.
 enum class Mode { Gram, Mean, Min };
-
-Gran parse_granularity(const std::string& g) {
-  if (g == "batch") return Gran::Batch;
-  if (g == "token") return Gran::Token;
-  if (g == "sequence") return Gran::Sequence;
-  if (g == "batch_mean") return Gran::BatchMean;
-  if (g == "sequence_gram") return Gran::SequenceGram;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
-                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean', 'sequence_gram'");
-  return Gran::Batch;
-}
-
-Agg parse_loss_agg(const std::string& a) {
-  if (a == "token_mean") return Agg::TokenMean;
-  if (a == "seq_mean_token_mean") return Agg::SeqMeanTokenMean;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown loss_agg '", a,
-                    "'; expected one of 'token_mean', 'seq_mean_token_mean'");
-  return Agg::TokenMean;
-}
 
 Mode mode_of(Gran g) {
   switch (g) {
@@ -242,49 +225,20 @@ void backward_pass_isa(Isa isa, Args&&... args) {
 }
 
 // ------------------------------------------------------------------------------ checks
-void check_inputs(const char* fn, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
-                  const Tensor& mask) {
-  TORCH_CHECK(logp.device().is_cpu() && old_logp.device().is_cpu() && advantages.device().is_cpu() &&
-                  mask.device().is_cpu(),
-              fn, ": the CPU kernel needs CPU tensors");
-  TORCH_CHECK_VALUE(logp.dim() == 2, fn, ": `logp` must be [B, T], got ", logp.sizes());
-  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), fn, ": `old_logp` must have the shape of `logp` ",
-                    logp.sizes(), ", got ", old_logp.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), fn, ": `mask` must have the shape of `logp` ", logp.sizes(),
-                    ", got ", mask.sizes());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, fn, ": `mask` must be bool, got ", mask.scalar_type());
-  const auto st = logp.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, fn,
-                    ": `logp` must be float64, float32, bfloat16 or float16, got ", st);
-  TORCH_CHECK_VALUE(old_logp.scalar_type() == st && advantages.scalar_type() == st, fn,
-                    ": `logp`, `old_logp` and `advantages` must share one dtype");
-  const int64_t B = logp.size(0), T = logp.size(1);
-  const bool ok_adv = (advantages.dim() == 3 && advantages.size(0) == B && advantages.size(1) == T) ||
-                      (advantages.dim() == 2 && advantages.size(0) == B);
-  TORCH_CHECK_VALUE(ok_adv, fn, ": `advantages` must be [B, T, N] or [B, N] with [B, T] = ", logp.sizes(),
-                    ", got ", advantages.sizes());
-  const int64_t n = advantages.size(-1);
-  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, fn, ": the number of objectives N must be in [1, ", PAMA_MAX_N,
-                    "], got ", n);
-  TORCH_CHECK_VALUE(logp.is_contiguous() && old_logp.is_contiguous() && advantages.is_contiguous() &&
-                        mask.is_contiguous(),
-                    fn, ": inputs must be contiguous");
-}
-
-at::ScalarType acc_dtype_of(const Tensor& logp) {
-  return logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The CPU kernels' side of the checks shared with the CUDA glue (pama_checks.h).
+bool on_cpu(const Tensor&, const Tensor& x) { return x.device().is_cpu(); }
+constexpr pama_checks::Target kCpuTarget{&on_cpu, "the CPU kernel needs CPU tensors", PAMA_MAX_N,
+                                         /*joint_shape_message=*/false, /*dtype_error_name=*/nullptr};
 
 // ------------------------------------------------------------------------------ ops
 std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, const Tensor& old_logp,
                                                        const Tensor& advantages, const Tensor& mask,
                                                        double clip_eps, const std::string& granularity,
                                                        const std::string& loss_agg, bool check_finite) {
-  check_inputs("pama_forward", logp, old_logp, advantages, mask);
-  const Gran gran = parse_granularity(granularity);
-  const Agg agg = parse_loss_agg(loss_agg);
-  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "pama_loss: clip_eps must be a finite number > 0, got ",
-                    clip_eps);
+  pama_checks::check_inputs(kCpuTarget, "pama_forward", logp, old_logp, advantages, mask);
+  const Gran gran = pama_checks::parse_granularity(granularity);
+  const Agg agg = pama_checks::parse_loss_agg(loss_agg);
+  pama_checks::check_clip_eps(clip_eps);
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
   const bool bc = advantages.dim() == 2;
@@ -322,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
     nonempty += rows[b * R] > 0.0;
   }
 
-  const auto acc = acc_dtype_of(logp);
+  const auto acc = pama_checks::acc_dtype_of(logp);
   const auto dopt = at::TensorOptions().dtype(at::kDouble);
   // weights (double) used by the loss after rounding to the acc dtype, so that the loss is
   // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
@@ -448,24 +402,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
 Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                      const Tensor& mask, const Tensor& weights, const Tensor& row_scale, double clip_eps,
                      const std::string& granularity) {
-  check_inputs("pama_backward", logp, old_logp, advantages, mask);
-  const Gran gran = parse_granularity(granularity);
+  pama_checks::check_inputs(kCpuTarget, "pama_backward", logp, old_logp, advantages, mask);
+  const Gran gran = pama_checks::parse_granularity(granularity);
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
   const bool bc = advantages.dim() == 2;
-  const auto acc = acc_dtype_of(logp);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pama_backward: grad_loss must hold one value");
+  const auto acc = pama_checks::acc_dtype_of(logp);
+  pama_checks::check_grad_loss(grad_loss);
   const double go = grad_loss.to(at::kDouble).item<double>();
   // weights and row scales are read in the per-token precision (= the acc dtype)
   const Tensor rsc = row_scale.to(at::kCPU, acc).contiguous();
-  TORCH_CHECK_VALUE(rsc.numel() == B, "pama_backward: row_scale must be [B]");
+  pama_checks::check_row_scale(rsc, B);
   Tensor wc;
   bool per_row = false;
   if (gran != Gran::Token) {
     wc = weights.to(at::kCPU, acc).contiguous();
     per_row = gran == Gran::Sequence;
-    TORCH_CHECK_VALUE(wc.numel() == (per_row ? B * n : n), "pama_backward: weights must be ",
-                      per_row ? "[B, N]" : "[N]", " for granularity '", granularity, "'");
+    pama_checks::check_weights(wc, B, n, per_row, granularity);
   }
   Tensor grad = at::empty_like(logp);
   if (logp.numel() == 0) return grad;
