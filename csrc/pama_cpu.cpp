@@ -1,4 +1,5 @@
-// pama_cpu.cpp: the fused PAMA CPU kernels and the pybind11 module pama_ext._C.
+// pama_cpu.cpp: the fused PAMA CPU kernels, added to pama_ext._C by register_cpu_bindings
+// (the module itself and build_info are in bindings.cpp).
 //
 // Contract: csrc/README.md (two passes over memory, the O(N^3) solve in between).
 //   forward  = one reduction pass: per sequence, in double, M_b, S_{b,i}, Q_{b,i}, Smin_b and
@@ -438,90 +439,18 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   return grad;
 }
 
-// min over the simplex of c^T G c (float64 [N]).
-Tensor min_norm_weights_op(const Tensor& gram) {
-  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), "min_norm_weights: gram must be [N, N], got ",
-                    gram.sizes());
-  const int64_t n = gram.size(0);
-  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, "min_norm_weights: N must be in [1, ", PAMA_MAX_N, "], got ", n);
-  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
-  Tensor c = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
-  auto sc = std::make_unique<pama::MinNormScratch>();
-  pama::min_norm_weights(g.data_ptr<double>(), static_cast<int>(n), c.data_ptr<double>(), sc.get());
-  return c;
+}  // namespace
+
+void register_cpu_bindings(pybind11::module_& m) {
+  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
+        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
+        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
+  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
+        py::arg("clip_eps"), py::arg("granularity"));
 }
 
-// The same, with the solver's diagnostics (for tests): (weights, objective, kkt_residual,
-// major iterations, minor iterations, status: 0 converged, 1 iteration cap, 2 singular
-// bordered system, 3 stalled, 4 trivial case (N <= 2 or G = 0)).
-py::tuple min_norm_weights_info_op(const Tensor& gram) {
-  Tensor c = min_norm_weights_op(gram);
-  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
-  const int n = static_cast<int>(g.size(0));
-  auto sc = std::make_unique<pama::MinNormScratch>();
-  pama::MinNormInfo info;
-  std::vector<double> c2(n);
-  pama::min_norm_weights(g.data_ptr<double>(), n, c2.data(), sc.get(), &info);
-  double obj = 0.0, kkt = 0.0;
-  pama::quad_objective_kkt(g.data_ptr<double>(), n, c.data_ptr<double>(), &obj, &kkt);
-  return py::make_tuple(c, obj, kkt, info.major_iters, info.minor_iters, info.status);
-}
-
-// Theorem 1 along the last dimension (float64, same shape).
-Tensor theorem1_op(const Tensor& a) {
-  TORCH_CHECK_VALUE(a.dim() >= 1 && a.size(-1) >= 1, "theorem1: expected a tensor [..., N] with N >= 1, got ",
-                    a.sizes());
-  const Tensor x = a.to(at::kCPU, at::kDouble).contiguous();
-  Tensor c = at::empty_like(x);
-  const int64_t n = x.size(-1);
-  const int64_t rows = n > 0 ? x.numel() / n : 0;
-  const double* px = x.data_ptr<double>();
-  double* pc = c.data_ptr<double>();
-  at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) pama::theorem1(px + r * n, static_cast<int>(n), pc + r * n);
-  });
-  return c;
-}
-
-py::dict build_info() {
-  py::dict d;
-  py::list backends;
-  backends.append("cpu");
-  d["backends"] = backends;
-#ifdef _OPENMP
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
-  d["num_threads"] = at::get_num_threads();
-  d["torch_version"] = std::string(TORCH_VERSION);
-#ifdef PAMA_WITH_CUDA
-  backends.append("cuda");
-  {
-    py::dict cu;
-    const int v = pama_cuda_runtime_version();  // CUDART_VERSION of pama_cuda_kernels.cu
-    cu["version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-#ifdef PAMA_CUDA_ARCHS
-#define PAMA_STR_(...) #__VA_ARGS__
-#define PAMA_STR(...) PAMA_STR_(__VA_ARGS__)
-    const std::string archs = PAMA_STR(PAMA_CUDA_ARCHS);  // "sm_80.sm_90" (setup.py: no commas, nvcc splits -D at them)
-#else
-    const std::string archs;
-#endif
-    py::list al;
-    for (size_t i = 0; i < archs.size();) {
-      size_t j = archs.find('.', i);
-      if (j == std::string::npos) j = archs.size();
-      if (j > i) al.append(archs.substr(i, j - i));
-      i = j + 1;
-    }
-    cu["archs"] = al;
-    d["cuda"] = cu;
-  }
-#else
-  d["cuda"] = py::none();
-#endif
-  d["max_objectives"] = PAMA_MAX_N;
+void add_cpu_build_info(pybind11::dict& d) {
   d["block_tokens"] = kBlock;
   d["specialised_n"] = py::make_tuple(1, 2, 3, 4, 8);
   // the CPU kernels' instruction sets: compiled, the best this CPU runs, and the one a call
@@ -536,29 +465,4 @@ py::dict build_info() {
   d["cpu_isa_best"] = std::string(isa_name(best_isa()));
   d["cpu_isa"] = std::string(isa_name(cpu_isa(4, true)));  // a call with N <= 4
   d["cpu_isa_large_n"] = std::string(isa_name(cpu_isa(16, true)));  // N = 5..7, 16+, the N = 8 Gram
-  return d;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pama_ext._C: fused PAMA CPU kernels (see csrc/README.md)";
-  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
-        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
-        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
-  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
-        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
-        py::arg("clip_eps"), py::arg("granularity"));
-  m.def("min_norm_weights", &min_norm_weights_op, "exact argmin over the simplex of c^T G c (float64)",
-        py::arg("gram"));
-  m.def("_min_norm_weights_info", &min_norm_weights_info_op,
-        "min_norm_weights with diagnostics: (weights, objective, kkt_residual, major, minor, status)",
-        py::arg("gram"));
-  m.def("theorem1", &theorem1_op, "Theorem 1 weights along the last dimension (float64)", py::arg("a"));
-  m.def("build_info", &build_info, "what this extension was compiled with");
-  // ops of the other source files of the module (csrc/bindings.h)
-  register_gae_bindings(m);
-#ifdef PAMA_WITH_CUDA
-  register_cuda_bindings(m);  // csrc/pama_cuda.cpp (CUDA builds only)
-#endif
 }
