@@ -76,10 +76,11 @@ def _extensions():
     cxx_flags = ["-O3", "-g0", "-fno-trapping-math", "-fvisibility=hidden"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
-    # pama_cpu.cpp owns PYBIND11_MODULE; the other files register their ops through
-    # csrc/bindings.h (gae_cpu.cpp: per-objective GAE for pama_ext.rl; pama_cuda.cpp +
+    # bindings.cpp owns PYBIND11_MODULE; the other files register their ops through
+    # csrc/bindings.h (pama_cpu.cpp: the fused op's CPU kernels; solvers_cpu.cpp: min_norm_weights
+    # and theorem1; gae_cpu.cpp: per-objective GAE for pama_ext.rl; pama_cuda.cpp +
     # pama_cuda_kernels.cu: the CUDA kernels, only in a CUDA build)
-    sources = [os.path.join(CSRC, "pama_cpu.cpp"), os.path.join(CSRC, "gae_cpu.cpp")]
+    sources = [os.path.join(CSRC, name) for name in ("bindings.cpp", "pama_cpu.cpp", "solvers_cpu.cpp", "gae_cpu.cpp")]
     common = dict(
         name="pama_ext._C",
         include_dirs=[os.path.join(HERE, "csrc")],

@@ -1,11 +1,23 @@
 // bindings.h: registration hooks of the source files that add ops to pama_ext._C.
 //
-// Each extra source file (beside pama_cpu.cpp, which owns PYBIND11_MODULE) defines one
+// bindings.cpp owns PYBIND11_MODULE and build_info; every other source file defines one
 // `register_*_bindings(m)` that adds its functions to the module, so the module body stays
 // one line per file and the files stay independent of each other.
 #pragma once
 
 #include <torch/extension.h>
+
+// csrc/pama_cpu.cpp: m.def("pama_forward" / "pama_backward"), the CPU kernels of the fused op
+// (pama_ext/_ops.py registers them as the CPU implementation of pama_ext::pama_forward /
+// pama_backward).
+void register_cpu_bindings(pybind11::module_& m);
+// csrc/pama_cpu.cpp: the CPU kernels' entries of build_info (block_tokens, specialised_n and
+// the instruction sets: compiled, best on this CPU, chosen per call).
+void add_cpu_build_info(pybind11::dict& d);
+
+// csrc/solvers_cpu.cpp: m.def("min_norm_weights" / "_min_norm_weights_info" / "theorem1"), the
+// solvers of pama_math.h on their own.
+void register_solver_bindings(pybind11::module_& m);
 
 // csrc/gae_cpu.cpp: m.def("gae", ...), per-objective GAE over [B, T, N] (pama_ext/rl/gae.py).
 void register_gae_bindings(pybind11::module_& m);

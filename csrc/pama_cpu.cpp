@@ -1,4 +1,5 @@
-// pama_cpu.cpp: the fused PAMA CPU kernels and the pybind11 module pama_ext._C.
+// pama_cpu.cpp: the fused PAMA CPU kernels, added to pama_ext._C by register_cpu_bindings
+// (the module itself and build_info are in bindings.cpp).
 //
 // Contract: csrc/README.md (two passes over memory, the O(N^3) solve in between).
 //   forward  = one reduction pass: per sequence, in double, M_b, S_{b,i}, Q_{b,i}, Smin_b and
@@ -26,39 +27,22 @@
 #include <vector>
 
 #include "bindings.h"
+#include "pama_checks.h"
 #include "pama_math.h"
 
 namespace {
 
 using at::Tensor;
 
+using pama_checks::Agg;
+using pama_checks::Gran;
+
 constexpr int64_t kBlock = 2048;  // tokens per work unit
 
-enum class Gran { Batch, Token, Sequence, BatchMean, SequenceGram };
-enum class Agg { TokenMean, SeqMeanTokenMean };
 // What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean,
 // sequence_gram: its Gram is built from the per-row means Q_b / M_b after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
 // statistics it does accumulate are the ones the contract defines.
 enum class Mode { Gram, Mean, Min };
-
-Gran parse_granularity(const std::string& g) {
-  if (g == "batch") return Gran::Batch;
-  if (g == "token") return Gran::Token;
-  if (g == "sequence") return Gran::Sequence;
-  if (g == "batch_mean") return Gran::BatchMean;
-  if (g == "sequence_gram") return Gran::SequenceGram;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
-                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean', 'sequence_gram'");
-  return Gran::Batch;
-}
-
-Agg parse_loss_agg(const std::string& a) {
-  if (a == "token_mean") return Agg::TokenMean;
-  if (a == "seq_mean_token_mean") return Agg::SeqMeanTokenMean;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown loss_agg '", a,
-                    "'; expected one of 'token_mean', 'seq_mean_token_mean'");
-  return Agg::TokenMean;
-}
 
 Mode mode_of(Gran g) {
   switch (g) {
@@ -245,49 +229,20 @@ void backward_pass_isa(Isa isa, Args&&... args) {
 }
 
 // ------------------------------------------------------------------------------ checks
-void check_inputs(const char* fn, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
-                  const Tensor& mask) {
-  TORCH_CHECK(logp.device().is_cpu() && old_logp.device().is_cpu() && advantages.device().is_cpu() &&
-                  mask.device().is_cpu(),
-              fn, ": the CPU kernel needs CPU tensors");
-  TORCH_CHECK_VALUE(logp.dim() == 2, fn, ": `logp` must be [B, T], got ", logp.sizes());
-  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes(), fn, ": `old_logp` must have the shape of `logp` ",
-                    logp.sizes(), ", got ", old_logp.sizes());
-  TORCH_CHECK_VALUE(mask.sizes() == logp.sizes(), fn, ": `mask` must have the shape of `logp` ", logp.sizes(),
-                    ", got ", mask.sizes());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, fn, ": `mask` must be bool, got ", mask.scalar_type());
-  const auto st = logp.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kDouble || st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, fn,
-                    ": `logp` must be float64, float32, bfloat16 or float16, got ", st);
-  TORCH_CHECK_VALUE(old_logp.scalar_type() == st && advantages.scalar_type() == st, fn,
-                    ": `logp`, `old_logp` and `advantages` must share one dtype");
-  const int64_t B = logp.size(0), T = logp.size(1);
-  const bool ok_adv = (advantages.dim() == 3 && advantages.size(0) == B && advantages.size(1) == T) ||
-                      (advantages.dim() == 2 && advantages.size(0) == B);
-  TORCH_CHECK_VALUE(ok_adv, fn, ": `advantages` must be [B, T, N] or [B, N] with [B, T] = ", logp.sizes(),
-                    ", got ", advantages.sizes());
-  const int64_t n = advantages.size(-1);
-  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, fn, ": the number of objectives N must be in [1, ", PAMA_MAX_N,
-                    "], got ", n);
-  TORCH_CHECK_VALUE(logp.is_contiguous() && old_logp.is_contiguous() && advantages.is_contiguous() &&
-                        mask.is_contiguous(),
-                    fn, ": inputs must be contiguous");
-}
-
-at::ScalarType acc_dtype_of(const Tensor& logp) {
-  return logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The CPU kernels' side of the checks shared with the CUDA glue (pama_checks.h).
+bool on_cpu(const Tensor&, const Tensor& x) { return x.device().is_cpu(); }
+constexpr pama_checks::Target kCpuTarget{&on_cpu, "the CPU kernel needs CPU tensors", PAMA_MAX_N,
+                                         /*joint_shape_message=*/false, /*dtype_error_name=*/nullptr};
 
 // ------------------------------------------------------------------------------ ops
 std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, const Tensor& old_logp,
                                                        const Tensor& advantages, const Tensor& mask,
                                                        double clip_eps, const std::string& granularity,
                                                        const std::string& loss_agg, bool check_finite) {
-  check_inputs("pama_forward", logp, old_logp, advantages, mask);
-  const Gran gran = parse_granularity(granularity);
-  const Agg agg = parse_loss_agg(loss_agg);
-  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "pama_loss: clip_eps must be a finite number > 0, got ",
-                    clip_eps);
+  pama_checks::check_inputs(kCpuTarget, "pama_forward", logp, old_logp, advantages, mask);
+  const Gran gran = pama_checks::parse_granularity(granularity);
+  const Agg agg = pama_checks::parse_loss_agg(loss_agg);
+  pama_checks::check_clip_eps(clip_eps);
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
   const bool bc = advantages.dim() == 2;
@@ -325,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
     nonempty += rows[b * R] > 0.0;
   }
 
-  const auto acc = acc_dtype_of(logp);
+  const auto acc = pama_checks::acc_dtype_of(logp);
   const auto dopt = at::TensorOptions().dtype(at::kDouble);
   // weights (double) used by the loss after rounding to the acc dtype, so that the loss is
   // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
@@ -451,24 +406,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
 Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
                      const Tensor& mask, const Tensor& weights, const Tensor& row_scale, double clip_eps,
                      const std::string& granularity) {
-  check_inputs("pama_backward", logp, old_logp, advantages, mask);
-  const Gran gran = parse_granularity(granularity);
+  pama_checks::check_inputs(kCpuTarget, "pama_backward", logp, old_logp, advantages, mask);
+  const Gran gran = pama_checks::parse_granularity(granularity);
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
   const bool bc = advantages.dim() == 2;
-  const auto acc = acc_dtype_of(logp);
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pama_backward: grad_loss must hold one value");
+  const auto acc = pama_checks::acc_dtype_of(logp);
+  pama_checks::check_grad_loss(grad_loss);
   const double go = grad_loss.to(at::kDouble).item<double>();
   // weights and row scales are read in the per-token precision (= the acc dtype)
   const Tensor rsc = row_scale.to(at::kCPU, acc).contiguous();
-  TORCH_CHECK_VALUE(rsc.numel() == B, "pama_backward: row_scale must be [B]");
+  pama_checks::check_row_scale(rsc, B);
   Tensor wc;
   bool per_row = false;
   if (gran != Gran::Token) {
     wc = weights.to(at::kCPU, acc).contiguous();
     per_row = gran == Gran::Sequence;
-    TORCH_CHECK_VALUE(wc.numel() == (per_row ? B * n : n), "pama_backward: weights must be ",
-                      per_row ? "[B, N]" : "[N]", " for granularity '", granularity, "'");
+    pama_checks::check_weights(wc, B, n, per_row, granularity);
   }
   Tensor grad = at::empty_like(logp);
   if (logp.numel() == 0) return grad;
@@ -488,90 +442,18 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   return grad;
 }
 
-// min over the simplex of c^T G c (float64 [N]).
-Tensor min_norm_weights_op(const Tensor& gram) {
-  TORCH_CHECK_VALUE(gram.dim() == 2 && gram.size(0) == gram.size(1), "min_norm_weights: gram must be [N, N], got ",
-                    gram.sizes());
-  const int64_t n = gram.size(0);
-  TORCH_CHECK_VALUE(n >= 1 && n <= PAMA_MAX_N, "min_norm_weights: N must be in [1, ", PAMA_MAX_N, "], got ", n);
-  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
-  Tensor c = at::empty({n}, at::TensorOptions().dtype(at::kDouble));
-  auto sc = std::make_unique<pama::MinNormScratch>();
-  pama::min_norm_weights(g.data_ptr<double>(), static_cast<int>(n), c.data_ptr<double>(), sc.get());
-  return c;
+}  // namespace
+
+void register_cpu_bindings(pybind11::module_& m) {
+  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
+        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
+        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
+  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
+        py::arg("clip_eps"), py::arg("granularity"));
 }
 
-// The same, with the solver's diagnostics (for tests): (weights, objective, kkt_residual,
-// major iterations, minor iterations, status: 0 converged, 1 iteration cap, 2 singular
-// bordered system, 3 stalled, 4 trivial case (N <= 2 or G = 0)).
-py::tuple min_norm_weights_info_op(const Tensor& gram) {
-  Tensor c = min_norm_weights_op(gram);
-  const Tensor g = gram.to(at::kCPU, at::kDouble).contiguous();
-  const int n = static_cast<int>(g.size(0));
-  auto sc = std::make_unique<pama::MinNormScratch>();
-  pama::MinNormInfo info;
-  std::vector<double> c2(n);
-  pama::min_norm_weights(g.data_ptr<double>(), n, c2.data(), sc.get(), &info);
-  double obj = 0.0, kkt = 0.0;
-  pama::quad_objective_kkt(g.data_ptr<double>(), n, c.data_ptr<double>(), &obj, &kkt);
-  return py::make_tuple(c, obj, kkt, info.major_iters, info.minor_iters, info.status);
-}
-
-// Theorem 1 along the last dimension (float64, same shape).
-Tensor theorem1_op(const Tensor& a) {
-  TORCH_CHECK_VALUE(a.dim() >= 1 && a.size(-1) >= 1, "theorem1: expected a tensor [..., N] with N >= 1, got ",
-                    a.sizes());
-  const Tensor x = a.to(at::kCPU, at::kDouble).contiguous();
-  Tensor c = at::empty_like(x);
-  const int64_t n = x.size(-1);
-  const int64_t rows = n > 0 ? x.numel() / n : 0;
-  const double* px = x.data_ptr<double>();
-  double* pc = c.data_ptr<double>();
-  at::parallel_for(0, rows, 4096, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) pama::theorem1(px + r * n, static_cast<int>(n), pc + r * n);
-  });
-  return c;
-}
-
-py::dict build_info() {
-  py::dict d;
-  py::list backends;
-  backends.append("cpu");
-  d["backends"] = backends;
-#ifdef _OPENMP
-  d["openmp"] = true;
-#else
-  d["openmp"] = false;
-#endif
-  d["num_threads"] = at::get_num_threads();
-  d["torch_version"] = std::string(TORCH_VERSION);
-#ifdef PAMA_WITH_CUDA
-  backends.append("cuda");
-  {
-    py::dict cu;
-    const int v = pama_cuda_runtime_version();  // CUDART_VERSION of pama_cuda_kernels.cu
-    cu["version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-#ifdef PAMA_CUDA_ARCHS
-#define PAMA_STR_(...) #__VA_ARGS__
-#define PAMA_STR(...) PAMA_STR_(__VA_ARGS__)
-    const std::string archs = PAMA_STR(PAMA_CUDA_ARCHS);  // "sm_80.sm_90" (setup.py: no commas, nvcc splits -D at them)
-#else
-    const std::string archs;
-#endif
-    py::list al;
-    for (size_t i = 0; i < archs.size();) {
-      size_t j = archs.find('.', i);
-      if (j == std::string::npos) j = archs.size();
-      if (j > i) al.append(archs.substr(i, j - i));
-      i = j + 1;
-    }
-    cu["archs"] = al;
-    d["cuda"] = cu;
-  }
-#else
-  d["cuda"] = py::none();
-#endif
-  d["max_objectives"] = PAMA_MAX_N;
+void add_cpu_build_info(pybind11::dict& d) {
   d["block_tokens"] = kBlock;
   d["specialised_n"] = py::make_tuple(1, 2, 3, 4, 8);
   // the CPU kernels' instruction sets: compiled, the best this CPU runs, and the one a call
@@ -586,29 +468,4 @@ py::dict build_info() {
   d["cpu_isa_best"] = std::string(isa_name(best_isa()));
   d["cpu_isa"] = std::string(isa_name(cpu_isa(4, true)));  // a call with N <= 4
   d["cpu_isa_large_n"] = std::string(isa_name(cpu_isa(16, true)));  // N = 5..7, 16+, the N = 8 Gram
-  return d;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "pama_ext._C: fused PAMA CPU kernels (see csrc/README.md)";
-  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
-        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
-        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
-  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
-        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
-        py::arg("clip_eps"), py::arg("granularity"));
-  m.def("min_norm_weights", &min_norm_weights_op, "exact argmin over the simplex of c^T G c (float64)",
-        py::arg("gram"));
-  m.def("_min_norm_weights_info", &min_norm_weights_info_op,
-        "min_norm_weights with diagnostics: (weights, objective, kkt_residual, major, minor, status)",
-        py::arg("gram"));
-  m.def("theorem1", &theorem1_op, "Theorem 1 weights along the last dimension (float64)", py::arg("a"));
-  m.def("build_info", &build_info, "what this extension was compiled with");
-  // ops of the other source files of the module (csrc/bindings.h)
-  register_gae_bindings(m);
-#ifdef PAMA_WITH_CUDA
-  register_cuda_bindings(m);  // csrc/pama_cuda.cpp (CUDA builds only)
-#endif
 }

@@ -18,31 +18,29 @@
 #include <string>
 
 #include "bindings.h"
+#include "pama_checks.h"
 #include "pama_cuda_kernels.h"
 
 namespace {
 
 using at::Tensor;
 
+// pama_checks parses the options; its enums list them in the order of the kernels' plain ones
+static_assert(int(pama_checks::Gran::Batch) == pama_cuda::kBatch &&
+              int(pama_checks::Gran::Token) == pama_cuda::kToken &&
+              int(pama_checks::Gran::Sequence) == pama_cuda::kSequence &&
+              int(pama_checks::Gran::BatchMean) == pama_cuda::kBatchMean &&
+              int(pama_checks::Gran::SequenceGram) == pama_cuda::kSequenceGram);
+static_assert(int(pama_checks::Agg::TokenMean) == pama_cuda::kTokenMean &&
+              int(pama_checks::Agg::SeqMeanTokenMean) == pama_cuda::kSeqMeanTokenMean);
+
 pama_cuda::Gran gran_of(const std::string& g) {
-  if (g == "batch") return pama_cuda::kBatch;
-  if (g == "token") return pama_cuda::kToken;
-  if (g == "sequence") return pama_cuda::kSequence;
-  if (g == "batch_mean") return pama_cuda::kBatchMean;
-  if (g == "sequence_gram") return pama_cuda::kSequenceGram;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown granularity '", g,
-                    "'; expected one of 'batch', 'token', 'sequence', 'batch_mean', 'sequence_gram'");
-  return pama_cuda::kBatch;
+  return static_cast<pama_cuda::Gran>(pama_checks::parse_granularity(g));
 }
 
-pama_cuda::Agg agg_of(const std::string& a) {
-  if (a == "token_mean") return pama_cuda::kTokenMean;
-  if (a == "seq_mean_token_mean") return pama_cuda::kSeqMeanTokenMean;
-  TORCH_CHECK_VALUE(false, "pama_loss: unknown loss_agg '", a,
-                    "'; expected one of 'token_mean', 'seq_mean_token_mean'");
-  return pama_cuda::kTokenMean;
-}
+pama_cuda::Agg agg_of(const std::string& a) { return static_cast<pama_cuda::Agg>(pama_checks::parse_loss_agg(a)); }
 
+// the kernels' dtype of an input that check_inputs accepted
 pama_cuda::DType dtype_of(at::ScalarType st) {
   switch (st) {
     case at::kDouble: return pama_cuda::kFloat64;
@@ -55,31 +53,13 @@ pama_cuda::DType dtype_of(at::ScalarType st) {
   return pama_cuda::kFloat32;
 }
 
-void check_inputs(const char* fn, const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
-                  const Tensor& mask) {
-  TORCH_CHECK(logp.is_cuda() && old_logp.device() == logp.device() && advantages.device() == logp.device() &&
-                  mask.device() == logp.device(),
-              fn, ": the CUDA kernel needs every input on one CUDA device");
-  TORCH_CHECK_VALUE(logp.dim() == 2, fn, ": `logp` must be [B, T], got ", logp.sizes());
-  TORCH_CHECK_VALUE(old_logp.sizes() == logp.sizes() && mask.sizes() == logp.sizes(), fn,
-                    ": `old_logp` and `mask` must have the shape of `logp` ", logp.sizes());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, fn, ": `mask` must be bool, got ", mask.scalar_type());
-  const auto st = logp.scalar_type();
-  dtype_of(st);
-  TORCH_CHECK_VALUE(old_logp.scalar_type() == st && advantages.scalar_type() == st, fn,
-                    ": `logp`, `old_logp` and `advantages` must share one dtype");
-  const int64_t B = logp.size(0), T = logp.size(1);
-  const bool ok_adv = (advantages.dim() == 3 && advantages.size(0) == B && advantages.size(1) == T) ||
-                      (advantages.dim() == 2 && advantages.size(0) == B);
-  TORCH_CHECK_VALUE(ok_adv, fn, ": `advantages` must be [B, T, N] or [B, N] with [B, T] = ", logp.sizes(),
-                    ", got ", advantages.sizes());
-  const int64_t n = advantages.size(-1);
-  TORCH_CHECK_VALUE(n >= 1 && n <= pama_cuda::kMaxN, fn, ": the number of objectives N must be in [1, ",
-                    pama_cuda::kMaxN, "], got ", n);
-  TORCH_CHECK_VALUE(logp.is_contiguous() && old_logp.is_contiguous() && advantages.is_contiguous() &&
-                        mask.is_contiguous(),
-                    fn, ": inputs must be contiguous");
+// The CUDA glue's side of the checks shared with the CPU kernels (pama_checks.h).
+bool on_logp_cuda_device(const Tensor& logp, const Tensor& x) {
+  return logp.is_cuda() && x.device() == logp.device();
 }
+constexpr pama_checks::Target kCudaTarget{&on_logp_cuda_device, "the CUDA kernel needs every input on one CUDA device",
+                                          pama_cuda::kMaxN, /*joint_shape_message=*/true,
+                                          /*dtype_error_name=*/"pama_loss"};
 
 pama_cuda::Inputs inputs_of(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
                             double clip_eps) {
@@ -101,15 +81,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward_cuda(const Tensor& logp,
                                                             const Tensor& advantages, const Tensor& mask,
                                                             double clip_eps, const std::string& granularity,
                                                             const std::string& loss_agg) {
-  check_inputs("pama_forward", logp, old_logp, advantages, mask);
+  pama_checks::check_inputs(kCudaTarget, "pama_forward", logp, old_logp, advantages, mask);
   const auto gran = gran_of(granularity);
   const auto agg = agg_of(loss_agg);
-  TORCH_CHECK_VALUE(std::isfinite(clip_eps) && clip_eps > 0.0, "pama_loss: clip_eps must be a finite number > 0, got ",
-                    clip_eps);
+  pama_checks::check_clip_eps(clip_eps);
   const c10::cuda::CUDAGuard guard(logp.device());
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
-  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = pama_checks::acc_dtype_of(logp);
   const auto opt = logp.options().dtype(acc);
   Tensor loss = at::empty({}, opt);
   Tensor weights = gran == pama_cuda::kToken      ? at::empty({0}, opt)
@@ -133,23 +112,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward_cuda(const Tensor& logp,
 Tensor pama_backward_cuda(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp,
                           const Tensor& advantages, const Tensor& mask, const Tensor& weights, const Tensor& row_scale,
                           double clip_eps, const std::string& granularity) {
-  check_inputs("pama_backward", logp, old_logp, advantages, mask);
+  pama_checks::check_inputs(kCudaTarget, "pama_backward", logp, old_logp, advantages, mask);
   const auto gran = gran_of(granularity);
   const c10::cuda::CUDAGuard guard(logp.device());
   const int64_t B = logp.size(0);
   const int n = static_cast<int>(advantages.size(-1));
-  const auto acc = logp.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, "pama_backward: grad_loss must hold one value");
+  const auto acc = pama_checks::acc_dtype_of(logp);
+  pama_checks::check_grad_loss(grad_loss);
   // all on the device, no host copy: the kernel reads grad_loss through a pointer
   const Tensor go = grad_loss.to(logp.device(), at::kDouble).reshape({1}).contiguous();
   const Tensor rs = row_scale.to(logp.device(), acc).contiguous();
-  TORCH_CHECK_VALUE(rs.numel() == B, "pama_backward: row_scale must be [B]");
+  pama_checks::check_row_scale(rs, B);
   Tensor wc;
   if (gran != pama_cuda::kToken) {
     wc = weights.to(logp.device(), acc).contiguous();
     const bool per_row = gran == pama_cuda::kSequence;
-    TORCH_CHECK_VALUE(wc.numel() == (per_row ? B * n : n), "pama_backward: weights must be ",
-                      per_row ? "[B, N]" : "[N]", " for granularity '", granularity, "'");
+    pama_checks::check_weights(wc, B, n, per_row, granularity);
   }
   Tensor grad = at::empty_like(logp);
   if (logp.numel() == 0) return grad;

@@ -105,7 +105,7 @@ def decide_cuda(
     # The list is joined with '.', not ',': torch's BuildExtension passes define_macros to
     # nvcc as -DNAME=VALUE and nvcc splits an option value at commas, so "sm_80,sm_90" would
     # also define a macro `sm_90` and break <nv/target> (included by cuda_bf16.h). No quotes
-    # or spaces either (they do not survive every build-command quoting). pama_cpu.cpp
+    # or spaces either (they do not survive every build-command quoting). bindings.cpp
     # stringifies the list for build_info and splits it at '.'.
     macros = [("PAMA_WITH_CUDA", None), ("PAMA_CUDA_ARCHS", ".".join(archs))]
     check_macros(macros)

@@ -111,7 +111,7 @@ def test_extension_has_gae():
         pytest.skip("pama_ext._C is not built")
     assert hasattr(_backends._C, "gae"), (
         "pama_ext._C lacks `gae`: add csrc/gae_cpu.cpp to setup.py and call register_gae_bindings(m) "
-        "in PYBIND11_MODULE (csrc/pama_cpu.cpp)"
+        "in PYBIND11_MODULE (csrc/bindings.cpp)"
     )
     assert gae_mod.has_cpp_gae()
 
