@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .reference import GRANULARITIES, LOSS_AGGS
+from .reference import DEFAULT_GRANULARITY, GRANULARITIES, LOSS_AGGS
 
 MAX_OBJECTIVES = 64
 NONFINITE_MODES = ("raise", "mask")
@@ -36,6 +36,28 @@ def check_clip_eps(fn: str, clip_eps) -> float:
     if not clip_eps > 0 or clip_eps == float("inf"):
         raise ValueError(f"{fn}: `clip_eps` must be a finite float > 0, got {clip_eps}")
     return clip_eps
+
+
+class LossSettings(NamedTuple):
+    """The keyword settings of one loss / weights call, checked once where the public call
+    enters (``check_settings``) and passed inward next to the ``LossInputs``."""
+
+    fn: str  # the public name, for error messages
+    clip_eps: float
+    granularity: str = DEFAULT_GRANULARITY
+    loss_agg: str = "token_mean"
+    backend: str = "auto"  # resolved later, against the inputs' device
+    nonfinite: str = "raise"
+
+
+def check_settings(fn: str, clip_eps, granularity: str = DEFAULT_GRANULARITY, loss_agg: str = "token_mean",
+                   backend: str = "auto", nonfinite: str = "raise") -> LossSettings:
+    """The common keywords of the loss functions, checked (``clip_eps``, then the choices)."""
+    clip_eps = check_clip_eps(fn, clip_eps)
+    check_choice(fn, "granularity", granularity, GRANULARITIES)
+    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
+    check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
+    return LossSettings(fn, clip_eps, granularity, loss_agg, backend, nonfinite)
 
 
 def _check_tensor(fn: str, name: str, x) -> None:

@@ -32,15 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _ops  # noqa: F401  (registers pama_ext::pama_backward)
-from ._validation import (
-    LOSS_AGGS,
-    NONFINITE_MODES,
-    LossInputs,
-    _shape,
-    check_choice,
-    check_clip_eps,
-    check_loss_inputs,
-)
+from ._validation import LossInputs, LossSettings, _shape, check_loss_inputs, check_settings
 from .distributed import all_reduce_mean, all_reduce_sum, is_distributed
 from .statistics import Solution, _valid_tokens, solve_gram
 
@@ -206,26 +198,24 @@ def weighted_noon_loss_and_stats(
     ``s_t > 0`` or ``u < 1 - eps`` with ``s_t < 0``); ``zero_advantage_tokens`` those with
     ``s_t == 0``."""
     fn = "weighted_noon_loss"
-    clip_eps = check_clip_eps(fn, clip_eps)
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
-    check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
+    s = check_settings(fn, clip_eps, loss_agg=loss_agg, nonfinite=nonfinite)
     x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
-    w = _check_weights(fn, weights, x)
-    return fixed_weights_loss_of(x, w, clip_eps, loss_agg, signed, normalizer, nonfinite, fn)
+    return fixed_weights_loss_of(x, _check_weights(fn, weights, x), s, signed, normalizer)
 
 
-def fixed_weights_loss_of(x: LossInputs, w: Tensor, clip_eps: float, loss_agg: str, signed: bool = False,
-                          normalizer=None, nonfinite: str = "raise", fn: str = "weighted_noon_loss"):
-    """``weighted_noon_loss_and_stats`` on inputs already validated (``check_loss_inputs``,
-    ``_check_weights``): the entry for callers that validated once (``PAMA``)."""
+def fixed_weights_loss_of(x: LossInputs, w: Tensor, s: LossSettings, signed: bool = False, normalizer=None):
+    """``weighted_noon_loss_and_stats`` on inputs and settings already checked
+    (``check_loss_inputs``, ``_check_weights``, ``check_settings``; ``s.clip_eps``,
+    ``s.loss_agg``, ``s.nonfinite`` and ``s.fn`` are read): the entry for callers that
+    validated once (``PAMA``)."""
     with torch.autocast(x.logp.device.type, enabled=False):
-        valid = _valid_tokens(x, nonfinite, fn)
-        row_scale = row_scale_of(valid, loss_agg, normalizer)
+        valid = _valid_tokens(x, s.nonfinite, s.fn)
+        row_scale = row_scale_of(valid, s.loss_agg, normalizer)
         if signed:
-            return _signed_ppo_loss(x, valid, w, row_scale, clip_eps)
+            return _signed_ppo_loss(x, valid, w, row_scale, s.clip_eps)
         acc = _acc_dtype(x.logp)
         return torch.ops.pama_ext.noon_loss_fixed_weights(
-            x.logp, x.old_logp, x.advantages, valid.contiguous(), w.to(acc), row_scale.to(acc), clip_eps
+            x.logp, x.old_logp, x.advantages, valid.contiguous(), w.to(acc), row_scale.to(acc), s.clip_eps
         )
 
 
@@ -264,18 +254,8 @@ def weighted_noon_loss(
     With one-hot ``weights = e_i`` the Noon loss is the single-objective surrogate L^(i),
     and the loss is linear in ``weights``: ``weighted_noon_loss(.., w) = sum_i w_i L^(i)``.
     """
-    return weighted_noon_loss_and_stats(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        weights,
-        clip_eps=clip_eps,
-        loss_agg=loss_agg,
-        signed=signed,
-        normalizer=normalizer,
-        nonfinite=nonfinite,
-    )[0]
+    return weighted_noon_loss_and_stats(logp, old_logp, advantages, mask, weights, clip_eps=clip_eps, loss_agg=loss_agg,
+                                        signed=signed, normalizer=normalizer, nonfinite=nonfinite)[0]
 
 
 # --------------------------------------------------------------------------- baselines

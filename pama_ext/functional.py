@@ -15,17 +15,7 @@ from torch import Tensor
 from . import _backends, _ops, reference  # noqa: F401  (_ops registers the torch.library ops)
 from .reference import DEFAULT_GRANULARITY
 from .preference import with_preference
-from ._validation import (
-    GRANULARITIES,
-    LOSS_AGGS,
-    NONFINITE_MODES,
-    LossInputs,
-    check_choice,
-    check_clip_eps,
-    check_gram,
-    check_loss_inputs,
-    check_scalars,
-)
+from ._validation import LossInputs, LossSettings, check_gram, check_loss_inputs, check_scalars, check_settings
 
 
 class PamaStats(NamedTuple):
@@ -46,12 +36,12 @@ class PamaStats(NamedTuple):
         return dict(zip(reference.STATS_FIELDS, self.stats.tolist()))
 
 
-def _check_common(fn, clip_eps, granularity, loss_agg="token_mean", nonfinite="raise"):
-    clip_eps = check_clip_eps(fn, clip_eps)
-    check_choice(fn, "granularity", granularity, GRANULARITIES)
-    check_choice(fn, "loss_agg", loss_agg, LOSS_AGGS)
-    check_choice(fn, "nonfinite", nonfinite, NONFINITE_MODES)
-    return clip_eps
+def _checked(fn: str, logp, old_logp, advantages, mask, preference, clip_eps, granularity,
+             loss_agg: str = "token_mean", backend: str = "auto", nonfinite: str = "raise"):
+    """The public boundary, each part checked once: the keywords (``check_settings``), the
+    tensors, the preference. Returns the ``(LossInputs, LossSettings)`` passed inward."""
+    s = check_settings(fn, clip_eps, granularity, loss_agg, backend, nonfinite)
+    return with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference), s
 
 
 def pama_loss_and_stats(
@@ -71,26 +61,16 @@ def pama_loss_and_stats(
 
     With a ``preference`` the weights are those of the preference-scaled advantages
     ``A_i p_max / p_i`` (on the simplex); the combined advantage is ``sum_i c_i A'_i``."""
-    fn = "pama_loss"
-    clip_eps = _check_common(fn, clip_eps, granularity, loss_agg, nonfinite)
-    x = with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
-    return loss_and_stats_of(x, clip_eps, granularity, loss_agg, backend, nonfinite, fn)
+    return loss_and_stats_of(*_checked("pama_loss", logp, old_logp, advantages, mask, preference,
+                                       clip_eps, granularity, loss_agg, backend, nonfinite))
 
 
-def loss_and_stats_of(x: LossInputs, clip_eps: float, granularity: str, loss_agg: str, backend: str,
-                      nonfinite: str, fn: str = "pama_loss"):
-    """``pama_loss_and_stats`` on inputs already validated (``check_loss_inputs``) and
-    options already checked: the entry for callers that validated once (``PAMA``)."""
-    backend = _backends.resolve(fn, backend, x.logp.device)
-    check = nonfinite == "raise"
-    if backend == "torch":
-        loss, weights, row_scale, stats = reference.pama_loss_and_stats(
-            *x, clip_eps, granularity, loss_agg, check
-        )
-        return loss, PamaStats(weights, row_scale, stats)
-    loss, weights, row_scale, stats = _backends.forward_of(backend)(
-        *x, clip_eps, granularity, loss_agg, check
-    )
+def loss_and_stats_of(x: LossInputs, s: LossSettings):
+    """``pama_loss_and_stats`` on inputs and settings already checked (``check_loss_inputs``,
+    ``check_settings``): the entry for callers that validated once (``PAMA``)."""
+    backend = _backends.resolve(s.fn, s.backend, x.logp.device)
+    forward = reference.pama_loss_and_stats if backend == "torch" else _backends.forward_of(backend)
+    loss, weights, row_scale, stats = forward(*x, s.clip_eps, s.granularity, s.loss_agg, s.nonfinite == "raise")
     return loss, PamaStats(weights, row_scale, stats)
 
 
@@ -138,19 +118,9 @@ def pama_loss(
     An empty mask gives a loss of 0 and a zero gradient. The result is float32 (float64
     for float64 inputs); the gradient has the dtype of ``logp``.
     """
-    loss, _ = pama_loss_and_stats(
-        logp,
-        old_logp,
-        advantages,
-        mask,
-        clip_eps=clip_eps,
-        granularity=granularity,
-        loss_agg=loss_agg,
-        backend=backend,
-        nonfinite=nonfinite,
-        preference=preference,
-    )
-    return loss
+    x, s = _checked("pama_loss", logp, old_logp, advantages, mask, preference,
+                    clip_eps, granularity, loss_agg, backend, nonfinite)
+    return loss_and_stats_of(x, s)[0]
 
 
 def pama_weights(
@@ -176,19 +146,19 @@ def pama_weights(
     With a ``preference`` (as in ``pama_loss``) they are the weights of the scaled
     advantages ``A_i p_max / p_i``.
     """
-    fn = "pama_weights"
-    clip_eps = _check_common(fn, clip_eps, granularity)
-    x = with_preference(fn, check_loss_inputs(fn, logp, old_logp, advantages, mask), preference)
-    return weights_of(x, clip_eps, granularity, backend, fn)
+    x, s = _checked("pama_weights", logp, old_logp, advantages, mask, preference, clip_eps, granularity,
+                    backend=backend)
+    return weights_of(x, s)
 
 
-def weights_of(x: LossInputs, clip_eps: float, granularity: str, backend: str = "auto", fn: str = "pama_weights"):
-    """``pama_weights`` on inputs already validated (``check_loss_inputs``)."""
-    backend = _backends.resolve(fn, backend, x.logp.device)
+def weights_of(x: LossInputs, s: LossSettings):
+    """``pama_weights`` on inputs and settings already checked (``check_loss_inputs``,
+    ``check_settings``)."""
+    backend = _backends.resolve(s.fn, s.backend, x.logp.device)
     with torch.no_grad():
-        if granularity == "token" or backend == "torch":
-            return reference.pama_weights(*x, clip_eps, granularity)
-        _, weights, _, _ = _backends.forward_of(backend)(*x, clip_eps, granularity, "token_mean", False)
+        if s.granularity == "token" or backend == "torch":
+            return reference.pama_weights(*x, s.clip_eps, s.granularity)
+        _, weights, _, _ = _backends.forward_of(backend)(*x, s.clip_eps, s.granularity, "token_mean", False)
         return weights
 
 

@@ -112,40 +112,39 @@ Step hooks registered on ``PAMA`` fire around ``PAMA.step``; hooks registered on
 optimizer fire around its own step (global hooks fire for both). ``GradScaler``: use
 ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``; it unscales the shared
 ``param_groups`` and calls ``PAMA.step`` only for finite gradients.
+
+Layout: this module is the optimizer protocol (construction, ``step``, ``zero_grad``,
+``accumulate`` / ``solve``, checkpoints) and ``PAMA.loss``'s dispatch; the combiners' loss
+paths are plain functions in ``pama_ext/combiner_losses.py`` (with ``PAMADiagnostics``,
+re-exported here).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional
-from .reference import DEFAULT_GRANULARITY, token_advantage
+from . import combiner_losses, functional
+from .reference import DEFAULT_GRANULARITY
 from ._validation import (
     GRANULARITIES,
     LOSS_AGGS,
     MAX_OBJECTIVES,
     NONFINITE_MODES,
     LossInputs,
+    LossSettings,
     check_choice,
     check_clip_eps,
     check_loss_inputs,
 )
-from .combine import (
-    _combine,
-    fixed_weights_loss_of,
-    mgda_solve,
-    mgda_ub_solve,
-    per_objective_logp_grads,
-    row_scale_of,
-)
+from .combiner_losses import PAMADiagnostics
 from .distributed import is_distributed
-from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, _valid_tokens, statistics_of
+from .statistics import STATISTICS_GRANULARITIES, BatchStatistics, Solution, statistics_of
 from .preference import check_preference, scale_advantages
 
 __all__ = ["PAMA", "PAMADiagnostics", "COMBINERS"]
@@ -153,35 +152,6 @@ __all__ = ["PAMA", "PAMADiagnostics", "COMBINERS"]
 COMBINERS = ("pama", "linear", "mgda_ub", "mgda")
 _STATE_VERSION = 1
 _DD = torch.float64
-
-
-class PAMADiagnostics(NamedTuple):
-    """Diagnostics of the last ``PAMA.loss`` call, as 0-dim float64 tensors (no host sync)."""
-
-    masked_tokens: Tensor  # valid tokens of this call (this micro-batch, this rank)
-    clip_fraction: Tensor  # valid tokens on the clipped branch (no gradient) / masked tokens
-    zero_advantage_fraction: Tensor  # valid tokens whose combined advantage s_t is 0 / masked tokens
-    objective: Tensor  # the minimised value of the solve (c^T G c, (c.a)^2, ...); 0 for linear
-    kkt_residual: Tensor  # max(0, c^T G c - min_j (G c)_j) of a Gram solve; 0 otherwise
-
-    def as_dict(self) -> Dict[str, float]:
-        """As Python floats (a host synchronisation for device tensors)."""
-        return {k: float(v) for k, v in self._asdict().items()}
-
-
-def _diagnostics(masked: Tensor, clipped: Tensor, zero: Tensor, objective, kkt) -> PAMADiagnostics:
-    """0-dim float64 tensors, detached (diagnostics must not keep the autograd graph alive)."""
-    m = masked.detach().to(_DD)
-    denom = m.clamp_min(1)
-    z = torch.zeros((), dtype=_DD, device=m.device)
-    as_t = lambda v: z if v is None else torch.as_tensor(v).detach().to(device=m.device, dtype=_DD)  # noqa: E731
-    return PAMADiagnostics(
-        m, clipped.detach().to(_DD) / denom, zero.detach().to(_DD) / denom, as_t(objective), as_t(kkt)
-    )
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _shared_with_base(name: str) -> property:
@@ -465,91 +435,40 @@ class PAMA(Optimizer):
             raise ValueError(f"{fn}: `preference` is for combiner='linear' or 'pama', not {self.combiner!r}")
         # validated once, where the call enters; everything below trusts ``x``
         x = check_loss_inputs(fn, logp, old_logp, advantages, mask)
+        s = self._settings(fn)
         if self.combiner == "pama":
-            return self._loss_pama(x._replace(advantages=self._pama_advantages(fn, x.advantages, preference)))
-        if self.combiner == "linear":
-            return self._loss_linear(x, preference)
-        return self._loss_mgda(x, shared)
-
-    def _fixed_loss(self, x: LossInputs, weights: Tensor, signed: bool = False):
-        w = weights.detach().to(device=x.logp.device).contiguous()
-        return fixed_weights_loss_of(x, w, self.clip_eps, self.loss_agg, signed, None, self.nonfinite, "PAMA.loss")
-
-    def _loss_pama(self, x: LossInputs) -> Tensor:
-        fn = "PAMA.loss"
-        acc = _acc_dtype(x.logp)
-        sol = None
-        if self._needs_statistics:
-            if self._pinned is not None or self._accumulated is not None:  # this step's weights
-                self.solve()
-                sol = self._pinned
-            elif self._sync():  # distributed, no accumulation: this batch's global statistics
-                st = statistics_of(x, self.clip_eps, self.granularity, self.nonfinite, fn)
-                sol = st.all_reduce(self.process_group).solve(self.granularity)
-        if sol is not None:
-            w = sol.weights.to(device=x.logp.device, dtype=acc)
-            loss, st = self._fixed_loss(x, w)
-            self._last_weights = w
-            self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
-            return loss
-        with torch.autocast(x.logp.device.type, enabled=False):  # the op's precision is its own
-            loss, info = functional.loss_and_stats_of(
-                x, self.clip_eps, self.granularity, self.loss_agg, self.backend, self.nonfinite, fn
-            )
-        x = x._replace(logp=x.logp.detach())  # the diagnostics below need no graph
-        with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
-            # with nonfinite="raise" the op has checked that every masked token is finite
-            valid = x.mask if self.nonfinite == "raise" else _valid_tokens(x, "mask", fn)
-            a_raw = x.advantages.to(_acc_dtype(x.logp))
-            if self.granularity == "token":
-                s = token_advantage(a_raw)  # exactly-zero advantages abstain
-                s = s if s.dim() == 2 else s[:, None]
-            else:
-                a = torch.clamp(a_raw, min=0)
-                s = _combine(a, info.weights.to(a.dtype))
-            zero = (valid & (s == 0)).sum()
-        stats = info.stats
-        self._last_stats = _diagnostics(stats[0], stats[1], zero, stats[5], stats[6])
-        if self.granularity == "token":
-            self._last_weights = lambda: functional.weights_of(x, self.clip_eps, "token")
+            x = x._replace(advantages=self._pama_advantages(fn, x.advantages, preference))
+            sol = self._step_solution(x, s)
+            out = combiner_losses.pama_fused_loss(x, s) if sol is None else combiner_losses.solution_loss(x, s, sol)
+        elif self.combiner == "linear":
+            w = self.preference if preference is None else self._check_preference(
+                fn, preference, per_sample_ok=True, batch=x.logp.shape[0])
+            out = combiner_losses.linear_loss(x, s, w)
+        elif self.combiner == "mgda_ub":
+            out = combiner_losses.mgda_ub_loss(x, s, shared, self.process_group, self.sync_statistics)
         else:
-            self._last_weights = info.weights
+            params = [p for group in self.param_groups for p in group["params"]]
+            out = combiner_losses.mgda_loss(x, s, params, self.process_group, self.sync_statistics)
+        loss, self._last_weights, self._last_stats = out
         return loss
 
-    def _loss_linear(self, x: LossInputs, preference) -> Tensor:
-        if preference is None:
-            w = self.preference
-        else:
-            w = self._check_preference("PAMA.loss", preference, per_sample_ok=True, batch=x.logp.shape[0])
-        w = w.to(device=x.logp.device, dtype=_acc_dtype(x.logp))
-        loss, st = self._fixed_loss(x, w, signed=True)
-        self._last_weights = w
-        self._last_stats = _diagnostics(st[0], st[1], st[2], None, None)
-        return loss
+    def _settings(self, fn: str) -> LossSettings:
+        """This optimizer's loss settings (checked by the constructor / ``load_state_dict``)."""
+        return LossSettings(fn, self.clip_eps, self.granularity, self.loss_agg, self.backend, self.nonfinite)
 
-    def _loss_mgda(self, x: LossInputs, shared) -> Tensor:
-        fn = "PAMA.loss"
-        if self.combiner == "mgda_ub" and shared is None:
-            raise ValueError(
-                f"{fn}: combiner='mgda_ub' needs `shared=`: a tensor the policy computed on the way to "
-                "`logp` that requires grad (e.g. the last hidden states)"
-            )
-        if not x.logp.requires_grad:
-            raise ValueError(f"{fn}: combiner={self.combiner!r} needs `logp` with a graph (requires_grad)")
-        with torch.autocast(x.logp.device.type, enabled=False):
-            valid = _valid_tokens(x, self.nonfinite, fn)
-            row_scale = row_scale_of(valid, self.loss_agg)
-            grads = per_objective_logp_grads(x, valid, row_scale, self.clip_eps)
-            if self.combiner == "mgda_ub":
-                sol = mgda_ub_solve(x.logp, shared, grads, self.process_group, self.sync_statistics)
-            else:
-                params = [p for group in self.param_groups for p in group["params"]]
-                sol = mgda_solve(x.logp, params, grads, self.process_group, self.sync_statistics)
-        w = sol.weights.to(device=x.logp.device, dtype=_acc_dtype(x.logp))
-        loss, st = self._fixed_loss(x, w)
-        self._last_weights = w
-        self._last_stats = _diagnostics(st[0], st[1], st[2], sol.objective, sol.kkt_residual)
-        return loss
+    def _step_solution(self, x: LossInputs, s: LossSettings) -> Optional[Solution]:
+        """``pama``'s weights when they come from a batch solve rather than the fused op: this
+        step's accumulated statistics (solved once), or, distributed without accumulation,
+        this batch's statistics all-reduced over the group. None: the fused op solves."""
+        if not self._needs_statistics:
+            return None
+        if self._pinned is not None or self._accumulated is not None:  # this step's weights
+            self.solve()
+            return self._pinned
+        if self._sync():  # distributed, no accumulation: this batch's global statistics
+            st = statistics_of(x, s.clip_eps, s.granularity, s.nonfinite, s.fn)
+            return st.all_reduce(self.process_group).solve(self.granularity)
+        return None
 
     # ------------------------------------------------------------------ checkpoints
     def _config(self) -> Dict[str, Any]:
