@@ -4,8 +4,12 @@
   so every backend-parametrised test covers ``cpp`` as soon as the extension is built.
 * ``make_inputs``: deterministic PPO-like inputs (ratios straddling 1 +- eps, advantages of
   both signs, several mask layouts), already rounded to the requested dtype.
+* ``with_exact_zeros``: the same inputs with exact zeros (+0.0, -0.0, whole columns) in the
+  advantages, the cases where ``token``'s objectives abstain.
 * ``upcast``: the same (rounded) inputs in float64, for comparisons against the float64
   reference computed on exactly the values the low-precision backend saw.
+* ``python_tests/oracle.py``: one backend call compared with a float64 oracle (loss,
+  gradient, weights, statistics), for the reference and the Triton kernel tests.
 * hypothesis profile ``ci`` (deadline=None, modest max_examples), registered and loaded.
   ``HYPOTHESIS_PROFILE=dev`` selects a longer run.
 """
@@ -130,6 +134,24 @@ def make_inputs(
     adv = torch.randn(*shape, generator=gen, dtype=torch.float64) + offsets
     mask = make_mask(B, T, mask_kind, gen)
     return Inputs(logp.to(dtype), old_logp.to(dtype), adv.to(dtype), mask)
+
+
+def with_exact_zeros(x: Inputs, seed: int, frac: float = 0.3, nonneg: bool = False) -> Inputs:
+    """``x`` with exact zeros mixed into the advantages: a random ``frac`` of the entries
+    (+0.0 or -0.0), one whole objective column (N >= 2), and the first token (or row) all
+    zero; ``nonneg``: |A| first, so that the zeros decide many tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    adv = x.advantages.clone()
+    if nonneg:
+        adv = adv.abs()
+    sel = torch.rand(adv.shape, generator=gen) < frac
+    sign = torch.where(torch.rand(adv.shape, generator=gen) < 0.5, 1.0, -1.0).to(adv.dtype)
+    adv = torch.where(sel, 0.0 * sign, adv)  # 0.0 * -1.0 = -0.0
+    n = adv.shape[-1]
+    if n >= 2:
+        adv[..., int(torch.randint(0, n, (1,), generator=gen))] = -0.0
+    adv.view(-1, n)[0] = 0.0
+    return x._replace(advantages=adv)
 
 
 def upcast(x: Inputs) -> Inputs:

@@ -4,7 +4,8 @@ The oracle below is written from shared/PAMA.md and csrc/README.md independently
 ``pama_ext.reference`` (it only borrows the two solvers, which test_theorem1.py and
 test_min_norm.py check on their own): per-token ratio, clip indicator, Noon advantages,
 weights at the granularity, combined advantage, and the explicit gradient
-dL/dlogp_t = -r_b s_t u_t 1[u_t <= 1 + eps].
+dL/dlogp_t = -r_b s_t u_t 1[u_t <= 1 + eps]. ``python_tests/oracle.py`` compares a backend
+with it (the comparison the Triton kernel tests use against ``pama_ext.reference``).
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from conftest import (
     FLOAT_DTYPES,
     GRANULARITIES,
     LOSS_AGGS,
-    TOLS,
     Inputs,
     assert_close_rel,
     leaf,
     loss_and_grad,
     make_inputs,
     upcast,
+    with_exact_zeros,
 )
+from oracle import Expected, check_backend
 
 F64 = torch.float64
 
@@ -55,24 +57,6 @@ def token_rule_weights(A: torch.Tensor) -> torch.Tensor:
     sel = torch.where(neg.any(-1, keepdim=True), neg,
                       torch.where(pos.any(-1, keepdim=True), at_min, torch.ones_like(neg))).to(F64)
     return sel / sel.sum(-1, keepdim=True)
-
-
-def with_exact_zeros(x: Inputs, seed: int, frac: float = 0.3, nonneg: bool = False) -> Inputs:
-    """``x`` with exact zeros mixed into the advantages: a random ``frac`` of the entries
-    (+0.0 or -0.0), one whole objective column (N >= 2), and the first token (or row) all
-    zero; ``nonneg``: |A| first, so that the zeros decide many tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    adv = x.advantages.clone()
-    if nonneg:
-        adv = adv.abs()
-    sel = torch.rand(adv.shape, generator=gen) < frac
-    sign = torch.where(torch.rand(adv.shape, generator=gen) < 0.5, 1.0, -1.0).to(adv.dtype)
-    adv = torch.where(sel, 0.0 * sign, adv)  # 0.0 * -1.0 = -0.0
-    n = adv.shape[-1]
-    if n >= 2:
-        adv[..., int(torch.randint(0, n, (1,), generator=gen))] = -0.0
-    adv.view(-1, n)[0] = 0.0
-    return x._replace(advantages=adv)
 
 
 def oracle(x: Inputs, granularity: str, loss_agg: str, clip_eps: float = CLIP_EPS) -> dict:
@@ -142,42 +126,16 @@ def oracle(x: Inputs, granularity: str, loss_agg: str, clip_eps: float = CLIP_EP
 
 
 def check_against_oracle(x: Inputs, backend: str, granularity: str, loss_agg: str, clip_eps=CLIP_EPS):
-    dtype = x.logp.dtype
-    loss_rtol, grad_rtol, w_atol = TOLS[dtype]
-    acc = F64 if dtype == F64 else torch.float32
+    """``backend`` against the oracle above (``python_tests/oracle.py`` compares), and
+    ``pama_weights`` against the weights the loss used (per token: the rule spelled out)."""
     ref = oracle(x, granularity, loss_agg, clip_eps)
-    loss, grad, st = loss_and_grad(
-        x, clip_eps=clip_eps, granularity=granularity, loss_agg=loss_agg, backend=backend
-    )
-    tag = f"{backend}/{granularity}/{loss_agg}/{dtype}"
-    assert loss.shape == () and loss.dtype == acc, tag
-    assert grad.dtype == dtype and grad.shape == x.logp.shape, tag
-    assert_close_rel(loss, ref["loss"], loss_rtol, atol=1e-300, msg=f"loss {tag}")
-    assert_close_rel(grad, ref["grad"], grad_rtol, msg=f"grad {tag}")
-    assert st.weights.dtype == acc, tag
-    assert_close_rel(st.weights, ref["weights"], 0.0, atol=w_atol, msg=f"weights {tag}")
-    assert_close_rel(st.row_scale, ref["row_scale"], 1e-6 if dtype != F64 else 1e-14, msg=f"row_scale {tag}")
-    stats = st.as_dict()
-    assert st.stats.dtype == F64 and st.stats.shape == (8,)
-    assert list(stats) == list(pama_ext.STATS_FIELDS)
-    for key in ("masked_tokens", "clipped_tokens", "nonfinite_logp", "nonfinite_old_logp",
-                "nonfinite_advantages", "nonempty_rows"):
-        assert stats[key] == ref["stats"][key], (tag, key, stats[key], ref["stats"][key])
-    assert stats["objective"] == pytest.approx(ref["stats"]["objective"], rel=1e-5, abs=1e-300), tag
-    # the solve's KKT residual is ~0 (relative to the Gram's scale) and never negative
-    assert 0.0 <= stats["kkt_residual"] <= 1e-9 * max(1.0, stats["objective"]) + 1e-12, tag
-    # pama_weights agrees with the weights the loss used
-    w = pama_ext.pama_weights(*x, clip_eps=clip_eps, granularity=granularity, backend=backend)
+    token_weights = None
     if granularity == "token":
         b, t = x.logp.shape
-        a = x.advantages if x.advantages.dim() == 3 else x.advantages[:, None, :].expand(b, t, -1)
-        expected = token_rule_weights(a)
-        assert w.shape == (b, t, a.shape[-1]), tag
-        assert_close_rel(w, expected, 0.0, atol=w_atol, msg=f"pama_weights {tag}")
-    else:
-        assert w.shape == st.weights.shape
-        assert_close_rel(w, st.weights, 0.0, atol=w_atol, msg=f"pama_weights {tag}")
-    return loss, grad, st
+        token_weights = token_rule_weights(x.advantages if x.advantages.dim() == 3
+                                           else x.advantages[:, None, :].expand(b, t, -1))
+    expected = Expected(ref["loss"], ref["grad"], ref["weights"], ref["row_scale"], ref["stats"], token_weights)
+    return check_backend(x, backend, granularity, loss_agg, clip_eps=clip_eps, expected=expected, pama_weights=True)
 
 
 # (B, T, N, mask kind, seed): odd shapes, every mask layout
@@ -630,15 +588,11 @@ def test_ratio_overflow_gives_finite_zero_grad(backend, granularity, dtype, delt
     lp[1, 3] = -5.0 + delta
     adv[1, 3] = torch.tensor([-1.0, 0.5, 2.0])  # s_t = 0 at this token under `token`
     x = Inputs(lp.to(dtype), old.to(dtype), adv.to(dtype), x.mask)
-    loss, grad, st = loss_and_grad(x, granularity=granularity, backend=backend)
+    loss, grad, st = check_against_oracle(x, backend, granularity, "token_mean")
     assert bool(torch.isfinite(loss)), loss
     assert bool(torch.isfinite(grad).all()), grad
     assert float(grad[0, 2]) == 0.0 and float(grad[1, 3]) == 0.0
     assert st.as_dict()["clipped_tokens"] >= 2
-    ref = oracle(x, granularity, "token_mean")
-    loss_rtol, grad_rtol, _ = TOLS[dtype]
-    assert_close_rel(loss, ref["loss"], loss_rtol, msg="loss")
-    assert_close_rel(grad, ref["grad"], grad_rtol, msg="grad")
 
 
 # --------------------------------------------------------------------------- non-finite inputs

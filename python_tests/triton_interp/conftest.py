@@ -14,12 +14,15 @@ and on a GPU machine the same tests run compiled, on CUDA tensors::
 The helpers of ``python_tests/conftest.py`` (inputs, tolerances) are loaded from that file
 under another module name and re-exported here: pytest imports every ``conftest.py`` as
 module ``conftest``, so from a test module here ``from conftest import ...`` means this file.
+The comparison against the float64 oracle is ``python_tests/oracle.py``, shared with
+``python_tests/test_loss_reference.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,10 +50,18 @@ _spec.loader.exec_module(_common)
 
 Inputs = _common.Inputs
 TOLS = _common.TOLS
+CLIP_EPS = _common.CLIP_EPS
 assert_close_rel = _common.assert_close_rel
 make_inputs = _common.make_inputs
+with_exact_zeros = _common.with_exact_zeros
 upcast = _common.upcast
 leaf = _common.leaf
+
+# the interp modules import python_tests/oracle.py (``from oracle import ...``): pytest put
+# python_tests/ on sys.path when it loaded the conftest there; appended here if it did not
+_TESTS_DIR = str(Path(__file__).resolve().parent.parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.append(_TESTS_DIR)
 
 
 def pytest_configure(config):

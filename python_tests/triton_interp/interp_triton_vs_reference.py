@@ -18,70 +18,33 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, require_interpreter_or_gpu, TOLS, Inputs, assert_close_rel, leaf, make_inputs, upcast
+from conftest import DEVICE, require_interpreter_or_gpu, Inputs, assert_close_rel, leaf, make_inputs, upcast, with_exact_zeros
 
 require_interpreter_or_gpu()
 
 import pama_ext  # noqa: E402
 from pama_ext import reference  # noqa: E402
 from pama_ext.triton_backend import ops as tops  # noqa: E402
+from oracle import check_backend, reference_oracle, run_backend  # noqa: E402  (python_tests/oracle.py)
 
 F32, F64 = torch.float32, torch.float64
 GRANS = pama_ext.GRANULARITIES
 AGGS = pama_ext.LOSS_AGGS
 EPS = 0.2
-COUNT_FIELDS = ("masked_tokens", "clipped_tokens", "nonfinite_logp", "nonfinite_old_logp",
-                "nonfinite_advantages", "nonempty_rows")
 
 
 def to_dev(x: Inputs) -> Inputs:
     return Inputs(*(t.to(DEVICE) for t in x))
 
 
-def run_triton(x: Inputs, granularity, loss_agg, clip_eps=EPS, nonfinite="raise", grad_out=None):
+def run_triton(x: Inputs, granularity, loss_agg, **kw):
     """(loss, grad, PamaStats) through the public API with backend='triton', on DEVICE."""
-    xd = to_dev(x)
-    lp = leaf(xd.logp)
-    loss, st = pama_ext.pama_loss_and_stats(
-        lp, xd.old_logp, xd.advantages, xd.mask, clip_eps=clip_eps, granularity=granularity,
-        loss_agg=loss_agg, backend="triton", nonfinite=nonfinite,
-    )
-    go = None if grad_out is None else torch.tensor(grad_out, dtype=loss.dtype, device=DEVICE)
-    (grad,) = torch.autograd.grad(loss, lp, grad_outputs=go)
-    return loss.detach(), grad, st
+    return run_backend(x, "triton", granularity, loss_agg, device=DEVICE, **kw)
 
 
-def run_reference(x: Inputs, granularity, loss_agg, clip_eps=EPS, check=True, grad_out=1.0):
-    xu = upcast(x)
-    loss, w, rs, stats = reference.fused_forward(*xu, clip_eps, granularity, loss_agg, check)
-    grad = reference.fused_backward(torch.tensor(grad_out, dtype=F64), *xu, w, rs, clip_eps, granularity)
-    return loss, grad, w, rs, stats
-
-
-def check_case(x: Inputs, granularity, loss_agg, clip_eps=EPS, nonfinite="raise", grad_out=None):
-    dtype = x.logp.dtype
-    loss_rtol, grad_rtol, w_atol = TOLS[dtype]
-    acc = F64 if dtype == F64 else F32
-    loss, grad, st = run_triton(x, granularity, loss_agg, clip_eps, nonfinite, grad_out)
-    r_loss, r_grad, r_w, r_rs, r_stats = run_reference(
-        x, granularity, loss_agg, clip_eps, nonfinite == "raise", 1.0 if grad_out is None else grad_out
-    )
-    tag = f"{granularity}/{loss_agg}/{dtype}/B{x.logp.shape[0]}T{x.logp.shape[1]}N{x.advantages.shape[-1]}"
-    assert loss.shape == () and loss.dtype == acc, tag
-    assert grad.dtype == dtype and grad.shape == x.logp.shape and grad.device.type == DEVICE, tag
-    assert st.weights.dtype == acc and st.row_scale.dtype == acc and st.stats.dtype == F64, tag
-    assert st.weights.shape == r_w.shape, (tag, st.weights.shape, r_w.shape)
-    assert_close_rel(loss, r_loss, loss_rtol, atol=1e-300, msg=f"loss {tag}")
-    assert_close_rel(grad, r_grad, grad_rtol, msg=f"grad {tag}")
-    assert_close_rel(st.weights, r_w, 0.0, atol=w_atol, msg=f"weights {tag}")
-    assert_close_rel(st.row_scale, r_rs, 1e-6 if dtype != F64 else 1e-14, msg=f"row_scale {tag}")
-    stats = st.as_dict()
-    ref = dict(zip(pama_ext.STATS_FIELDS, r_stats.tolist()))
-    for key in COUNT_FIELDS:
-        assert stats[key] == ref[key], (tag, key, stats[key], ref[key])
-    assert stats["objective"] == pytest.approx(ref["objective"], rel=1e-5, abs=1e-300), tag
-    assert 0.0 <= stats["kkt_residual"] <= 1e-9 * max(1.0, stats["objective"]) + 1e-12, tag
-    return loss, grad, st
+def check_case(x: Inputs, granularity, loss_agg, **kw):
+    """backend='triton' on DEVICE against the float64 reference (``python_tests/oracle.py``)."""
+    return check_backend(x, "triton", granularity, loss_agg, device=DEVICE, **kw)
 
 
 # --------------------------------------------------------------------------- every granularity x aggregation
@@ -131,23 +94,6 @@ def test_half_precision_inputs(dtype):
 
 
 # --------------------------------------------------------------------------- token: exact zeros abstain
-def with_exact_zeros(x: Inputs, seed: int, frac: float = 0.3, nonneg: bool = False) -> Inputs:
-    """Exact zeros in the advantages: a random ``frac`` of the entries (+0.0 / -0.0), one
-    whole objective column (N >= 2), the first token (or row) all zero; ``nonneg``: |A|."""
-    gen = torch.Generator().manual_seed(seed)
-    adv = x.advantages.clone()
-    if nonneg:
-        adv = adv.abs()
-    sel = torch.rand(adv.shape, generator=gen) < frac
-    sign = torch.where(torch.rand(adv.shape, generator=gen) < 0.5, 1.0, -1.0).to(adv.dtype)
-    adv = torch.where(sel, 0.0 * sign, adv)
-    n = adv.shape[-1]
-    if n >= 2:
-        adv[..., int(torch.randint(0, n, (1,), generator=gen))] = -0.0
-    adv.view(-1, n)[0] = 0.0
-    return x._replace(advantages=adv)
-
-
 @pytest.mark.parametrize("nonneg", [False, True], ids=["signed", "nonneg"])
 @pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
 @pytest.mark.parametrize("dtype", [F32, F64, torch.bfloat16, torch.float16], ids=str)
@@ -497,18 +443,11 @@ def test_preference_is_the_contract_on_scaled_advantages(granularity, per_sample
 
     x = make_inputs(3, 11, 3, dtype=F32, seed=31, mask_kind="ragged")
     pref = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]) if per_sample else torch.tensor([0.6, 0.3, 0.1])
-    xd = to_dev(x)
-    lp = leaf(xd.logp)
-    loss = pama_ext.pama_loss(lp, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton",
-                              preference=pref.to(DEVICE))
-    (grad,) = torch.autograd.grad(loss, lp)
     xs = upcast(x)
-    scaled = scale_advantages(xs.advantages, pref.to(torch.float64))
-    lp0 = leaf(xs.logp)
-    want = reference.pama_loss(lp0, xs.old_logp, scaled, xs.mask, EPS, granularity)
-    (gwant,) = torch.autograd.grad(want, lp0)
-    assert_close_rel(loss.cpu().double(), want, TOLS[F32][0], msg="loss")
-    assert_close_rel(grad.cpu().double(), gwant, TOLS[F32][1], msg="grad")
+    scaled = xs._replace(advantages=scale_advantages(xs.advantages, pref.to(torch.float64)))
+    check_case(x, granularity, "token_mean", preference=pref.to(DEVICE),
+               expected=reference_oracle(scaled, granularity, "token_mean"))
+    xd = to_dev(x)
     lp1, lp2 = leaf(xd.logp), leaf(xd.logp)
     plain = pama_ext.pama_loss(lp1, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton")
     uniform = pama_ext.pama_loss(lp2, xd.old_logp, xd.advantages, xd.mask, granularity=granularity, backend="triton",
