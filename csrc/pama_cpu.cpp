@@ -39,8 +39,9 @@ using pama_checks::Gran;
 
 constexpr int64_t kBlock = 2048;  // tokens per work unit
 
-// What the forward pass must accumulate: S + Gram (batch), S + Q (sequence, batch_mean,
-// sequence_gram: its Gram is built from the per-row means Q_b / M_b after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
+// What the forward pass must accumulate: S + Q + Gram (batch; Q for pama_statistics), S + Q
+// (sequence, batch_mean, sequence_gram: its Gram is built from the per-row means Q_b / M_b
+// after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
 // statistics it does accumulate are the ones the contract defines.
 enum class Mode { Gram, Mean, Min };
 
@@ -234,6 +235,66 @@ bool on_cpu(const Tensor&, const Tensor& x) { return x.device().is_cpu(); }
 constexpr pama_checks::Target kCpuTarget{&on_cpu, "the CPU kernel needs CPU tensors", PAMA_MAX_N,
                                          /*joint_shape_message=*/false, /*dtype_error_name=*/nullptr};
 
+// ------------------------------------------------------------------------------ the reduction pass
+// The forward pass of the chosen instruction set over checked inputs, and its counts summed
+// over units in index order: [clipped, nf_logp, nf_old_logp, nf_adv].
+struct Reduction {
+  FwdPass pass;
+  Partition part;
+  double counts[kCounts] = {0, 0, 0, 0};
+};
+
+Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
+                      double clip_eps, Mode mode) {
+  const int64_t B = logp.size(0), T = logp.size(1);
+  const int n = static_cast<int>(advantages.size(-1));
+  const bool bc = advantages.dim() == 2;
+  Reduction r;
+  r.part = make_partition(B, T);
+  const Isa isa = cpu_isa(n, mode == Mode::Gram);
+  FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
+               T, n, 1.0 + clip_eps};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
+    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_pass_isa<scalar_t, op_t>(isa, args, r.part, bc, mode, r.pass);
+  });
+  for (int64_t u = 0; u < r.part.units; ++u)
+    for (int k = 0; k < kCounts; ++k) r.counts[k] += r.pass.slots[u * r.pass.slot_stride + k];
+  return r;
+}
+
+// batch: the token Gram, the units' upper triangles summed in unit order, as a full n x n
+std::vector<double> token_gram(const Reduction& r, int n) {
+  const int nG = tri_size(n);
+  std::vector<double> gu(nG, 0.0);
+  for (int64_t u = 0; u < r.part.units; ++u) {
+    const double* g = r.pass.slots.data() + u * r.pass.slot_stride + r.pass.gram_off;
+    for (int k = 0; k < nG; ++k) gu[k] += g[k];
+  }
+  std::vector<double> G(static_cast<size_t>(n) * n);
+  for (int i = 0, k = 0; i < n; ++i)
+    for (int j = i; j < n; ++j, ++k) G[i * n + j] = G[j * n + i] = gu[k];
+  return G;
+}
+
+// sequence_gram: each response counts once: v_b = Q_b / M_b (rows without a valid token
+// contribute nothing), G = sum_b v_b v_b^T (upper triangle, rows in index order)
+std::vector<double> sequence_gram(const double* rows, int64_t B, int n) {
+  const int R = row_stride(n);
+  std::vector<double> G(static_cast<size_t>(n) * n, 0.0);
+  double v[PAMA_MAX_N];
+  for (int64_t b = 0; b < B; ++b) {
+    const double mb = rows[b * R];
+    if (!(mb > 0.0)) continue;
+    for (int i = 0; i < n; ++i) v[i] = rows[b * R + 2 + n + i] / mb;
+    for (int i = 0; i < n; ++i)
+      for (int j = i; j < n; ++j) G[i * n + j] += v[i] * v[j];
+  }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
+  return G;
+}
+
 // ------------------------------------------------------------------------------ ops
 std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, const Tensor& old_logp,
                                                        const Tensor& advantages, const Tensor& mask,
@@ -243,26 +304,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   const Gran gran = pama_checks::parse_granularity(granularity);
   const Agg agg = pama_checks::parse_loss_agg(loss_agg);
   pama_checks::check_clip_eps(clip_eps);
-  const int64_t B = logp.size(0), T = logp.size(1);
+  const int64_t B = logp.size(0);
   const int n = static_cast<int>(advantages.size(-1));
-  const bool bc = advantages.dim() == 2;
-  const Mode mode = mode_of(gran);
-  const Partition part = make_partition(B, T);
-  const Isa isa = cpu_isa(n, mode == Mode::Gram);
-
-  FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
-               T, n, 1.0 + clip_eps};
-  FwdPass pass;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
-    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_pass_isa<scalar_t, op_t>(isa, args, part, bc, mode, pass);
-  });
-
-  // ---- reductions in fixed order
+  const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran));
+  const FwdPass& pass = red.pass;
+  const double* counts = red.counts;
   const int R = row_stride(n);
-  double counts[4] = {0, 0, 0, 0};
-  for (int64_t u = 0; u < part.units; ++u)
-    for (int k = 0; k < 4; ++k) counts[k] += pass.slots[u * pass.slot_stride + k];
   // Non-finite tokens at masked positions: raise (check_finite) naming the first offender.
   if (check_finite) {
     static const char* names[3] = {"logp", "old_logp", "advantages"};
@@ -286,34 +333,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
   std::vector<double> c;  // [N] or [B, N]
   double objective = 0.0, kkt = 0.0;
-  if (gran == Gran::Batch) {
-    const int nG = tri_size(n);
-    std::vector<double> gu(nG, 0.0);
-    for (int64_t u = 0; u < part.units; ++u) {
-      const double* g = pass.slots.data() + u * pass.slot_stride + pass.gram_off;
-      for (int k = 0; k < nG; ++k) gu[k] += g[k];
-    }
-    std::vector<double> G(static_cast<size_t>(n) * n);
-    for (int i = 0, k = 0; i < n; ++i)
-      for (int j = i; j < n; ++j, ++k) G[i * n + j] = G[j * n + i] = gu[k];
-    c.resize(n);
-    auto sc = std::make_unique<pama::MinNormScratch>();
-    pama::min_norm_weights(G.data(), n, c.data(), sc.get());
-    pama::quad_objective_kkt(G.data(), n, c.data(), &objective, &kkt);
-  } else if (gran == Gran::SequenceGram) {
-    // each response counts once: v_b = Q_b / M_b (rows without a valid token contribute
-    // nothing), G = sum_b v_b v_b^T (upper triangle, rows in index order), then batch's solver
-    std::vector<double> G(static_cast<size_t>(n) * n, 0.0);
-    double v[PAMA_MAX_N];
-    for (int64_t b = 0; b < B; ++b) {
-      const double mb = rows[b * R];
-      if (!(mb > 0.0)) continue;
-      for (int i = 0; i < n; ++i) v[i] = rows[b * R + 2 + n + i] / mb;
-      for (int i = 0; i < n; ++i)
-        for (int j = i; j < n; ++j) G[i * n + j] += v[i] * v[j];
-    }
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < i; ++j) G[i * n + j] = G[j * n + i];
+  if (gran == Gran::Batch || gran == Gran::SequenceGram) {
+    const std::vector<double> G = gran == Gran::Batch ? token_gram(red, n) : sequence_gram(rows, B, n);
     c.resize(n);
     auto sc = std::make_unique<pama::MinNormScratch>();
     pama::min_norm_weights(G.data(), n, c.data(), sc.get());
@@ -442,9 +463,46 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   return grad;
 }
 
+// pama_ext::pama_statistics on CPU: the forward's reduction pass alone, no solve and no loss
+// (pama_ext/statistics.py): ([M, clipped, Q_1..Q_N, G (N x N, row-major)] float64, the
+// non-finite counts of logp, old_logp, advantages at masked positions, float64 [3]).
+// batch: the token Gram; sequence_gram: the Gram of the per-response means; batch_mean: G = 0.
+std::tuple<Tensor, Tensor> pama_statistics(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages,
+                                           const Tensor& mask, double clip_eps, const std::string& granularity) {
+  pama_checks::check_inputs(kCpuTarget, "pama_statistics", logp, old_logp, advantages, mask);
+  const Gran gran = pama_checks::parse_granularity(granularity);
+  TORCH_CHECK_VALUE(gran == Gran::Batch || gran == Gran::BatchMean || gran == Gran::SequenceGram,
+                    "pama_statistics: granularity must be 'batch', 'batch_mean' or 'sequence_gram', got '",
+                    granularity, "'");
+  pama_checks::check_clip_eps(clip_eps);
+  const int64_t B = logp.size(0);
+  const int n = static_cast<int>(advantages.size(-1));
+  const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran));
+  const int R = row_stride(n);
+  const double* rows = red.pass.rows.data();
+  const auto dopt = at::TensorOptions().dtype(at::kDouble);
+  Tensor out = at::zeros({2 + n + static_cast<int64_t>(n) * n}, dopt);
+  double* o = out.data_ptr<double>();
+  for (int64_t b = 0; b < B; ++b) {  // rows in index order
+    o[0] += rows[b * R];
+    for (int i = 0; i < n; ++i) o[2 + i] += rows[b * R + 2 + n + i];
+  }
+  o[1] = red.counts[0];
+  if (gran != Gran::BatchMean) {
+    const std::vector<double> G = gran == Gran::Batch ? token_gram(red, n) : sequence_gram(rows, B, n);
+    std::copy(G.begin(), G.end(), o + 2 + n);
+  }
+  Tensor nonfinite = at::empty({3}, dopt);
+  std::copy(red.counts + 1, red.counts + 4, nonfinite.data_ptr<double>());
+  return {out, nonfinite};
+}
+
 }  // namespace
 
 void register_cpu_bindings(pybind11::module_& m) {
+  m.def("pama_statistics", &pama_statistics,
+        "the reduction pass alone: ([M, clipped, Q, G] float64, non-finite counts [3])", py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"), py::arg("granularity"));
   m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
         py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
         py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));

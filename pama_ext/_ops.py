@@ -5,7 +5,8 @@ are defined whether or not the extension was built, so that other backends (Trit
 CUDA) can register kernels on the same ops; the CPU kernel comes from ``pama_ext._C``.
 
 ``pama_forward`` is the one reduction pass plus the solve (see csrc/README.md);
-``pama_backward`` is the one elementwise pass. Autograd connects them, saving only the
+``pama_backward`` is the one elementwise pass; ``pama_statistics`` is the reduction pass
+alone, returning the batch statistics it accumulates (``pama_ext.statistics``). Autograd connects them, saving only the
 inputs and the tiny ``weights`` / ``row_scale`` outputs.
 """
 
@@ -25,6 +26,11 @@ _lib.define(
 _lib.define(
     "pama_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
     "Tensor weights, Tensor row_scale, float clip_eps, str granularity) -> Tensor"
+)
+
+_lib.define(
+    "pama_statistics(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, float clip_eps, "
+    "str granularity) -> (Tensor, Tensor)"
 )
 
 N_STATS = 8
@@ -54,6 +60,12 @@ def _backward_fake(grad_loss, logp, old_logp, advantages, mask, weights, row_sca
     return torch.empty_like(logp)
 
 
+@torch.library.register_fake("pama_ext::pama_statistics")
+def _statistics_fake(logp, old_logp, advantages, mask, clip_eps, granularity):
+    n = advantages.shape[-1]
+    return logp.new_empty((2 + n + n * n,), dtype=torch.float64), logp.new_empty((3,), dtype=torch.float64)
+
+
 # --------------------------------------------------------------------------- fallback kernels
 # The reference implementation serves any device without a dedicated kernel, so the op is
 # usable (and checkable with opcheck) everywhere; device kernels below take precedence.
@@ -67,6 +79,11 @@ def _backward_reference(grad_loss, logp, old_logp, advantages, mask, weights, ro
     return reference.fused_backward(
         grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity
     )
+
+
+@torch.library.impl(_lib, "pama_statistics", "CompositeExplicitAutograd")
+def _statistics_reference(logp, old_logp, advantages, mask, clip_eps, granularity):
+    return reference.batch_statistics(logp, old_logp, advantages, mask, clip_eps, granularity)
 
 
 # --------------------------------------------------------------------------- CPU kernels (C++)
@@ -83,6 +100,14 @@ if _C is not None:
         return _C.pama_backward(
             grad_loss, logp, old_logp, advantages, mask, weights, row_scale, clip_eps, granularity
         )
+
+
+if _C is not None and hasattr(_C, "pama_statistics"):
+
+    @torch.library.impl(_lib, "pama_statistics", "CPU")
+    def _statistics_cpu(logp, old_logp, advantages, mask, clip_eps, granularity):
+        # the forward's reduction pass, stopped before the solve
+        return tuple(_C.pama_statistics(logp, old_logp, advantages, mask, clip_eps, granularity))
 
 
 # --------------------------------------------------------------------------- CUDA kernels

@@ -453,3 +453,67 @@ def pama_loss(logp, old_logp, advantages, mask, clip_eps=0.2, granularity=DEFAUL
     return pama_loss_and_stats(
         logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite
     )[0]
+
+
+# --------------------------------------------------------------------------- batch statistics
+# Below this many multiply-adds a Gram is summed elementwise instead of by a BLAS GEMM: a
+# skinny GEMM ([N, K] x [K, N], N small) gains nothing from threads, and a threaded BLAS call
+# on a busy machine can wait milliseconds for its worker threads (measured: 25 ms for
+# N = 2, K = 512 on a loaded 2-core VM, against 7 us single-threaded and 40 us elementwise).
+_ELEMENTWISE_GRAM_MAX = 1 << 18
+
+
+def _gram(rows: Tensor, weights: Tensor = None) -> Tensor:
+    """sum_k w_k r_k r_k^T of rows [K, N] (float64), elementwise when small, GEMM otherwise."""
+    k, n = rows.shape
+    if k * n * n <= _ELEMENTWISE_GRAM_MAX:
+        left = rows if weights is None else rows * weights[:, None]
+        return (left[:, :, None] * rows[:, None, :]).sum(dim=0)
+    right = rows if weights is None else rows * weights[:, None]
+    return rows.T @ right
+
+
+def _weighted_sum(rows: Tensor, weights: Tensor = None) -> Tensor:
+    """sum_k w_k r_k of rows [K, N], without a BLAS call."""
+    return rows.sum(dim=0) if weights is None else (rows * weights[:, None]).sum(dim=0)
+
+
+def batch_statistics(logp, old_logp, advantages, mask, clip_eps: float, granularity: str) -> Tuple[Tensor, Tensor]:
+    """The contract of ``pama_ext::pama_statistics`` (``pama_ext.statistics``): the sufficient
+    statistics ``[M, clipped, Q_1..Q_N, G_11..G_NN]`` (float64) of one batch for ``batch``
+    (token Gram), ``sequence_gram`` (Gram of the per-response means) or ``batch_mean`` (G = 0),
+    over the valid tokens (masked, every input finite), and the non-finite counts of logp,
+    old_logp, advantages at masked positions (float64 [3]). Per-token maths in the inputs'
+    accumulation precision, sums in float64."""
+    acc = _acc_dtype(logp)
+    dd = torch.float64
+    n = advantages.shape[-1]
+    flags = finite_flags(logp, old_logp, advantages)
+    nonfinite = torch.stack([(mask & ~ok).sum() for ok in flags]).to(dd)
+    valid = mask & flags[0] & flags[1] & flags[2]
+    u = torch.exp(logp.to(acc) - old_logp.to(acc))
+    ind = (u <= 1 + clip_eps) & valid  # the clip indicator, in the per-token precision
+    out = torch.zeros(2 + n + n * n, dtype=dd, device=logp.device)
+    m_b = valid.sum(dim=1).to(dd)  # valid tokens per response
+    out[0] = valid.sum()
+    out[1] = (valid & ~ind).sum()
+    zero = torch.zeros((), dtype=acc, device=logp.device)
+    a_noon = torch.clamp(advantages.to(acc), min=0)
+    if advantages.dim() == 2:
+        # per-sequence advantages: I_t = ind_t a_b, so sums over t are counts k_b = sum_t ind_t
+        a_b = torch.where(ind.any(dim=1, keepdim=True), a_noon, zero).to(dd)  # drop non-finite rows
+        k_b = ind.sum(dim=1).to(dd)
+        out[2 : 2 + n] = _weighted_sum(a_b, k_b)
+        if granularity == "batch":
+            out[2 + n :] = _gram(a_b, k_b).reshape(-1)
+        elif granularity == "sequence_gram":  # v_b = a_b k_b / M_b (0 for an empty row)
+            out[2 + n :] = _gram(a_b * (k_b / m_b.clamp_min(1))[:, None]).reshape(-1)
+    else:
+        i_adv = torch.where(ind[..., None], a_noon, zero).to(dd)
+        if granularity == "sequence_gram":  # v_b = row b's mean of I over its valid tokens
+            out[2 + n :] = _gram(i_adv.sum(dim=1) / m_b.clamp_min(1)[:, None]).reshape(-1)
+        i_adv = i_adv.reshape(-1, n)
+        out[2 : 2 + n] = _weighted_sum(i_adv)
+        if granularity == "batch":
+            out[2 + n :] = _gram(i_adv).reshape(-1)
+    return out, nonfinite

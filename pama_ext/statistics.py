@@ -36,12 +36,13 @@ statistics computed for one granularity.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import reference
+from . import _ops  # noqa: F401  (registers pama_ext::pama_statistics)
 from ._backends import _C
 from ._validation import MAX_OBJECTIVES, NONFINITE_MODES, check_choice, check_clip_eps, check_loss_inputs
 
@@ -180,10 +181,6 @@ class BatchStatistics:
         return f"BatchStatistics(N={self.num_objectives}, data={self.data})"
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _valid_tokens(x, nonfinite: str, fn: str) -> Tensor:
     """mask & finite(logp, old_logp, every advantage); raises per ``nonfinite`` (a host sync)."""
     flags = reference.finite_flags(x.logp, x.old_logp, x.advantages)
@@ -240,56 +237,9 @@ def statistics_of(x, clip_eps: float, granularity: str, nonfinite: str, fn: str 
         return _batch_statistics(x._replace(logp=x.logp.detach()), clip_eps, granularity, nonfinite, fn)
 
 
-# Below this many multiply-adds a Gram is summed elementwise instead of by a BLAS GEMM: a
-# skinny GEMM ([N, K] x [K, N], N small) gains nothing from threads, and a threaded BLAS call
-# on a busy machine can wait milliseconds for its worker threads (measured: 25 ms for
-# N = 2, K = 512 on a loaded 2-core VM, against 7 us single-threaded and 40 us elementwise).
-_ELEMENTWISE_GRAM_MAX = 1 << 18
-
-
-def _gram(rows: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """sum_k w_k r_k r_k^T of rows [K, N] (float64), elementwise when small, GEMM otherwise."""
-    k, n = rows.shape
-    if k * n * n <= _ELEMENTWISE_GRAM_MAX:
-        left = rows if weights is None else rows * weights[:, None]
-        return (left[:, :, None] * rows[:, None, :]).sum(dim=0)
-    right = rows if weights is None else rows * weights[:, None]
-    return rows.T @ right
-
-
-def _weighted_sum(rows: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-    """sum_k w_k r_k of rows [K, N], without a BLAS call."""
-    return rows.sum(dim=0) if weights is None else (rows * weights[:, None]).sum(dim=0)
-
-
 def _batch_statistics(x, clip_eps: float, granularity: str, nonfinite: str, fn: str) -> BatchStatistics:
-    acc = _acc_dtype(x.logp)
-    dd = torch.float64
-    n = x.advantages.shape[-1]
-    valid = _valid_tokens(x, nonfinite, fn)
-    u = torch.exp(x.logp.to(acc) - x.old_logp.to(acc))
-    ind = (u <= 1 + clip_eps) & valid  # the clip indicator, in the per-token precision
-    out = torch.zeros(2 + n + n * n, dtype=dd, device=x.logp.device)
-    m_b = valid.sum(dim=1).to(dd)  # valid tokens per response
-    out[0] = valid.sum()
-    out[1] = (valid & ~ind).sum()
-    zero = torch.zeros((), dtype=acc, device=x.logp.device)
-    a_noon = torch.clamp(x.advantages.to(acc), min=0)
-    if x.advantages.dim() == 2:
-        # per-sequence advantages: I_t = ind_t a_b, so sums over t are counts k_b = sum_t ind_t
-        a_b = torch.where(ind.any(dim=1, keepdim=True), a_noon, zero).to(dd)  # drop non-finite rows
-        k_b = ind.sum(dim=1).to(dd)
-        out[2 : 2 + n] = _weighted_sum(a_b, k_b)
-        if granularity == "batch":
-            out[2 + n :] = _gram(a_b, k_b).reshape(-1)
-        elif granularity == "sequence_gram":  # v_b = a_b k_b / M_b (0 for an empty row)
-            out[2 + n :] = _gram(a_b * (k_b / m_b.clamp_min(1))[:, None]).reshape(-1)
-    else:
-        i_adv = torch.where(ind[..., None], a_noon, zero).to(dd)
-        if granularity == "sequence_gram":  # v_b = row b's mean of I over its valid tokens
-            out[2 + n :] = _gram(i_adv.sum(dim=1) / m_b.clamp_min(1)[:, None]).reshape(-1)
-        i_adv = i_adv.reshape(-1, n)
-        out[2 : 2 + n] = _weighted_sum(i_adv)
-        if granularity == "batch":
-            out[2 + n :] = _gram(i_adv).reshape(-1)
-    return BatchStatistics(out, n)
+    # one op: the fused CPU kernel's reduction pass, or reference.batch_statistics elsewhere
+    data, bad = torch.ops.pama_ext.pama_statistics(x.logp, x.old_logp, x.advantages, x.mask, clip_eps, granularity)
+    if nonfinite == "raise":
+        reference.raise_nonfinite(bad.tolist(), fn)  # a host synchronisation, as the loss's check
+    return BatchStatistics(data, x.advantages.shape[-1])
