@@ -336,23 +336,20 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       for (int j = 0; j < Lp; ++j) mn[j] = token_value_m(cb.ok[j], mn[j]);
       dot_lanes_op(mn, cb.m, Lp, accMin);
     } else {
-      // Noon clamp, zero for invalid tokens
+      // One loop per objective over the chunk: the Noon clamp (zero for invalid tokens), S_i,
+      // and Q_i or, for the Gram, I_i in double (Q_i = sum_t I_i: the statistics' sums, the
+      // loss does not need them). Separate loops per quantity re-read the chunk from L1 each.
       for (int i = 0; i < n; ++i)
-        for (int j = 0; j < Lp; ++j) {
-          const op_t x = cb.At[i][j];
-          cb.At[i][j] = msel0(cb.ok[j] & mask_of<op_t>(x > op_t(0)), x);
-        }
-      for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.m, Lp, accS[i]);
-      if constexpr (MODE == Mode::Mean) {
-        for (int i = 0; i < n; ++i) dot_lanes_op(cb.At[i], cb.w, Lp, accQ[i]);
-      } else {
-        for (int i = 0; i < n; ++i)
-          for (int j = 0; j < Lp; ++j) Id[i][j] = static_cast<double>(cb.At[i][j] * cb.w[j]);
-        // Q_i = sum_t I_i (the statistics' sums; the loss does not need them), from Id: the
-        // same values in the same order as Mode::Mean's dot products
-        for (int i = 0; i < n; ++i)
-          for (int j = 0; j < Lp; j += LN)
-            for (int l = 0; l < LN; ++l) accQ[i][l] += Id[i][j + l];
+        for (int j = 0; j < Lp; j += LN)
+          for (int l = 0; l < LN; ++l) {
+            const op_t x = cb.At[i][j + l];
+            const op_t an = msel0(cb.ok[j + l] & mask_of<op_t>(x > op_t(0)), x);
+            accS[i][l] += static_cast<double>(an * cb.m[j + l]);
+            const double id = static_cast<double>(an * cb.w[j + l]);
+            accQ[i][l] += id;
+            if constexpr (MODE == Mode::Gram) Id[i][j + l] = id;
+          }
+      if constexpr (MODE == Mode::Gram) {
         gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH>(Id, n, Lp, accG);
       }
     }
