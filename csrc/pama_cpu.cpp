@@ -134,7 +134,7 @@ struct BwdArgs {
 // ------------------------------------------------------------------------------ the kernels, per ISA
 // csrc/pama_cpu_kernels.h compiled three times on x86-64 with GCC: for the baseline (what the
 // wheel's flags allow everywhere), for AVX2 + FMA and for AVX-512 (F, BW, VL, DQ); once
-// elsewhere (aarch64, clang). `cpu_isa(n, gram)` picks the best the CPU supports (and that measured faster) at run time;
+// elsewhere (aarch64, clang). `cpu_isa(n)` picks the best the CPU supports (and that measured faster) at run time;
 // PAMA_EXT_CPU_ISA=baseline|avx2|avx512 forces one (read at every call, so tests can switch).
 namespace isa_baseline {
 constexpr int kVecDoubles = 2, kVecRegs = 16;  // doubles per vector register, registers
@@ -190,15 +190,16 @@ Isa best_isa() {
 }
 
 // The set for a call: PAMA_EXT_CPU_ISA's if given, else the best. Automatically, AVX-512 is
-// used only where it measured faster than AVX2 (1 thread, 128 x 4096 tokens, fwd+bwd, on a
-// Xeon with AVX-512): N <= 4 every granularity (x1.2-1.3 over AVX2), N = 8 without a Gram
-// (token x1.5). For N = 5..7, 16 and beyond (the runtime-N loops) and the N = 8 Gram the
-// 512-bit code was slower than AVX2 (batch N = 16: 40.2 ms against 18.8), so AVX2 is used.
-Isa cpu_isa(int n, bool gram) {
+// used only where it measured faster than AVX2 (1 thread, 128 x 4096 tokens, fwd+bwd,
+// benchmarks/bench_cpu_isa.py): N <= 4 (x1.2-1.3 over AVX2) and N = 8 (token x1.2, batch
+// x1.2 since the register-tiled Gram). For N = 5..7, 16 and beyond (the runtime-N loops)
+// the 512-bit code was no faster (N = 5 batch 7.7 ms against 6.6, N = 16 17.4 against
+// 17.2), so AVX2 is used.
+Isa cpu_isa(int n) {
   const Isa best = best_isa();
   const char* env = std::getenv("PAMA_EXT_CPU_ISA");
   if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
-    if (best == Isa::Avx512 && !(n <= 4 || (n == 8 && !gram))) return Isa::Avx2;
+    if (best == Isa::Avx512 && !(n <= 4 || n == 8)) return Isa::Avx2;
     return best;
   }
   Isa want = Isa::Baseline;
@@ -251,7 +252,7 @@ Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& 
   const bool bc = advantages.dim() == 2;
   Reduction r;
   r.part = make_partition(B, T);
-  const Isa isa = cpu_isa(n, mode == Mode::Gram);
+  const Isa isa = cpu_isa(n);
   FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                T, n, 1.0 + clip_eps};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
@@ -448,7 +449,7 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   Tensor grad = at::empty_like(logp);
   if (logp.numel() == 0) return grad;
   const Partition part = make_partition(B, T);
-  const Isa isa = cpu_isa(n, false);
+  const Isa isa = cpu_isa(n);
   BwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                grad.data_ptr(), T, n, 1.0 + clip_eps, wc.defined() ? wc.data_ptr() : nullptr, per_row,
                rsc.data_ptr(), go};
@@ -524,6 +525,6 @@ void add_cpu_build_info(pybind11::dict& d) {
 #endif
   d["cpu_isa_compiled"] = compiled;
   d["cpu_isa_best"] = std::string(isa_name(best_isa()));
-  d["cpu_isa"] = std::string(isa_name(cpu_isa(4, true)));  // a call with N <= 4
-  d["cpu_isa_large_n"] = std::string(isa_name(cpu_isa(16, true)));  // N = 5..7, 16+, the N = 8 Gram
+  d["cpu_isa"] = std::string(isa_name(cpu_isa(4)));  // a call with N <= 4
+  d["cpu_isa_large_n"] = std::string(isa_name(cpu_isa(16)));  // N = 5..7, 16+
 }
