@@ -21,7 +21,7 @@ from torch.library import opcheck
 import pama_ext
 from pama_ext import reference
 from pama_ext._backends import _C
-from pama_ext.statistics import STATISTICS_GRANULARITIES, batch_statistics
+from pama_ext.statistics import STATISTICS_GRANULARITIES, BatchStatistics, batch_statistics
 
 EPS = 0.2
 NO_EXT = os.environ.get("PAMA_EXT_NO_EXT") == "1"
@@ -137,7 +137,10 @@ def test_raise_and_mask_through_the_public_call(granularity):
 @pytest.mark.parametrize("granularity", ["batch", "sequence_gram", "batch_mean"])
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_solved_weights_are_the_fused_losss(granularity, per_sequence):
+    # both implementations: the op (the C++ pass on CPU) and the torch one other devices use
     x = _inputs(6, 40, 4, dtype=torch.float64, per_sequence=per_sequence)
-    w = batch_statistics(*x, granularity=granularity).solve(granularity).weights
-    want = pama_ext.pama_weights(*x, granularity=granularity)
-    torch.testing.assert_close(w, want.to(torch.float64), rtol=1e-9, atol=1e-12)
+    want = pama_ext.pama_weights(*x, granularity=granularity).to(torch.float64)
+    st_op = batch_statistics(*x, granularity=granularity)
+    st_ref = BatchStatistics(reference.batch_statistics(*x, EPS, granularity)[0], 4)
+    for st in (st_op, st_ref):
+        torch.testing.assert_close(st.solve(granularity).weights, want, rtol=1e-9, atol=1e-12)
