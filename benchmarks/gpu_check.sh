@@ -149,6 +149,7 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider -o addopts= -rs)
 if [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n 6); fi
 TESTS_CUDA=(python_tests/test_cuda_backend.py)
 [ -f python_tests/test_nonfinite_sequence.py ] && TESTS_CUDA+=(python_tests/test_nonfinite_sequence.py)
+[ -f python_tests/test_statistics_op.py ] && TESTS_CUDA+=(python_tests/test_statistics_op.py)
 stage tests_cuda 240 "${PYTEST[@]}" $COLLECT "${TESTS_CUDA[@]}" --junitxml="$LOGS/tests_cuda.xml" &
 TRITON_DEV=$([ "$DRY" = 1 ] && echo cpu || echo cuda)
 stage tests_triton 240 env PAMA_TRITON_TEST_DEVICE=$TRITON_DEV "${PYTEST[@]}" $COLLECT python_tests/triton_interp \

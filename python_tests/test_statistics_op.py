@@ -144,3 +144,16 @@ def test_solved_weights_are_the_fused_losss(granularity, per_sequence):
     st_ref = BatchStatistics(reference.batch_statistics(*x, EPS, granularity)[0], 4)
     for st in (st_op, st_ref):
         torch.testing.assert_close(st.solve(granularity).weights, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("granularity", STATISTICS_GRANULARITIES)
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_cuda_tensors_give_the_cpu_statistics(granularity, per_sequence):
+    # CUDA tensors take the torch implementation, on the device, with no host sync for "mask"
+    x = _inputs(5, 300, 4, per_sequence=per_sequence, nonfinite=True)
+    data, bad = torch.ops.pama_ext.pama_statistics(*(v.cuda() for v in x), EPS, granularity)
+    assert data.is_cuda and bad.is_cuda
+    _compare((data.cpu(), bad.cpu()), reference.batch_statistics(*x, EPS, granularity), 4)
+    st = batch_statistics(*(v.cuda() for v in x), granularity=granularity, nonfinite="mask")
+    torch.testing.assert_close(st.data.cpu(), data.cpu())
