@@ -21,7 +21,9 @@ loss is then evaluated with the weights held fixed (``pama_ext.weighted_noon_los
 ``pama_ext.PAMA`` does all of this for you (``accumulate`` / ``solve``); the functions are
 public for custom training loops.
 
-The per-token maths follows ``reference.fused_forward`` exactly (ratio and clip indicator
+The statistics come from one op, ``pama_ext::pama_statistics``: on CPU tensors the fused
+op's own reduction pass (the C++ kernel, stopped before the solve), elsewhere
+``reference.batch_statistics``. The per-token maths follows ``reference.fused_forward`` exactly (ratio and clip indicator
 in the inputs' accumulation precision, float32 or float64; every sum in float64), so
 ``BatchStatistics.solve`` on the statistics of a whole batch gives the weights of
 ``pama_ext.pama_weights`` on that batch up to summation-order rounding.
