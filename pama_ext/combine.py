@@ -26,7 +26,7 @@ exactly (the Noon surrogate is linear in the advantages).
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ from torch import Tensor
 from . import _ops  # noqa: F401  (registers pama_ext::pama_backward)
 from ._validation import LossInputs, LossSettings, _shape, check_loss_inputs, check_settings
 from .distributed import all_reduce_mean, all_reduce_sum, is_distributed
-from .statistics import Solution, _valid_tokens, solve_gram
+from .reference import valid_tokens
+from .statistics import Solution, solve_gram
 
 __all__ = [
     "weighted_noon_loss",
@@ -209,7 +210,7 @@ def fixed_weights_loss_of(x: LossInputs, w: Tensor, s: LossSettings, signed: boo
     ``s.loss_agg``, ``s.nonfinite`` and ``s.fn`` are read): the entry for callers that
     validated once (``PAMA``)."""
     with torch.autocast(x.logp.device.type, enabled=False):
-        valid = _valid_tokens(x, s.nonfinite, s.fn)
+        valid = valid_tokens(x, s.nonfinite, s.fn)
         row_scale = row_scale_of(valid, s.loss_agg, normalizer)
         if signed:
             return _signed_ppo_loss(x, valid, w, row_scale, s.clip_eps)

@@ -36,8 +36,8 @@ from .combine import (
     per_objective_logp_grads,
     row_scale_of,
 )
-from .reference import token_advantage
-from .statistics import Solution, _valid_tokens
+from .reference import token_advantage, valid_tokens
+from .statistics import Solution
 
 __all__ = [
     "PAMADiagnostics",
@@ -99,7 +99,7 @@ def pama_fused_loss(x: LossInputs, s: LossSettings) -> CombinerLoss:
     x = x._replace(logp=x.logp.detach())  # the diagnostics below need no graph
     with torch.no_grad(), torch.autocast(x.logp.device.type, enabled=False):
         # with nonfinite="raise" the op has checked that every masked token is finite
-        valid = x.mask if s.nonfinite == "raise" else _valid_tokens(x, "mask", s.fn)
+        valid = x.mask if s.nonfinite == "raise" else valid_tokens(x, "mask", s.fn)
         a_raw = x.advantages.to(_acc_dtype(x.logp))
         if s.granularity == "token":
             combined = token_advantage(a_raw)  # exactly-zero advantages abstain
@@ -128,7 +128,7 @@ def _require_graph(x: LossInputs, s: LossSettings, combiner: str) -> None:
 
 
 def _objective_logp_grads(x: LossInputs, s: LossSettings) -> Tensor:
-    valid = _valid_tokens(x, s.nonfinite, s.fn)
+    valid = valid_tokens(x, s.nonfinite, s.fn)
     return per_objective_logp_grads(x, valid, row_scale_of(valid, s.loss_agg), s.clip_eps)
 
 

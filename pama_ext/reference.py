@@ -254,6 +254,16 @@ def raise_nonfinite(counts, fn: str = "pama_loss") -> None:
             )
 
 
+def valid_tokens(x, nonfinite: str, fn: str) -> Tensor:
+    """mask & finite(logp, old_logp, every advantage) of validated ``LossInputs``; with
+    ``nonfinite="raise"`` raises if that drops a masked token (one host sync)."""
+    flags = finite_flags(x.logp, x.old_logp, x.advantages)
+    valid = x.mask & flags[0] & flags[1] & flags[2]
+    if nonfinite == "raise" and not bool(torch.equal(valid, x.mask)):  # one check; details if it fails
+        raise_nonfinite([int((x.mask & ~ok).sum()) for ok in flags], fn)
+    return valid
+
+
 def _check_finite(mask, finite_flags):
     raise_nonfinite([int((mask & ~ok).sum()) for ok in finite_flags])
 

@@ -183,15 +183,6 @@ class BatchStatistics:
         return f"BatchStatistics(N={self.num_objectives}, data={self.data})"
 
 
-def _valid_tokens(x, nonfinite: str, fn: str) -> Tensor:
-    """mask & finite(logp, old_logp, every advantage); raises per ``nonfinite`` (a host sync)."""
-    flags = reference.finite_flags(x.logp, x.old_logp, x.advantages)
-    valid = x.mask & flags[0] & flags[1] & flags[2]
-    if nonfinite == "raise" and not bool(torch.equal(valid, x.mask)):  # one check; details if it fails
-        reference.raise_nonfinite([int((x.mask & ~ok).sum()) for ok in flags], fn)
-    return valid
-
-
 @torch.no_grad()
 def batch_statistics(
     logp: Tensor,
