@@ -174,12 +174,6 @@ inline mask_t<op_t> row_advantages(const scalar_t* ar, int n, op_t* raw, op_t* A
   return fa;
 }
 
-// sum_j (double)x[j] * (double)y[j] into LN lanes (Lp is a multiple of LN)
-template <typename T>
-inline void dot_lanes(const T* x, const T* y, int Lp, double* acc) {
-  for (int j = 0; j < Lp; j += LN)
-    for (int l = 0; l < LN; ++l) acc[l] += static_cast<double>(x[j + l]) * static_cast<double>(y[j + l]);
-}
 // sum_j (double)(x[j] * y[j]) (product in op_t, as the per-token maths) into LN lanes
 template <typename T>
 inline void dot_lanes_op(const T* x, const T* y, int Lp, double* acc) {
