@@ -104,13 +104,13 @@ def test_k3_kl():
 
 def test_demo_grpo_end_to_end(tmp_path, one_thread):
     """--estimator grpo: every method trains on group-normalised [B, N] advantages; each
-    rollout holds batch / group_size prompts, group_size samples each; no value loss, the
-    KL term is in the loss with its fixed coefficient; the generation uses transformers'
-    cache interface (no deprecation warning)."""
+    rollout holds batch / group_size prompts, group_size samples each; no value loss; with
+    --kl-penalty loss the KL term is in the loss with its fixed coefficient; the generation
+    uses transformers' cache interface (no deprecation warning)."""
     methods = ["pama", "pama_token", "pama_batch", "pama_sequence", "pama_batch_mean", "linear", "mgda_ub"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--loss-kl-coef", "0.1",
+        s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--kl-penalty", "loss", "--loss-kl-coef", "0.1",
                       "--objectives", "sentiment,length", "--methods", ",".join(methods), "--seeds", "0",
                       "--out", str(tmp_path / "o")])
     assert s["config"]["ppo"]["estimator"] == "grpo" and s["config"]["ppo"]["group_size"] == 4
@@ -125,6 +125,40 @@ def test_demo_grpo_end_to_end(tmp_path, one_thread):
         assert r["history"][0]["kl_loss"] >= 0.0
     firsts = [r["history"][0]["rewards"] for r in s["runs"]]
     assert all(f == firsts[0] for f in firsts)  # the same first rollout for every method
+
+
+def test_demo_grpo_puts_the_kl_in_every_objectives_reward(monkeypatch, tmp_path, one_thread):
+    """The default --kl-penalty reward under grpo: each objective's sequence reward is its
+    score minus beta times the response's KL (the spec's per-token penalty summed, gamma 1),
+    the same shift in every objective, before the group normalisation; beta adapts; no k3
+    term in the loss."""
+    seen, scores, last = [], [], {}
+    real_group, real_score = ppo.group_advantages, ppo.score_all
+
+    def spy_score(*a, **k):  # the evaluation scores too: keep the latest
+        last["scores"] = real_score(*a, **k)
+        return last["scores"]
+
+    def spy_group(rewards, group_size, *a, **k):  # the training rollout's, just scored
+        seen.append(rewards.clone())
+        scores.append(last["scores"].clone())
+        return real_group(rewards, group_size, *a, **k)
+
+    monkeypatch.setattr(ppo, "group_advantages", spy_group)
+    monkeypatch.setattr(ppo, "score_all", spy_score)
+    s = cli.main([*TINY, "--estimator", "grpo", "--group-size", "4", "--steps", "3", "--eval-every", "3",
+                  "--objectives", "sentiment,length", "--methods", "pama", "--seeds", "0", "--out", str(tmp_path / "o")])
+    (run,) = s["runs"]
+    hist = run["history"]
+    assert all("kl_loss" not in h for h in hist)
+    assert hist[0]["kl"] == 0.0  # the first rollout comes from the reference itself
+    for step in (1, 2):
+        shift = seen[step] - scores[step]  # [B, 2]
+        torch.testing.assert_close(shift[:, 0], shift[:, 1], rtol=0, atol=1e-6)  # the same KL in every objective
+        beta = hist[step - 1]["kl_coef"]  # the coefficient after the previous rollout's update
+        assert beta != 0.2 and abs(beta - 0.2) < 1e-3  # adapted, slowly (horizon 10 000 responses)
+        assert float(-shift[:, 0].mean()) / beta == pytest.approx(hist[step]["kl"], rel=1e-4, abs=1e-6)
+    assert any(float(seen[k].sub(scores[k]).abs().max()) > 0 for k in (1, 2))
 
 
 def test_demo_gae_with_the_kl_in_the_loss(tmp_path, one_thread):

@@ -70,15 +70,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="also run each method with reward consistency sampling (train only on the responses whose "
                    "scores are above their baseline on every objective or below it on every one), as <method>+consistency")
     p.add_argument("--estimator", default="gae", choices=ESTIMATORS,
-                   help="advantages: gae (per-token GAE on N value heads, KL penalty in the reward; PPO as the spec "
-                   "writes it) or grpo (--group-size samples per prompt, each objective normalised within its group, "
-                   "advantages [B, N], no value heads, KL in the loss) (default: %(default)s)")
+                   help="advantages: gae (per-token GAE on N value heads; PPO as the spec writes it) or grpo "
+                   "(--group-size samples per prompt, each objective's sequence reward normalised within its group, "
+                   "advantages [B, N], no value heads) (default: %(default)s)")
     p.add_argument("--group-size", type=int, default=4,
                    help="grpo: responses per prompt; --batch counts responses (default: %(default)s)")
     p.add_argument("--kl-penalty", default="reward", choices=KL_PENALTIES,
-                   help="gae: where the KL to the reference goes: reward (-beta KL_t in every objective's per-token "
-                   "reward, beta from --kl-coef adapted towards --target-kl) or loss (a k3 term of its own, "
-                   "--loss-kl-coef); grpo always puts it in the loss (default: %(default)s)")
+                   help="where the KL to the reference goes: reward (the spec's: -beta KL_t in every objective's "
+                   "per-token reward, so -beta KL of the response in every objective's sequence reward under grpo; "
+                   "beta from --kl-coef adapted towards --target-kl) or loss (a k3 term of its own with the fixed "
+                   "--loss-kl-coef, as TRL's GRPO does) (default: %(default)s)")
     p.add_argument("--loss-kl-coef", type=float, default=0.04,
                    help="fixed coefficient of the k3 KL term when the KL is in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
@@ -403,7 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _estimator_text(args) -> str:
-    kl = (f"KL coefficient {args.loss_kl_coef:g} in the loss" if args.estimator == "grpo" or args.kl_penalty == "loss"
+    kl = (f"KL coefficient {args.loss_kl_coef:g} in the loss" if args.kl_penalty == "loss"
           else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward")
     if args.estimator == "grpo":
         return f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, {kl}"

@@ -86,9 +86,10 @@ class PPOConfig:
     # value heads)
     estimator: str = "gae"
     group_size: int = 4
-    # where the KL to the reference goes: "reward" (-beta KL_t in every objective's per-token
-    # reward, beta adapted towards target_kl; gae only) or "loss" (loss_kl_coef times the k3
-    # estimate, a term of its own beside the combined surrogate, as GRPO trainers do)
+    # where the KL to the reference goes: "reward" (the spec's: -beta KL_t in every objective's
+    # per-token reward; under grpo its sum over the response in every objective's sequence
+    # reward; beta adapted towards target_kl) or "loss" (loss_kl_coef times the k3 estimate,
+    # a term of its own beside the combined surrogate, as TRL's GRPO does)
     kl_penalty: str = "reward"
     loss_kl_coef: float = 0.04
     # compute the training log-probabilities and the loss from the last hidden states and
@@ -321,7 +322,7 @@ def train(
     grpo = cfg.estimator == "grpo"
     if cfg.kl_penalty not in KL_PENALTIES:
         raise ValueError(f"unknown kl_penalty {cfg.kl_penalty!r}; choose from {', '.join(KL_PENALTIES)}")
-    kl_in_loss = grpo or cfg.kl_penalty == "loss"
+    kl_in_loss = cfg.kl_penalty == "loss"
     # MGDA-UB differentiates each objective's loss through the graph from the hidden states to
     # logp, which the fused loss does not build: that baseline always runs unfused
     fused = cfg.fused_linear and method != "mgda_ub"
@@ -373,7 +374,10 @@ def train(
                 ref_logp = forward_ref(ref, ro, banned)
             kl = torch.where(mask, old_logp - ref_logp, torch.zeros((), device=device))
             if grpo:
-                adv = group_advantages(scores, cfg.group_size)  # [B, N]
+                # the spec's per-token KL penalty summed over the response (gamma = 1) is a
+                # sequence reward of its own: -beta KL_b in every objective, before the group norm
+                seq_rewards = scores if kl_in_loss else scores - kl_ctl.value * kl.sum(1, keepdim=True)
+                adv = group_advantages(seq_rewards, cfg.group_size)  # [B, N]
             else:
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
