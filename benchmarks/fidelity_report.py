@@ -191,6 +191,16 @@ def plots(result: dict, outdir: Path) -> list:
     return paths
 
 
+def without_curves(result: dict) -> dict:
+    """The result without each seed's per-rollout curve: the curves feed the matched-KL
+    table only, and the JSON keeps the final figures (a tenth of the size)."""
+    def seeds(per_seed):
+        return {k: {f: v for f, v in ps.items() if f != "curve"} for k, ps in per_seed.items()}
+    return {**result, "settings": {
+        s: {**e, "methods": {m: {**i, "per_seed": seeds(i["per_seed"])} for m, i in e["methods"].items()}}
+        for s, e in result["settings"].items()}}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(ROOT / "fidelity_runs"))
@@ -199,7 +209,7 @@ def main(argv=None) -> None:
     result = analyse(load(Path(args.runs)))
     outdir = ROOT / "benchmarks" / "results"
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "fidelity.json").write_text(json.dumps(result, indent=1, sort_keys=True))
+    (outdir / "fidelity.json").write_text(json.dumps(without_curves(result), indent=1, sort_keys=True))
     plots(result, outdir)
     rule = "\n".join(f"| `{m}` | {r['meets_rule_in']} of {r['settings']} |" for m, r in result["rule"].items() if r["settings"])
     main_ = {s: e for s, e in result["settings"].items() if s in SETTING_TEXT}

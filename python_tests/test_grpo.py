@@ -238,3 +238,51 @@ def test_demo_ablation_methods(tmp_path, one_thread):
                 w = h["weights"]
                 assert len(w) == 2 and sum(w) == pytest.approx(1.0, abs=1e-5) and min(w) >= -1e-7
                 assert math.isfinite(h["policy_loss"])
+
+
+def _diagnosis_module():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "grpo_kl_diagnosis.py"
+    spec = importlib.util.spec_from_file_location("grpo_kl_diagnosis", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grpo_kl_diagnosis_summary():
+    """The diagnosis's figures on a log whose answer is known: two groups of 2, the KL term
+    equal to objective 0's advantage direction and opposite to objective 1's."""
+    diag = _diagnosis_module()
+    scores = torch.tensor([[0.0, 1.0], [1.0, 3.0], [2.0, 0.0], [4.0, 4.0]], dtype=torch.float64)
+    kl_term = torch.tensor([-1.0, 1.0, -3.0, 3.0], dtype=torch.float64)
+    rewards = scores + kl_term[:, None]
+    adv = torch.tensor([[-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    log = [{"scores": scores}, {"scores": scores, "rewards": scores.clone(), "adv": adv, "g": 2},  # KL 0: skipped
+           {"scores": scores, "rewards": rewards, "adv": adv, "g": 2}, {"scores": scores[:1]}]  # held-out: skipped
+    s = diag.summarise(log, ["a", "b"])
+    assert s["rollouts"] == 1
+    assert s["kl_term_group_var"] == pytest.approx(10.0)  # median of the groups' variances 2 and 18
+    assert s["objectives"]["a"]["score_var"] == pytest.approx(1.25)  # groups (0, 1): 0.5; (2, 4): 2
+    assert s["objectives"]["a"]["kl_corr"] == pytest.approx(2 / math.sqrt(5), rel=1e-9)  # 8 / (2 * sqrt(20))
+    assert s["objectives"]["b"]["kl_corr"] == pytest.approx(-2 / math.sqrt(5), rel=1e-9)
+    bad = [{"scores": scores, "rewards": rewards + torch.tensor([0.0, 1.0]), "adv": adv, "g": 2}]
+    with pytest.raises(RuntimeError, match="score - beta KL"):
+        diag.summarise(bad, ["a", "b"])
+
+
+def test_grpo_kl_diagnosis_runs_the_demo(tmp_path, one_thread):
+    """End to end on the tiny demo: it sees every GRPO rollout, and the demo's functions are
+    restored afterwards."""
+    diag = _diagnosis_module()
+    score_all, group_advantages = ppo.score_all, ppo.group_advantages
+    out = diag.main(["--objectives", "sentiment,length,diversity", "--methods", "pama_token", "--seeds", "0",
+                     "--steps", "3", "--out", str(tmp_path), *TINY[2:]])  # TINY[:2] is its --steps
+    assert ppo.score_all is score_all and ppo.group_advantages is group_advantages
+    s = out["pama_token"]
+    assert s["rollouts"] == 2  # rollouts 2 and 3 (the first has KL 0)
+    assert s["kl_term_group_var"] > 0
+    for d in s["objectives"].values():  # a score constant on every rollout has no correlation
+        assert d["score_var"] >= 0 and -1 <= d["kl_corr"] <= 1
+        assert -1 <= d["score_kl_corr"] <= 1 or (math.isnan(d["score_kl_corr"]) and d["score_var"] == 0)
+    assert (tmp_path / "grpo_kl_diagnosis_n3.json").exists()
