@@ -36,6 +36,10 @@ SETTINGS = {  # the KL to the reference as the spec puts it: -beta KL in every o
 EXTRA_SETTINGS = {
     "grpo_klloss_pair": ["--estimator", "grpo", "--kl-penalty", "loss", *PAIR],
     "grpo_klloss_three": ["--estimator", "grpo", "--kl-penalty", "loss", *THREE],
+    # the KL as one term added after each objective's group normalisation (FIDELITY.md, "The KL
+    # in every objective's reward"): the same beta in every objective, whatever its spread
+    "grpo_shared_pair": ["--estimator", "grpo", "--kl-penalty", "shared", *PAIR],
+    "grpo_shared_three": ["--estimator", "grpo", "--kl-penalty", "shared", *THREE],
 }
 METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub", "noon_linear"]
 SEEDS = list(range(10))

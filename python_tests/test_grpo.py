@@ -161,6 +161,45 @@ def test_demo_grpo_puts_the_kl_in_every_objectives_reward(monkeypatch, tmp_path,
     assert any(float(seen[k].sub(scores[k]).abs().max()) > 0 for k in (1, 2))
 
 
+def test_demo_grpo_shared_kl_after_the_normalisation(monkeypatch, tmp_path, one_thread):
+    """--kl-penalty shared: the group normalisation sees the scores alone, and -beta times the
+    response's KL, centred in its group, is added to every objective's advantage; gae refuses it."""
+    seen, scores, centred, last = [], [], [], {}
+    real_group, real_score, real_centred = ppo.group_advantages, ppo.score_all, ppo.group_centred
+
+    def spy_score(*a, **k):
+        last["scores"] = real_score(*a, **k)
+        return last["scores"]
+
+    def spy_group(rewards, group_size, *a, **k):
+        seen.append(rewards.clone())
+        scores.append(last["scores"].clone())
+        return real_group(rewards, group_size, *a, **k)
+
+    def spy_centred(x, group_size):
+        out = real_centred(x, group_size)
+        centred.append((x.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(ppo, "group_advantages", spy_group)
+    monkeypatch.setattr(ppo, "score_all", spy_score)
+    monkeypatch.setattr(ppo, "group_centred", spy_centred)
+    s = cli.main([*TINY, "--estimator", "grpo", "--kl-penalty", "shared", "--steps", "3", "--eval-every", "3",
+                  "--objectives", "sentiment,length", "--methods", "pama", "--seeds", "0", "--out", str(tmp_path / "o")])
+    hist = s["runs"][0]["history"]
+    assert len(seen) == len(centred) == 3
+    for k in range(3):
+        torch.testing.assert_close(seen[k], scores[k], rtol=0, atol=0)  # no KL inside the normalisation
+        x, out = centred[k]
+        torch.testing.assert_close(out, x - x.reshape(-1, 4).mean(1).repeat_interleave(4))
+        assert float(x.sum()) / len(x) == pytest.approx(hist[k]["kl"], rel=1e-4, abs=1e-6)  # the responses' KL
+    assert float(centred[1][1].abs().max()) > 0 and hist[1]["kl_coef"] != 0.2  # a real KL, an adapted beta
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--kl-penalty", "shared"])  # gae
+    with pytest.raises(ValueError, match="grpo"):
+        ppo.train("pama", 0, None, None, [], [], None, ppo.PPOConfig(kl_penalty="shared"), 1, 1, torch.device("cpu"))
+
+
 def test_demo_gae_with_the_kl_in_the_loss(tmp_path, one_thread):
     """--kl-penalty loss: GAE on scores alone, the value loss and a k3 KL term of its own with
     a fixed coefficient (no adaptation)."""

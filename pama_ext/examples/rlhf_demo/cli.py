@@ -78,8 +78,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--kl-penalty", default="reward", choices=KL_PENALTIES,
                    help="where the KL to the reference goes: reward (the spec's: -beta KL_t in every objective's "
                    "per-token reward, so -beta KL of the response in every objective's sequence reward under grpo; "
-                   "beta from --kl-coef adapted towards --target-kl) or loss (a k3 term of its own with the fixed "
-                   "--loss-kl-coef, as TRL's GRPO does) (default: %(default)s)")
+                   "beta from --kl-coef adapted towards --target-kl), loss (a k3 term of its own with the fixed "
+                   "--loss-kl-coef, as TRL's GRPO does) or shared (grpo only: -beta KL of the response, centred in "
+                   "its group, added to every objective's advantage after the group normalisation, so that beta "
+                   "weighs the KL alike in every objective; beta adapted as for reward) (default: %(default)s)")
     p.add_argument("--loss-kl-coef", type=float, default=0.04,
                    help="fixed coefficient of the k3 KL term when the KL is in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
@@ -120,6 +122,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--batch {args.batch} is not a multiple of --micro-batches {args.micro_batches}")
     if args.estimator == "grpo" and args.batch % args.group_size:
         p.error(f"--batch {args.batch} is not a multiple of --group-size {args.group_size} (grpo: a group per prompt)")
+    if args.kl_penalty == "shared" and args.estimator != "grpo":
+        p.error("--kl-penalty shared is for --estimator grpo (a sequence-level KL beside group-normalised advantages)")
     if args.estimator == "grpo" and args.group_size < 2:
         p.error(f"--group-size must be >= 2 for grpo (a group of one response has no relative advantage), got {args.group_size}")
     if not args.seeds:
@@ -405,7 +409,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def _estimator_text(args) -> str:
     kl = (f"KL coefficient {args.loss_kl_coef:g} in the loss" if args.kl_penalty == "loss"
-          else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward")
+          else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} beside the normalised advantages"
+          if args.kl_penalty == "shared" else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward")
     if args.estimator == "grpo":
         return f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, {kl}"
     return f"GAE on {len(args.objectives)} value heads, {kl}"

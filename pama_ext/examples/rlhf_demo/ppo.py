@@ -61,7 +61,7 @@ METHODS: Dict[str, Dict[str, str]] = {
 }
 DEFAULT_METHODS = ("pama", "pama_batch", "linear", "mgda_ub")
 ESTIMATORS = ("gae", "grpo")
-KL_PENALTIES = ("reward", "loss")
+KL_PENALTIES = ("reward", "loss", "shared")
 
 
 @dataclass
@@ -89,7 +89,10 @@ class PPOConfig:
     # where the KL to the reference goes: "reward" (the spec's: -beta KL_t in every objective's
     # per-token reward; under grpo its sum over the response in every objective's sequence
     # reward; beta adapted towards target_kl) or "loss" (loss_kl_coef times the k3 estimate,
-    # a term of its own beside the combined surrogate, as TRL's GRPO does)
+    # a term of its own beside the combined surrogate, as TRL's GRPO does) or "shared" (grpo
+    # only: -beta times the response's KL, centred in its group, added to every objective's
+    # advantage after its group normalisation, so that one beta weighs the KL the same in
+    # every objective whatever the spread of its scores; beta adapted as for "reward")
     kl_penalty: str = "reward"
     loss_kl_coef: float = 0.04
     # compute the training log-probabilities and the loss from the last hidden states and
@@ -323,6 +326,9 @@ def train(
     if cfg.kl_penalty not in KL_PENALTIES:
         raise ValueError(f"unknown kl_penalty {cfg.kl_penalty!r}; choose from {', '.join(KL_PENALTIES)}")
     kl_in_loss = cfg.kl_penalty == "loss"
+    if cfg.kl_penalty == "shared" and not grpo:
+        raise ValueError("kl_penalty 'shared' is for the grpo estimator (a sequence-level KL beside group-normalised "
+                         "advantages); under gae use 'reward' or 'loss'")
     # MGDA-UB differentiates each objective's loss through the graph from the hidden states to
     # logp, which the fused loss does not build: that baseline always runs unfused
     fused = cfg.fused_linear and method != "mgda_ub"
@@ -376,8 +382,11 @@ def train(
             if grpo:
                 # the spec's per-token KL penalty summed over the response (gamma = 1) is a
                 # sequence reward of its own: -beta KL_b in every objective, before the group norm
-                seq_rewards = scores if kl_in_loss else scores - kl_ctl.value * kl.sum(1, keepdim=True)
-                adv = group_advantages(seq_rewards, cfg.group_size)  # [B, N]
+                if cfg.kl_penalty == "shared":  # normalise the scores alone, then one KL term for all
+                    adv = group_advantages(scores, cfg.group_size) - kl_ctl.value * group_centred(kl.sum(1), cfg.group_size)[:, None]
+                else:
+                    seq_rewards = scores if kl_in_loss else scores - kl_ctl.value * kl.sum(1, keepdim=True)
+                    adv = group_advantages(seq_rewards, cfg.group_size)  # [B, N]
             else:
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
@@ -466,6 +475,12 @@ def train(
             on_step(rec)
     return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or [],
             "preference": None if preference is None else list(preference), "consistency": consistency}
+
+
+def group_centred(x: Tensor, group_size: int) -> Tensor:
+    """[B] values minus the mean of their group (groups: consecutive rows of group_size)."""
+    g = x.reshape(-1, group_size)
+    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:

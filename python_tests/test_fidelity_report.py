@@ -1,0 +1,61 @@
+"""benchmarks/fidelity_report.py: the committed results reproduce the page's tables and the
+default rule, and new raw runs are merged with the settings kept in the JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "fidelity.json"
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("fidelity_report", ROOT / "benchmarks" / "fidelity_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_results_reproduce_the_page(tmp_path):
+    rep = _report()
+    committed = json.loads(RESULTS.read_text())
+    result = rep.analyse(rep.load(tmp_path, RESULTS))  # no raw runs: every setting from the JSON
+    assert result["rule"] == committed["rule"]
+    page = (ROOT / "benchmarks" / "FIDELITY.md").read_text()
+    for setting, e in result["settings"].items():
+        assert e["from"] == "results/fidelity.json"
+        assert rep.table(setting, e) in page  # the tables on the page are the JSON's
+        assert e["at_matched_kl"] == committed["settings"][setting]["at_matched_kl"]
+
+
+def test_new_runs_join_the_kept_settings(tmp_path):
+    """A setting found under --runs is read from its summaries; the others still come from the JSON."""
+    rep = _report()
+    committed = json.loads(RESULTS.read_text())
+    setting = next(iter(committed["settings"]))
+    kept = committed["settings"][setting]
+    names = kept["objectives"]
+    for method in ("linear", "pama_token"):
+        runs = []
+        for seed in (0, 1):
+            base = 0.5 if method == "linear" else 0.6 + seed
+            kl = 1.0 if method == "linear" else 1.0 + seed  # linear never reaches token's KL of seed 1
+            hist = [{"kl": 0.0, "rewards": [0.0] * len(names)}, {"kl": kl, "rewards": [base] * len(names)}]
+            runs.append({"seed": seed, "final": {"rewards": [base] * len(names), "hypervolume": base}, "history": hist})
+        d = tmp_path / setting / method
+        d.mkdir(parents=True)
+        (d / "summary.json").write_text(json.dumps({
+            "objectives": names, "initial": kept["initial"], "config": {"argv": ["x"]}, "runs": runs,
+            "methods": {method: {"mean_weights": None}}}))
+    data = rep.load(tmp_path, RESULTS)
+    assert set(data) == set(committed["settings"])
+    assert "from" not in data[setting] and set(data[setting]["methods"]) == {"linear", "pama_token"}
+    result = rep.analyse(data)
+    info = result["settings"][setting]["methods"]["pama_token"]
+    assert info["wins_vs_linear"]["hypervolume"] == 2 and info["median"]["hypervolume"] == 1.1
+    mk = result["settings"][setting]["at_matched_kl"]  # only seed 0 is matched
+    assert mk["seeds"] == 1 and mk["method_rewards"] == [0.6] * len(names)
+    others = [s for s in result["settings"] if s != setting]
+    assert all(result["settings"][s]["from"] == "results/fidelity.json" for s in others)
