@@ -66,6 +66,8 @@ def load(runs: Path, previous: Path | None = None) -> dict:
             # of old_logp - ref_logp); curve: (KL, training rewards) of every rollout
             per_seed = {r["seed"]: {"rewards": r["final"]["rewards"], "hypervolume": r["final"]["hypervolume"],
                                     "kl": r["history"][-1]["kl"],
+                                    # the summed KL grows with the answer: per token too
+                                    "kl_per_token": r["history"][-1]["kl"] / max(r["history"][-1]["response_tokens"], 1.0),
                                     "curve": [(h["kl"], h["rewards"]) for h in r["history"]]}
                         for r in s["runs"]}
             # one method per invocation; the folder names it (pama_token_veto: the runs of
@@ -93,6 +95,8 @@ def analyse(data: dict) -> dict:
             info["seeds"] = seeds
             info["median"] = {k: statistics.median(v) for k, v in cols.items()}
             info["median_kl"] = statistics.median(info["per_seed"][s]["kl"] for s in seeds)
+            if all("kl_per_token" in info["per_seed"][s] for s in seeds):  # not in the oldest settings' JSON
+                info["median_kl_per_token"] = statistics.median(info["per_seed"][s]["kl_per_token"] for s in seeds)
             if lin is not None and m != "linear":
                 common = [s for s in seeds if s in lin["per_seed"]]
                 wins = {}
@@ -158,7 +162,9 @@ def table(setting: str, e: dict) -> str:
         wins = info.get("wins_vs_linear")
         w = "" if wins is None else " / ".join(str(wins[k]) for k in [*names, "hypervolume"]) + f" of {info['paired_seeds']}"
         mw = "" if info["mean_weights"] is None else " / ".join(f"{x:.2f}" for x in info["mean_weights"])
-        rows.append(f"| `{m}` | " + " | ".join(cells) + f" | {w} | {mw} | {info['median_kl']:.1f} |")
+        kpt = info.get("median_kl_per_token")
+        kl = f"{info['median_kl']:.1f}" + ("" if kpt is None else f" ({kpt:.2f} a token)")
+        rows.append(f"| `{m}` | " + " | ".join(cells) + f" | {w} | {mw} | {kl} |")
     return f"**{ALL_TEXT[setting]}** ({len(e['methods'][next(iter(e['methods']))]['seeds'])} seeds; medians of the held-out mean rewards)\n\n" + "\n".join(rows)
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity.json"
 
@@ -42,7 +44,8 @@ def test_new_runs_join_the_kept_settings(tmp_path):
         for seed in (0, 1):
             base = 0.5 if method == "linear" else 0.6 + seed
             kl = 1.0 if method == "linear" else 1.0 + seed  # linear never reaches token's KL of seed 1
-            hist = [{"kl": 0.0, "rewards": [0.0] * len(names)}, {"kl": kl, "rewards": [base] * len(names)}]
+            hist = [{"kl": 0.0, "rewards": [0.0] * len(names), "response_tokens": 5.0},
+                    {"kl": kl, "rewards": [base] * len(names), "response_tokens": 10.0}]
             runs.append({"seed": seed, "final": {"rewards": [base] * len(names), "hypervolume": base}, "history": hist})
         d = tmp_path / setting / method
         d.mkdir(parents=True)
@@ -55,6 +58,7 @@ def test_new_runs_join_the_kept_settings(tmp_path):
     result = rep.analyse(data)
     info = result["settings"][setting]["methods"]["pama_token"]
     assert info["wins_vs_linear"]["hypervolume"] == 2 and info["median"]["hypervolume"] == 1.1
+    assert info["median_kl"] == 1.5 and info["median_kl_per_token"] == pytest.approx(0.15)  # final KL 1 and 2 over 10 tokens
     mk = result["settings"][setting]["at_matched_kl"]  # only seed 0 is matched
     assert mk["seeds"] == 1 and mk["method_rewards"] == [0.6] * len(names)
     others = [s for s in result["settings"] if s != setting]
