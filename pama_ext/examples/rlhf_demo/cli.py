@@ -408,9 +408,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _estimator_text(args) -> str:
-    kl = (f"KL coefficient {args.loss_kl_coef:g} in the loss" if args.kl_penalty == "loss"
-          else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} beside the normalised advantages"
-          if args.kl_penalty == "shared" else f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} in the reward")
+    beta = f"KL beta {args.kl_coef:g} -> target {args.target_kl:g}"
+    kl = {"loss": f"KL coefficient {args.loss_kl_coef:g} in the loss", "reward": f"{beta} in the reward",
+          "shared": f"{beta} beside the normalised advantages"}[args.kl_penalty]
     if args.estimator == "grpo":
         return f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, {kl}"
     return f"GAE on {len(args.objectives)} value heads, {kl}"
