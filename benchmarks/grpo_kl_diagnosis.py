@@ -43,8 +43,11 @@ def _record(log: list):
         log[-1].update(rewards=rewards.detach().double().cpu(), adv=adv.detach().double().cpu(), g=group_size)
         return adv
 
+    def undo():
+        ppo.score_all, ppo.group_advantages = score_all, group_advantages
+
     ppo.score_all, ppo.group_advantages = scores_spy, groups_spy
-    return lambda: setattr(ppo, "score_all", score_all) or setattr(ppo, "group_advantages", group_advantages)
+    return undo
 
 
 def _corr(x: torch.Tensor, y: torch.Tensor) -> float:

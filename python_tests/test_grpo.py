@@ -165,25 +165,23 @@ def test_demo_grpo_shared_kl_after_the_normalisation(monkeypatch, tmp_path, one_
     """--kl-penalty shared: the group normalisation sees the scores alone, and -beta times the
     response's KL, centred in its group, is added to every objective's advantage; gae refuses it."""
     seen, scores, centred, last = [], [], [], {}
-    real_group, real_score, real_centred = ppo.group_advantages, ppo.score_all, ppo.group_centred
+    real_group, real_score = ppo.group_advantages, ppo.score_all
 
     def spy_score(*a, **k):
         last["scores"] = real_score(*a, **k)
         return last["scores"]
 
     def spy_group(rewards, group_size, *a, **k):
-        seen.append(rewards.clone())
-        scores.append(last["scores"].clone())
-        return real_group(rewards, group_size, *a, **k)
-
-    def spy_centred(x, group_size):
-        out = real_centred(x, group_size)
-        centred.append((x.clone(), out.clone()))
+        out = real_group(rewards, group_size, *a, **k)
+        if k.get("scale") == "none":  # the KL, centred in its group
+            centred.append((rewards.clone(), out.clone()))
+        else:  # the scores, normalised
+            seen.append(rewards.clone())
+            scores.append(last["scores"].clone())
         return out
 
     monkeypatch.setattr(ppo, "group_advantages", spy_group)
     monkeypatch.setattr(ppo, "score_all", spy_score)
-    monkeypatch.setattr(ppo, "group_centred", spy_centred)
     s = cli.main([*TINY, "--estimator", "grpo", "--kl-penalty", "shared", "--steps", "3", "--eval-every", "3",
                   "--objectives", "sentiment,length", "--methods", "pama", "--seeds", "0", "--out", str(tmp_path / "o")])
     hist = s["runs"][0]["history"]

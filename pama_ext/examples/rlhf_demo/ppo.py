@@ -383,7 +383,8 @@ def train(
                 # the spec's per-token KL penalty summed over the response (gamma = 1) is a
                 # sequence reward of its own: -beta KL_b in every objective, before the group norm
                 if cfg.kl_penalty == "shared":  # normalise the scores alone, then one KL term for all
-                    adv = group_advantages(scores, cfg.group_size) - kl_ctl.value * group_centred(kl.sum(1), cfg.group_size)[:, None]
+                    kl_centred = group_advantages(kl.sum(1), cfg.group_size, scale="none")  # [B], group mean 0
+                    adv = group_advantages(scores, cfg.group_size) - kl_ctl.value * kl_centred[:, None]
                 else:
                     seq_rewards = scores if kl_in_loss else scores - kl_ctl.value * kl.sum(1, keepdim=True)
                     adv = group_advantages(seq_rewards, cfg.group_size)  # [B, N]
@@ -475,12 +476,6 @@ def train(
             on_step(rec)
     return {"method": method, "seed": seed, "history": history, "evals": evals, "samples": examples or [],
             "preference": None if preference is None else list(preference), "consistency": consistency}
-
-
-def group_centred(x: Tensor, group_size: int) -> Tensor:
-    """[B] values minus the mean of their group (groups: consecutive rows of group_size)."""
-    g = x.reshape(-1, group_size)
-    return (g - g.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
