@@ -40,6 +40,10 @@ EXTRA_SETTINGS = {
     # in every objective's reward"): the same beta in every objective, whatever its spread
     "grpo_shared_pair": ["--estimator", "grpo", "--kl-penalty", "shared", *PAIR],
     "grpo_shared_three": ["--estimator", "grpo", "--kl-penalty", "shared", *THREE],
+    # GAE advantages scaled to std 1 without centring (FIDELITY.md, "Centring before the clamp"):
+    # the sign the Noon clamp keeps is then the critic's, not the batch mean's
+    "gae_scale_pair": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *PAIR],
+    "gae_scale_three": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *THREE],
 }
 METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub", "noon_linear"]
 SEEDS = list(range(10))

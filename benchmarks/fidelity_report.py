@@ -37,7 +37,18 @@ SHARED_TEXT = {  # evidence for "The KL in every objective's reward": the KL add
     "grpo_shared_pair": "GRPO with the KL as one term after the group normalisation, sentiment + length",
     "grpo_shared_three": "GRPO with the KL as one term after the group normalisation, sentiment + length + diversity",
 }
-ALL_TEXT = {**SETTING_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT}
+SCALE_TEXT = {  # evidence for "Centring before the clamp": GAE advantages scaled, not centred (--whiten scale)
+    "gae_scale_pair": "GAE (PPO) with the advantages scaled, not centred, sentiment + length",
+    "gae_scale_three": "GAE (PPO) with the advantages scaled, not centred, sentiment + length + diversity",
+}
+EVIDENCE = [  # the settings not judged by the rule, each group under its heading on the page
+    (KL_LOSS_TEXT, "The same GRPO runs with TRL's KL placement (evidence for \"The KL budget\"; not judged by the rule)"),
+    (SHARED_TEXT, "The same GRPO settings with the KL as one term after each objective's normalisation (evidence "
+                  "for \"The KL in every objective's reward\"; not judged by the rule)"),
+    (SCALE_TEXT, "The same GAE settings with each objective's advantages scaled but not centred (evidence for "
+                 "\"Centring before the clamp\"; not judged by the rule)"),
+]
+ALL_TEXT = {**SETTING_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT, **SCALE_TEXT}
 PAIR = ("sentiment", "length")
 START, END = "<!-- fidelity-tables:start -->", "<!-- fidelity-tables:end -->"
 
@@ -235,18 +246,13 @@ def main(argv=None) -> None:
     plots(result, outdir)
     rule = "\n".join(f"| `{m}` | {r['meets_rule_in']} of {r['settings']} |" for m, r in result["rule"].items() if r["settings"])
     main_ = {s: e for s, e in result["settings"].items() if s in SETTING_TEXT}
-    extra = {s: e for s, e in result["settings"].items() if s in KL_LOSS_TEXT}
-    shared = {s: e for s, e in result["settings"].items() if s in SHARED_TEXT}
     text = "\n\n".join(table(s, e) for s, e in main_.items())
     text += ("\n\nThe default rule (median at least `linear`'s on sentiment, length and hypervolume, and hypervolume "
              "above the initial policy's) in the four settings above, settings met:\n\n| method | settings |\n|---|---|\n" + rule)
-    if extra:
-        text += ("\n\n#### The same GRPO runs with TRL's KL placement (evidence for \"The KL budget\"; not judged by the rule)\n\n"
-                 + "\n\n".join(table(s, e) for s, e in extra.items()))
-    if shared:
-        text += ("\n\n#### The same GRPO settings with the KL as one term after each objective's normalisation (evidence "
-                 "for \"The KL in every objective's reward\"; not judged by the rule)\n\n"
-                 + "\n\n".join(table(s, e) for s, e in shared.items()))
+    for texts, heading in EVIDENCE:
+        group = [table(s, e) for s, e in result["settings"].items() if s in texts]
+        if group:
+            text += f"\n\n#### {heading}\n\n" + "\n\n".join(group)
     rows = []
     for s, e in result["settings"].items():
         mk = e.get("at_matched_kl")

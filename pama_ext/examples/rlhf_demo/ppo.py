@@ -62,6 +62,7 @@ METHODS: Dict[str, Dict[str, str]] = {
 DEFAULT_METHODS = ("pama", "pama_batch", "linear", "mgda_ub")
 ESTIMATORS = ("gae", "grpo")
 KL_PENALTIES = ("reward", "loss", "shared")
+WHITENINGS = ("centre", "scale")
 
 
 @dataclass
@@ -95,6 +96,11 @@ class PPOConfig:
     # every objective whatever the spread of its scores; beta adapted as for "reward")
     kl_penalty: str = "reward"
     loss_kl_coef: float = 0.04
+    # gae: how each objective's advantages are normalised over the batch: "centre" (mean 0,
+    # std 1, as TRL's and verl's masked_whiten) or "scale" (divided by the std, not centred:
+    # the sign stays the critic's, so the Noon clamp cuts at "better than the value head
+    # expected", not at the batch mean)
+    whiten: str = "centre"
     # compute the training log-probabilities and the loss from the last hidden states and
     # the LM head chunk by chunk (pama_ext.fused_linear): the B x T x V logits never exist
     fused_linear: bool = False
@@ -291,6 +297,18 @@ def evaluate(model, tokenizer, objectives: Sequence[Objective], prompts: Sequenc
     return torch.cat(rows).mean(0).tolist(), examples
 
 
+def scale_per_objective(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """Each objective's [B, T, N] advantages divided by their standard deviation over the
+    masked tokens (unbiased, as ``whiten_per_objective``), not centred: every sign is kept.
+    (TRL's ``shift_mean=False`` is not this: it adds the unscaled mean back to the centred,
+    scaled values, which moves the zero the Noon clamp cuts at.)"""
+    m = mask[..., None]
+    count = m.sum(dim=(0, 1), keepdim=True).to(adv.dtype)
+    mean = torch.where(m, adv, 0.0).sum(dim=(0, 1), keepdim=True) / count.clamp_min(1)
+    var = torch.where(m, adv - mean, 0.0).pow(2).sum(dim=(0, 1), keepdim=True) / (count - 1).clamp_min(1)
+    return torch.where(m, adv * torch.rsqrt(var + eps), 0.0)
+
+
 def train(
     method: str,
     seed: int,
@@ -329,6 +347,10 @@ def train(
     if cfg.kl_penalty == "shared" and not grpo:
         raise ValueError("kl_penalty 'shared' is for the grpo estimator (a sequence-level KL beside group-normalised "
                          "advantages); under gae use 'reward' or 'loss'")
+    if cfg.whiten not in WHITENINGS:
+        raise ValueError(f"unknown whiten {cfg.whiten!r}; choose from {', '.join(WHITENINGS)}")
+    if cfg.whiten != "centre" and grpo:
+        raise ValueError("whiten 'scale' is for the gae estimator; grpo's group mean is its baseline")
     # MGDA-UB differentiates each objective's loss through the graph from the hidden states to
     # logp, which the fused loss does not build: that baseline always runs unfused
     fused = cfg.fused_linear and method != "mgda_ub"
@@ -391,7 +413,8 @@ def train(
             else:
                 rewards = scores_to_token_rewards(scores, mask, kl=None if kl_in_loss else kl, kl_coef=kl_ctl.value)
                 gae = per_objective_gae(rewards, old_values, mask, gamma=cfg.gamma, lam=cfg.lam)
-                adv = whiten_per_objective(gae.advantages, mask)
+                adv = (whiten_per_objective(gae.advantages, mask) if cfg.whiten == "centre"
+                       else scale_per_objective(gae.advantages, mask))
         kept = None
         if consistency:  # reward consistency sampling: drop the responses whose objectives disagree
             keep = consistency_keep(scores, cfg.group_size if grpo else None)
