@@ -26,8 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PAIR, THREE = ["--objectives", "sentiment,length"], ["--objectives", "sentiment,length,diversity"]
 SETTINGS = {  # the KL to the reference as the spec puts it: -beta KL in every objective's reward
-    "gae_pair": ["--estimator", "gae", "--kl-penalty", "reward", *PAIR],
-    "gae_three": ["--estimator", "gae", "--kl-penalty", "reward", *THREE],
+    # gae: each objective's advantages divided by their std, not centred (--whiten scale), so
+    # that the sign the Noon clamp keeps is the critic's (FIDELITY.md, "Centring before the clamp")
+    "gae_pair": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *PAIR],
+    "gae_three": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *THREE],
     "grpo_pair": ["--estimator", "grpo", "--kl-penalty", "reward", *PAIR],
     "grpo_three": ["--estimator", "grpo", "--kl-penalty", "reward", *THREE],
 }
@@ -40,10 +42,10 @@ EXTRA_SETTINGS = {
     # in every objective's reward"): the same beta in every objective, whatever its spread
     "grpo_shared_pair": ["--estimator", "grpo", "--kl-penalty", "shared", *PAIR],
     "grpo_shared_three": ["--estimator", "grpo", "--kl-penalty", "shared", *THREE],
-    # GAE advantages scaled to std 1 without centring (FIDELITY.md, "Centring before the clamp"):
-    # the sign the Noon clamp keeps is then the critic's, not the batch mean's
-    "gae_scale_pair": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *PAIR],
-    "gae_scale_three": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "scale", *THREE],
+    # GAE advantages centred and scaled (--whiten centre, TRL's masked_whiten), the judged form
+    # before the evidence of FIDELITY.md, "Centring before the clamp"
+    "gae_centre_pair": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "centre", *PAIR],
+    "gae_centre_three": ["--estimator", "gae", "--kl-penalty", "reward", "--whiten", "centre", *THREE],
 }
 METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub", "noon_linear"]
 SEEDS = list(range(10))

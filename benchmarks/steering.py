@@ -48,7 +48,10 @@ def run(name: str, objectives: str, seeds: str, extra) -> None:
         print(f"{name}: done already ({out}/summary.json)")
         return
     cmd = [sys.executable, "-m", "pama_ext.examples.rlhf_demo", "--objectives", objectives, "--seeds", seeds,
-           "--methods", "pama,linear", "--out", str(out), "--no-progress", *extra]
+           "--methods", "pama,linear", "--out", str(out), "--no-progress",
+           # the study was run with the GAE advantages centred, the demo's default until the
+           # fidelity study chose scaling alone (FIDELITY.md, "Centring before the clamp")
+           "--whiten", "centre", *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pama_ext
@@ -27,6 +28,7 @@ from pama_ext import _backends
 from pama_ext.rl import (
     gae_reference,
     per_objective_gae,
+    scale_per_objective,
     scores_to_token_rewards,
     sequence_advantages,
     whiten_per_objective,
@@ -405,6 +407,68 @@ def test_whiten_edge_cases():
         whiten_per_objective(torch.ones(3))
     with pytest.raises(ValueError, match="`eps` must be a float > 0"):
         whiten_per_objective(adv, eps=0.0)
+
+
+@pytest.mark.parametrize("mask_kind", ["ragged", "holes", "full"])
+def test_scale_per_objective(mask_kind):
+    """x / sd per objective (the same unbiased sd as whitening), not centred: every sign kept,
+    the masked mean divided by sd, each objective on its own; a float64 loop as reference."""
+    r, _, m = make_gae_inputs(6, 20, 3, mask_kind, seed=14)
+    adv = r * torch.tensor([1.0, 100.0, 1e-2], dtype=F64) + torch.tensor([5.0, -3.0, 0.0], dtype=F64)
+    out = scale_per_objective(adv, m)
+    for i in range(3):
+        col = [float(x) for x in adv[..., i][m]]
+        mu = sum(col) / len(col)
+        sd = math.sqrt(sum((x - mu) ** 2 for x in col) / (len(col) - 1) + 1e-8)
+        want = torch.where(m, adv[..., i] / sd, 0.0)
+        assert_close_rel(out[..., i], want, 1e-12, msg=f"objective {i}")
+    assert bool((out[m].sign() == adv[m].sign()).all()) and (out[~m] == 0).all()
+    mean, var = _masked_stats(out, m)
+    mu, v = _masked_stats(adv, m)
+    assert torch.allclose(var, torch.ones(3, dtype=F64), atol=1e-3)
+    assert torch.allclose(mean, mu / torch.sqrt(v + 1e-8), atol=1e-12)
+    # the same scale as whitening: scaled minus whitened is the constant mean / sd
+    torch.testing.assert_close(out - whiten_per_objective(adv, m), torch.where(m[..., None], mean, 0.0))
+    adv2 = adv.clone()
+    adv2[..., 1] *= 1e4
+    o2 = scale_per_objective(adv2, m)
+    assert torch.equal(o2[..., 0], out[..., 0]) and torch.equal(o2[..., 2], out[..., 2])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 4), st.floats(-5, 5), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+def test_scale_per_objective_properties(m_count, n, shift, spread, seed):
+    """Signs kept, unit sample std (above eps), invariant to a positive rescaling of an objective."""
+    g = torch.Generator().manual_seed(seed)
+    adv = (torch.randn(m_count, n, generator=g, dtype=F64) * spread + shift)
+    out = scale_per_objective(adv)
+    assert bool((out.sign() == adv.sign()).all())
+    sd = adv.std(0)
+    big = sd > 1e-2
+    assert torch.allclose(out.std(0)[big], torch.ones(n, dtype=F64)[big], rtol=1e-4)
+    torch.testing.assert_close(scale_per_objective(adv * 7.0)[:, big], out[:, big], rtol=1e-6, atol=1e-9)
+
+
+def test_scale_per_objective_edge_cases():
+    adv = torch.randn(2, 4, 3, dtype=F64)
+    empty = torch.zeros(2, 4, dtype=torch.bool)
+    assert torch.equal(scale_per_objective(adv, empty), torch.zeros_like(adv))
+    one = empty.clone()
+    one[1, 2] = True  # a single token: variance 0, so x / sqrt(eps)
+    torch.testing.assert_close(scale_per_objective(adv, one)[1, 2], adv[1, 2] / 1e-4)
+    nan_out = torch.where(one[..., None], adv, float("nan"))  # never read outside the mask
+    assert torch.equal(scale_per_objective(nan_out, one), scale_per_objective(adv, one))
+    seq = torch.randn(16, 2).add(1).to(torch.bfloat16)
+    s = scale_per_objective(seq)
+    assert s.dtype == torch.bfloat16 and bool((s.float().sign() == seq.float().sign()).all())
+    with pytest.raises(ValueError, match=r"scale_per_objective: `mask` must have shape advantages.shape\[:-1\] = \[2, 4\]"):
+        scale_per_objective(adv, torch.ones(2, 4, 3))
+    with pytest.raises(ValueError, match="scale_per_objective: `advantages` must be .* at least one batch dimension"):
+        scale_per_objective(torch.ones(3))
+    with pytest.raises(ValueError, match="scale_per_objective: `eps` must be a float > 0"):
+        scale_per_objective(adv, eps=0.0)
+    with pytest.raises(TypeError, match="scale_per_objective"):
+        scale_per_objective(adv.long())
 
 
 def test_sequence_advantages():

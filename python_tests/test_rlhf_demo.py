@@ -324,65 +324,41 @@ def test_demo_rejects_bad_arguments(tmp_path):
         cli.main([*TINY, "--objectives", "sentiment,humour", "--out", str(tmp_path / "o2"), "--warmup-steps", "0"])
 
 
-def test_scale_per_objective_against_a_loop():
-    """The demo's scale-only normalisation: each objective's masked advantages divided by
-    their unbiased std (float64 loop), signs kept, masked-out entries 0; one token gives x/1e-4."""
-    g = torch.Generator().manual_seed(3)
-    adv = torch.randn(5, 7, 3, generator=g, dtype=torch.float64) + 0.7
-    mask = torch.rand(5, 7, generator=g) < 0.6
-    mask[0, 0] = True
-    out = ppo.scale_per_objective(adv, mask)
-    for i in range(3):
-        col = [float(adv[b, t, i]) for b in range(5) for t in range(7) if mask[b, t]]
-        mu = sum(col) / len(col)
-        sd = math.sqrt(sum((x - mu) ** 2 for x in col) / (len(col) - 1) + 1e-8)
-        for b in range(5):
-            for t in range(7):
-                want = float(adv[b, t, i]) / sd if mask[b, t] else 0.0
-                assert float(out[b, t, i]) == pytest.approx(want, rel=1e-12, abs=1e-12)
-    assert bool((out[mask].sign() == adv[mask].sign()).all())
-    one = torch.zeros(2, 3, 2, dtype=torch.float64)
-    one[1, 2] = torch.tensor([2.0, -3.0])
-    m1 = torch.zeros(2, 3, dtype=torch.bool)
-    m1[1, 2] = True
-    torch.testing.assert_close(ppo.scale_per_objective(one, m1)[1, 2], one[1, 2] / 1e-4)
-    assert float(ppo.scale_per_objective(one, torch.zeros_like(m1)).abs().sum()) == 0  # empty mask: zeros
-
-
 def test_demo_gae_whiten_scale(monkeypatch, tmp_path, one_thread):
-    """--whiten scale: the advantages the loss sees are scale_per_objective of the GAE
-    advantages, not their whitening (the default); grpo (whose group mean is its baseline)
-    refuses the option."""
-    calls = {"whiten": 0, "scale": []}
-    real_whiten, real_scale = ppo.whiten_per_objective, ppo.scale_per_objective
+    """GAE advantages before the Noon clamp: by default (and with --whiten scale) the loss sees
+    scale_per_objective of the GAE advantages, not centred; --whiten centre whitens them;
+    grpo (whose group mean is its baseline) refuses the option."""
+    calls = {"whiten": [], "scale": []}
+    real_whiten, real_scale = ppo.whiten_per_objective, ppo.scale_per_objective  # pama_ext.rl's, tested in test_gae
 
-    def spy_whiten(*a, **k):
-        calls["whiten"] += 1
-        return real_whiten(*a, **k)
+    def spy(name, real):
+        def f(adv, mask, *a, **k):
+            out = real(adv, mask, *a, **k)
+            calls[name].append((adv.clone(), mask.clone(), out.clone()))
+            return out
+        return f
 
-    def spy_scale(adv, mask, *a, **k):
-        out = real_scale(adv, mask, *a, **k)
-        calls["scale"].append((adv.clone(), mask.clone(), out.clone()))
-        return out
-
-    monkeypatch.setattr(ppo, "whiten_per_objective", spy_whiten)
-    monkeypatch.setattr(ppo, "scale_per_objective", spy_scale)
-    cli.main([*TINY, "--whiten", "scale", "--objectives", "sentiment,length", "--methods", "pama",
-              "--seeds", "0", "--out", str(tmp_path / "s")])
-    assert calls["whiten"] == 0 and len(calls["scale"]) == 2  # one normalisation per rollout
+    monkeypatch.setattr(ppo, "whiten_per_objective", spy("whiten", real_whiten))
+    monkeypatch.setattr(ppo, "scale_per_objective", spy("scale", real_scale))
+    args = [*TINY, "--objectives", "sentiment,length", "--methods", "pama", "--seeds", "0"]
+    default = cli.main([*args, "--out", str(tmp_path / "default")])
+    assert default["config"]["whiten"] == "scale"
+    assert not calls["whiten"] and len(calls["scale"]) == 2  # one normalisation per rollout
     for adv, mask, out in calls["scale"]:
         a, o = adv[mask].double(), out[mask].double()
         torch.testing.assert_close(o, a / a.std(0), rtol=1e-4, atol=1e-6)  # a positive multiple per column
         assert bool((a.mean(0).abs() > 1e-3).any())  # not centred: the mean survives
-    cli.main([*TINY, "--objectives", "sentiment,length", "--methods", "pama", "--seeds", "0", "--out", str(tmp_path / "c")])
-    assert calls["whiten"] == 2 and len(calls["scale"]) == 2  # the default centres
+    explicit = cli.main([*args, "--whiten", "scale", "--out", str(tmp_path / "s")])
+    assert len(calls["scale"]) == 4 and not calls["whiten"]
+    assert explicit["config"]["whiten"] == "scale"
+    cli.main([*args, "--whiten", "centre", "--out", str(tmp_path / "c")])
+    assert len(calls["whiten"]) == 2 and len(calls["scale"]) == 4
+    for adv, mask, out in calls["whiten"]:
+        assert torch.allclose(out[mask].double().mean(0), torch.zeros(2, dtype=torch.float64), atol=1e-5)
     with pytest.raises(SystemExit):
         cli.parse_args(["--estimator", "grpo", "--whiten", "scale"])
     with pytest.raises(SystemExit):
         cli.parse_args(["--whiten", "median"])
-    with pytest.raises(ValueError, match="gae"):
-        ppo.train("pama", 0, None, None, [], [], None, ppo.PPOConfig(estimator="grpo", whiten="scale"), 1, 1,
-                  torch.device("cpu"))
     with pytest.raises(ValueError, match="whiten"):
         ppo.train("pama", 0, None, None, [], [], None, ppo.PPOConfig(whiten="median"), 1, 1, torch.device("cpu"))
 

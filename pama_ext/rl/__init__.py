@@ -1,7 +1,7 @@
 """Multi-objective RL helpers around the PAMA loss.
 
 * ``gae``: per-objective GAE over [B, T, N] (C++ kernel on CPU, PyTorch reference),
-  per-objective whitening, sequence-level advantages, per-token rewards from scores.
+  per-objective whitening (or scaling without centring), sequence-level advantages, per-token rewards from scores.
 * ``grpo``: ``group_advantages``, per-objective group-relative (GRPO) advantages [B, N].
 * ``value_heads``: ``MultiHeadValueModel``, N value heads on a ``transformers`` causal LM.
 * ``consistency``: ``reward_consistency_mask``, keep the preference pairs whose chosen
@@ -18,6 +18,7 @@ from .gae import (
     gae_reference,
     has_cpp_gae,
     per_objective_gae,
+    scale_per_objective,
     scores_to_token_rewards,
     sequence_advantages,
     whiten_per_objective,
@@ -38,6 +39,7 @@ __all__ = [
     "non_dominated",
     "per_objective_gae",
     "reward_consistency_mask",
+    "scale_per_objective",
     "scores_to_token_rewards",
     "sequence_advantages",
     "whiten_per_objective",

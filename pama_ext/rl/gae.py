@@ -24,6 +24,8 @@ Whitening (``whiten_per_objective``): each objective separately over the masked 
 the batch, ``(x - mean) / sqrt(var + eps)`` with the unbiased (Bessel-corrected) variance,
 as TRL's and verl's ``masked_whiten`` do; a single token has variance 0. The statistics are
 those of this process's batch: under data parallelism each rank whitens its own shard.
+``scale_per_objective`` divides by the same standard deviation without centring, which
+keeps the sign the Noon clamp cuts at (the form the main job uses before the clamp).
 """
 
 from __future__ import annotations
@@ -197,8 +199,10 @@ def per_objective_gae(
 
 
 # --------------------------------------------------------------------------- whitening
-def _masked_whiten(x: Tensor, m: Tensor, dims: Tuple[int, ...], shift_mean: bool, eps: float) -> Tensor:
-    """Whiten ``x`` over ``dims`` where ``m`` (broadcastable to x) is true; 0 elsewhere."""
+def _masked_whiten(x: Tensor, m: Tensor, dims: Tuple[int, ...], mode: str, eps: float) -> Tensor:
+    """Normalise ``x`` over ``dims`` where ``m`` (broadcastable to x) is true; 0 elsewhere.
+    ``mode``: "centre" ``(x - mean) / sd``; "keep_mean" the same plus the mean (TRL's
+    ``shift_mean=False``); "scale" ``x / sd`` (every sign kept). ``sd = sqrt(var + eps)``."""
     acc = _acc_dtype(x.dtype)
     xa = x.to(acc)
     zero = xa.new_zeros(())
@@ -207,9 +211,13 @@ def _masked_whiten(x: Tensor, m: Tensor, dims: Tuple[int, ...], shift_mean: bool
     centred = torch.where(m, xa - mean, zero)
     # unbiased variance; one token (or none) has variance 0 (its centred value is 0 anyway)
     var = (centred * centred).sum(dim=dims, keepdim=True) / (count - 1).clamp_min(1)
-    out = centred * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
+    inv_sd = torch.rsqrt(var + eps)
+    if mode == "scale":
+        out = xa * inv_sd
+    else:
+        out = centred * inv_sd
+        if mode == "keep_mean":
+            out = out + mean
     return torch.where(m, out, zero).to(x.dtype)
 
 
@@ -217,6 +225,23 @@ def _check_eps(fn: str, eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
         raise ValueError(f"{fn}: `eps` must be a float > 0, got {eps!r}")
     return float(eps)
+
+
+def _per_objective(fn: str, advantages: Tensor, mask: Optional[Tensor], mode: str, eps) -> Tensor:
+    """The public per-objective normalisations' checks, then ``_masked_whiten`` over every
+    dimension but the last."""
+    _check_float(fn, "advantages", advantages)
+    if advantages.dim() < 2:
+        raise ValueError(
+            f"{fn}: `advantages` must be [..., N] with at least one batch dimension, got {_shape(advantages)}"
+        )
+    eps = _check_eps(fn, eps)
+    lead = tuple(advantages.shape[:-1])
+    if mask is None:
+        m = torch.ones(lead, dtype=torch.bool, device=advantages.device)
+    else:
+        m = _as_bool_mask(fn, mask, lead, advantages.device, "advantages.shape[:-1]")
+    return _masked_whiten(advantages, m[..., None], tuple(range(advantages.dim() - 1)), mode, eps)
 
 
 def whiten_per_objective(
@@ -236,20 +261,25 @@ def whiten_per_objective(
     output; an empty mask gives all zeros. Statistics accumulate in float32 (float64 for
     float64 input); the result has the input's dtype.
     """
-    fn = "whiten_per_objective"
-    _check_float(fn, "advantages", advantages)
-    if advantages.dim() < 2:
-        raise ValueError(
-            f"{fn}: `advantages` must be [..., N] with at least one batch dimension, got {_shape(advantages)}"
-        )
-    eps = _check_eps(fn, eps)
-    lead = tuple(advantages.shape[:-1])
-    if mask is None:
-        m = torch.ones(lead, dtype=torch.bool, device=advantages.device)
-    else:
-        m = _as_bool_mask(fn, mask, lead, advantages.device, "advantages.shape[:-1]")
-    dims = tuple(range(advantages.dim() - 1))
-    return _masked_whiten(advantages, m[..., None], dims, shift_mean, eps)
+    return _per_objective("whiten_per_objective", advantages, mask, "centre" if shift_mean else "keep_mean", eps)
+
+
+def scale_per_objective(advantages: Tensor, mask: Optional[Tensor] = None, eps: float = 1e-8) -> Tensor:
+    """Divide each objective (the last dimension) by its standard deviation over the masked
+    entries, without centring: ``x / sqrt(var + eps)``, every sign kept.
+
+    The form to use before the Noon clamp. The clamp keeps the tokens whose advantage is
+    positive, so the zero it cuts at is part of the objective: GAE puts it at the critic's
+    value, "better than expected". Centring moves it to the batch mean, which drops about
+    half the tokens whatever the critic says; for the signed PPO surrogate a constant shift
+    is only a change of baseline, for the clamped one it is not. Scaling alone still does
+    what the spec's whitening is for: reward scale does not decide the comparison across
+    objectives (benchmarks/FIDELITY.md, "Centring before the clamp").
+
+    Args, statistics, dtypes and masking as ``whiten_per_objective`` (the same unbiased
+    variance; a single entry has variance 0, so it is divided by ``sqrt(eps)``).
+    """
+    return _per_objective("scale_per_objective", advantages, mask, "scale", eps)
 
 
 def sequence_advantages(
@@ -285,7 +315,7 @@ def sequence_advantages(
         x = rewards.reshape(B // group_size, group_size, N)
     m = torch.ones(x.shape[:2] + (1,), dtype=torch.bool, device=rewards.device)
     if scale:
-        out = _masked_whiten(x, m, (1,), True, eps)
+        out = _masked_whiten(x, m, (1,), "centre", eps)
     else:
         xa = x.to(_acc_dtype(x.dtype))
         out = (xa - xa.mean(dim=1, keepdim=True)).to(x.dtype)

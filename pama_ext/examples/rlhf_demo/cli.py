@@ -82,10 +82,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "--loss-kl-coef, as TRL's GRPO does) or shared (grpo only: -beta KL of the response, centred in "
                    "its group, added to every objective's advantage after the group normalisation, so that beta "
                    "weighs the KL alike in every objective; beta adapted as for reward) (default: %(default)s)")
-    p.add_argument("--whiten", default="centre", choices=WHITENINGS,
-                   help="gae: each objective's advantages over the batch to mean 0 and std 1 (centre, TRL's "
-                   "masked_whiten) or to std 1 only (scale: the sign stays the critic's, which is where the Noon "
-                   "clamp cuts) (default: %(default)s)")
+    p.add_argument("--whiten", default=None, choices=WHITENINGS,
+                   help="gae: each objective's advantages over the batch divided by their std, not centred (scale: "
+                   "the sign stays the critic's, which is where the Noon clamp cuts), or to mean 0 and std 1 "
+                   "(centre, TRL's masked_whiten) (default: scale)")
     p.add_argument("--loss-kl-coef", type=float, default=0.04,
                    help="fixed coefficient of the k3 KL term when the KL is in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
@@ -128,8 +128,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"--batch {args.batch} is not a multiple of --group-size {args.group_size} (grpo: a group per prompt)")
     if args.kl_penalty == "shared" and args.estimator != "grpo":
         p.error("--kl-penalty shared is for --estimator grpo (a sequence-level KL beside group-normalised advantages)")
-    if args.whiten != "centre" and args.estimator != "gae":
-        p.error("--whiten scale is for --estimator gae (grpo's group mean is its baseline)")
+    if args.whiten is not None and args.estimator != "gae":
+        p.error("--whiten is for --estimator gae (grpo's group mean is its baseline)")
+    if args.estimator == "gae" and args.whiten is None:
+        args.whiten = "scale"  # resolved here so that the summary's config records it
     if args.estimator == "grpo" and args.group_size < 2:
         p.error(f"--group-size must be >= 2 for grpo (a group of one response has no relative advantage), got {args.group_size}")
     if not args.seeds:
@@ -251,7 +253,7 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
                     target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
-                    group_size=args.group_size, kl_penalty=args.kl_penalty, whiten=args.whiten,
+                    group_size=args.group_size, kl_penalty=args.kl_penalty, whiten=args.whiten or "scale",
                     loss_kl_coef=args.loss_kl_coef, fused_linear=args.fused_linear)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
@@ -419,8 +421,8 @@ def _estimator_text(args) -> str:
           "shared": f"{beta} beside the normalised advantages"}[args.kl_penalty]
     if args.estimator == "grpo":
         return f"GRPO: {args.batch // args.group_size} prompts x {args.group_size} samples, {kl}"
-    whiten = "" if args.whiten == "centre" else ", advantages scaled (not centred)"
-    return f"GAE on {len(args.objectives)} value heads, {kl}{whiten}"
+    whiten = "centred and scaled" if args.whiten == "centre" else "scaled, not centred"
+    return f"GAE on {len(args.objectives)} value heads, {kl}, advantages {whiten}"
 
 
 def resolve_workers(requested: str, device: torch.device, jobs: int, threads: int) -> int:

@@ -26,7 +26,8 @@ from transformers import DynamicCache
 import pama_ext
 from pama_ext.fused_linear import fused_linear_logp, fused_linear_logp_loss
 from pama_ext.reference import token_advantage, token_weights
-from pama_ext.rl import MultiHeadValueModel, group_advantages, per_objective_gae, scores_to_token_rewards, whiten_per_objective
+from pama_ext.rl import (MultiHeadValueModel, group_advantages, per_objective_gae, scale_per_objective,
+                         scores_to_token_rewards, whiten_per_objective)
 
 from .policy import encode_texts, positions
 from .rewards import Objective, score_all
@@ -96,11 +97,12 @@ class PPOConfig:
     # every objective whatever the spread of its scores; beta adapted as for "reward")
     kl_penalty: str = "reward"
     loss_kl_coef: float = 0.04
-    # gae: how each objective's advantages are normalised over the batch: "centre" (mean 0,
-    # std 1, as TRL's and verl's masked_whiten) or "scale" (divided by the std, not centred:
-    # the sign stays the critic's, so the Noon clamp cuts at "better than the value head
-    # expected", not at the batch mean)
-    whiten: str = "centre"
+    # gae: how each objective's advantages are normalised over the batch before the Noon
+    # clamp: "scale" (divided by the std, not centred: the sign stays the critic's, so the
+    # clamp cuts at "better than the value head expected"; benchmarks/FIDELITY.md, "Centring
+    # before the clamp") or "centre" (mean 0, std 1, TRL's and verl's masked_whiten). grpo
+    # ignores it: its group mean is its baseline
+    whiten: str = "scale"
     # compute the training log-probabilities and the loss from the last hidden states and
     # the LM head chunk by chunk (pama_ext.fused_linear): the B x T x V logits never exist
     fused_linear: bool = False
@@ -297,18 +299,6 @@ def evaluate(model, tokenizer, objectives: Sequence[Objective], prompts: Sequenc
     return torch.cat(rows).mean(0).tolist(), examples
 
 
-def scale_per_objective(adv: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    """Each objective's [B, T, N] advantages divided by their standard deviation over the
-    masked tokens (unbiased, as ``whiten_per_objective``), not centred: every sign is kept.
-    (TRL's ``shift_mean=False`` is not this: it adds the unscaled mean back to the centred,
-    scaled values, which moves the zero the Noon clamp cuts at.)"""
-    m = mask[..., None]
-    count = m.sum(dim=(0, 1), keepdim=True).to(adv.dtype)
-    mean = torch.where(m, adv, 0.0).sum(dim=(0, 1), keepdim=True) / count.clamp_min(1)
-    var = torch.where(m, adv - mean, 0.0).pow(2).sum(dim=(0, 1), keepdim=True) / (count - 1).clamp_min(1)
-    return torch.where(m, adv * torch.rsqrt(var + eps), 0.0)
-
-
 def train(
     method: str,
     seed: int,
@@ -349,8 +339,6 @@ def train(
                          "advantages); under gae use 'reward' or 'loss'")
     if cfg.whiten not in WHITENINGS:
         raise ValueError(f"unknown whiten {cfg.whiten!r}; choose from {', '.join(WHITENINGS)}")
-    if cfg.whiten != "centre" and grpo:
-        raise ValueError("whiten 'scale' is for the gae estimator; grpo's group mean is its baseline")
     # MGDA-UB differentiates each objective's loss through the graph from the hidden states to
     # logp, which the fused loss does not build: that baseline always runs unfused
     fused = cfg.fused_linear and method != "mgda_ub"
