@@ -37,18 +37,18 @@ SHARED_TEXT = {  # evidence for "The KL in every objective's reward": the KL add
     "grpo_shared_pair": "GRPO with the KL as one term after the group normalisation, sentiment + length",
     "grpo_shared_three": "GRPO with the KL as one term after the group normalisation, sentiment + length + diversity",
 }
-SCALE_TEXT = {  # evidence for "Centring before the clamp": GAE advantages scaled, not centred (--whiten scale)
-    "gae_scale_pair": "GAE (PPO) with the advantages scaled, not centred, sentiment + length",
-    "gae_scale_three": "GAE (PPO) with the advantages scaled, not centred, sentiment + length + diversity",
+CENTRE_TEXT = {  # evidence for "Centring before the clamp": GAE advantages centred and scaled (--whiten centre)
+    "gae_centre_pair": "GAE (PPO) with the advantages centred and scaled, sentiment + length",
+    "gae_centre_three": "GAE (PPO) with the advantages centred and scaled, sentiment + length + diversity",
 }
 EVIDENCE = [  # the settings not judged by the rule, each group under its heading on the page
     (KL_LOSS_TEXT, "The same GRPO runs with TRL's KL placement (evidence for \"The KL budget\"; not judged by the rule)"),
     (SHARED_TEXT, "The same GRPO settings with the KL as one term after each objective's normalisation (evidence "
                   "for \"The KL in every objective's reward\"; not judged by the rule)"),
-    (SCALE_TEXT, "The same GAE settings with each objective's advantages scaled but not centred (evidence for "
-                 "\"Centring before the clamp\"; not judged by the rule)"),
+    (CENTRE_TEXT, "The same GAE settings with each objective's advantages centred, then scaled (the judged form "
+                  "until \"Centring before the clamp\"; not judged by the rule)"),
 ]
-ALL_TEXT = {**SETTING_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT, **SCALE_TEXT}
+ALL_TEXT = {**SETTING_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT, **CENTRE_TEXT}
 PAIR = ("sentiment", "length")
 START, END = "<!-- fidelity-tables:start -->", "<!-- fidelity-tables:end -->"
 
