@@ -5,8 +5,10 @@ method's combiner) as the optimizer.
 The loop follows shared/PAMA.md: every objective's per-token reward is its score on the
 last response token plus the KL penalty ``-beta (logp_old - logp_ref)`` on every token
 (beta adapted towards a target KL, as in Ziegler et al. / TRL); GAE per objective with
-gamma = 1, lambda = 0.95 and value targets taken before whitening; each objective's
-advantages whitened separately over the batch's response tokens; then ``epochs`` PPO epochs
+gamma = 1, lambda = 0.95 and value targets taken before any normalisation; each objective's
+advantages divided by their own standard deviation over the batch's response tokens, not
+centred (``whiten="scale"``: the Noon clamp then cuts at the critic's zero; "centre" also
+subtracts the mean, as TRL's masked_whiten does); then ``epochs`` PPO epochs
 in which ``opt.loss`` combines the N advantages (PAMA, MORLHF's linear scalarisation or
 MGDA-UB) and the N value heads regress their returns.
 """
