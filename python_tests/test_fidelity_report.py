@@ -63,3 +63,25 @@ def test_new_runs_join_the_kept_settings(tmp_path):
     assert mk["seeds"] == 1 and mk["method_rewards"] == [0.6] * len(names)
     others = [s for s in result["settings"] if s != setting]
     assert all(result["settings"][s]["from"] == "results/fidelity.json" for s in others)
+
+
+def test_every_sweep_setting_is_a_valid_demo_command_and_has_a_page_title():
+    """Each setting of benchmarks/fidelity.py parses as the demo's command line (so a rerun
+    cannot fail on its arguments), has a title in the report, and the judged GAE settings
+    scale their advantages without centring while the evidence settings centre them."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("vaderSentiment")
+    from pama_ext.examples.rlhf_demo import cli
+
+    spec = importlib.util.spec_from_file_location("fidelity_sweep", ROOT / "benchmarks" / "fidelity.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    rep = _report()
+    settings = {**sweep.SETTINGS, **sweep.EXTRA_SETTINGS}
+    assert set(sweep.SETTINGS) == set(rep.SETTING_TEXT) and set(settings) == set(rep.ALL_TEXT)
+    for name, argv in settings.items():
+        args = cli.parse_args([*argv, "--methods", ",".join(sweep.METHODS)])
+        if args.estimator == "gae":
+            assert args.whiten == ("centre" if name.startswith("gae_centre") else "scale"), name
+        else:
+            assert args.whiten is None, name

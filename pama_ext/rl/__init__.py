@@ -1,7 +1,8 @@
 """Multi-objective RL helpers around the PAMA loss.
 
 * ``gae``: per-objective GAE over [B, T, N] (C++ kernel on CPU, PyTorch reference),
-  per-objective whitening (or scaling without centring), sequence-level advantages, per-token rewards from scores.
+  per-objective whitening (or scaling without centring), sequence-level advantages,
+  per-token rewards from scores.
 * ``grpo``: ``group_advantages``, per-objective group-relative (GRPO) advantages [B, N].
 * ``value_heads``: ``MultiHeadValueModel``, N value heads on a ``transformers`` causal LM.
 * ``consistency``: ``reward_consistency_mask``, keep the preference pairs whose chosen
