@@ -85,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--whiten", default=None, choices=WHITENINGS,
                    help="gae: each objective's advantages over the batch divided by their std, not centred (scale: "
                    "the sign stays the critic's, which is where the Noon clamp cuts), or to mean 0 and std 1 "
-                   "(centre, TRL's masked_whiten) (default: scale)")
+                   f"(centre, TRL's masked_whiten) (default: {PPOConfig.whiten})")
     p.add_argument("--loss-kl-coef", type=float, default=0.04,
                    help="fixed coefficient of the k3 KL term when the KL is in the loss (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40, help="PPO rollouts per run (default: %(default)s)")
@@ -131,7 +131,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.whiten is not None and args.estimator != "gae":
         p.error("--whiten is for --estimator gae (grpo's group mean is its baseline)")
     if args.estimator == "gae" and args.whiten is None:
-        args.whiten = "scale"  # resolved here so that the summary's config records it
+        args.whiten = PPOConfig.whiten  # resolved here so that the summary's config records it
     if args.estimator == "grpo" and args.group_size < 2:
         p.error(f"--group-size must be >= 2 for grpo (a group of one response has no relative advantage), got {args.group_size}")
     if not args.seeds:
@@ -253,7 +253,7 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
                     target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
-                    group_size=args.group_size, kl_penalty=args.kl_penalty, whiten=args.whiten or "scale",
+                    group_size=args.group_size, kl_penalty=args.kl_penalty, whiten=args.whiten or PPOConfig.whiten,
                     loss_kl_coef=args.loss_kl_coef, fused_linear=args.fused_linear)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
     return Context(args, device, model, tokenizer, objectives, train_prompts, held_prompts, banned, cfg)
