@@ -23,32 +23,48 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["pama_token", "pama_token_veto", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "linear", "noon_linear", "pama_token_signed", "pama_token_abstain", "mgda_ub"]
-SETTING_TEXT = {  # the settings the default rule is judged on: the KL in the reward, as the spec puts it
+SETTING_TEXT = {  # the settings the default rule is judged on: the KL in the reward, as the spec puts it,
+    # beta adapted within the run
     "gae_pair": "GAE (PPO), sentiment + length",
     "gae_three": "GAE (PPO), sentiment + length + diversity",
     "grpo_pair": "GRPO, sentiment + length",
     "grpo_three": "GRPO, sentiment + length + diversity",
 }
-KL_LOSS_TEXT = {  # evidence for that choice: TRL's fixed k3 KL term in the loss instead
+FIXED_TEXT = {  # evidence for "The KL controller": the same with beta fixed at 0.2 in effect (horizon 10000)
+    "gae_fixed_beta_pair": "GAE (PPO) with beta fixed in effect, sentiment + length",
+    "gae_fixed_beta_three": "GAE (PPO) with beta fixed in effect, sentiment + length + diversity",
+    "grpo_fixed_beta_pair": "GRPO with beta fixed in effect, sentiment + length",
+    "grpo_fixed_beta_three": "GRPO with beta fixed in effect, sentiment + length + diversity",
+}
+KL_LOSS_TEXT = {  # evidence for the KL's placement: TRL's fixed k3 KL term in the loss instead
     "grpo_klloss_pair": "GRPO with the KL as a fixed loss term (k3, 0.04), sentiment + length",
     "grpo_klloss_three": "GRPO with the KL as a fixed loss term (k3, 0.04), sentiment + length + diversity",
 }
 SHARED_TEXT = {  # evidence for "The KL in every objective's reward": the KL added after the normalisation
-    "grpo_shared_pair": "GRPO with the KL as one term after the group normalisation, sentiment + length",
-    "grpo_shared_three": "GRPO with the KL as one term after the group normalisation, sentiment + length + diversity",
+    "grpo_shared_pair": "GRPO with the KL as one term after the group normalisation, beta fixed in effect, "
+                        "sentiment + length",
+    "grpo_shared_three": "GRPO with the KL as one term after the group normalisation, beta fixed in effect, "
+                         "sentiment + length + diversity",
+    "grpo_shared_adapt_pair": "GRPO with the KL as one term after the group normalisation, beta adapted within "
+                              "the run, sentiment + length",
+    "grpo_shared_adapt_three": "GRPO with the KL as one term after the group normalisation, beta adapted within "
+                               "the run, sentiment + length + diversity",
 }
 CENTRE_TEXT = {  # evidence for "Centring before the clamp": GAE advantages centred and scaled (--whiten centre)
     "gae_centre_pair": "GAE (PPO) with the advantages centred and scaled, sentiment + length",
     "gae_centre_three": "GAE (PPO) with the advantages centred and scaled, sentiment + length + diversity",
 }
 EVIDENCE = [  # the settings not judged by the rule, each group under its heading on the page
-    (KL_LOSS_TEXT, "The same GRPO runs with TRL's KL placement (evidence for \"The KL budget\"; not judged by the rule)"),
+    (FIXED_TEXT, "The same settings with beta fixed at 0.2 in effect (the controller's horizon at 10000 samples: "
+                 "the judged form until \"The KL controller\"; evidence, not judged by the rule)"),
+    (KL_LOSS_TEXT, "The same GRPO runs with TRL's KL placement (evidence for \"The KL budget\"; not judged "
+                   "by the rule)"),
     (SHARED_TEXT, "The same GRPO settings with the KL as one term after each objective's normalisation (evidence "
                   "for \"The KL in every objective's reward\"; not judged by the rule)"),
-    (CENTRE_TEXT, "The same GAE settings with each objective's advantages centred, then scaled (the judged form "
-                  "until \"Centring before the clamp\"; not judged by the rule)"),
+    (CENTRE_TEXT, "The same GAE settings with each objective's advantages centred, then scaled (beta fixed in "
+                  "effect; the judged form until \"Centring before the clamp\"; not judged by the rule)"),
 ]
-ALL_TEXT = {**SETTING_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT, **CENTRE_TEXT}
+ALL_TEXT = {**SETTING_TEXT, **FIXED_TEXT, **KL_LOSS_TEXT, **SHARED_TEXT, **CENTRE_TEXT}
 PAIR = ("sentiment", "length")
 START, END = "<!-- fidelity-tables:start -->", "<!-- fidelity-tables:end -->"
 
@@ -129,6 +145,17 @@ def analyse(data: dict) -> dict:
     for s in data:
         data[s]["at_matched_kl"] = matched_kl(data[s])
     return {"settings": data, "rule": rule}
+
+
+def rule_line(settings: list, data: dict) -> str:
+    """One line: in how many of ``settings`` each method meets the default rule (as judged
+    against that setting's own ``linear``), for the methods run in more than one of them."""
+    counts = []
+    for m in ORDER:
+        per = [data[s]["methods"][m].get("meets_rule") for s in settings if m in data[s]["methods"]]
+        if len(per) > 1 and m != "linear":
+            counts.append(f"`{m}` {sum(bool(x) for x in per)} of {len(per)}")
+    return "The default rule in these settings: " + ", ".join(counts) + "." if counts else ""
 
 
 def matched_kl(e: dict, method: str = "pama_token") -> dict | None:
@@ -253,6 +280,9 @@ def main(argv=None) -> None:
         group = [table(s, e) for s, e in result["settings"].items() if s in texts]
         if group:
             text += f"\n\n#### {heading}\n\n" + "\n\n".join(group)
+            met = rule_line([s for s in result["settings"] if s in texts], result["settings"])
+            if met:
+                text += "\n\n" + met
     rows = []
     for s, e in result["settings"].items():
         mk = e.get("at_matched_kl")

@@ -96,8 +96,11 @@ def main(argv=None) -> dict:
         undo = _record(log)
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                cli.main(["--estimator", "grpo", "--kl-penalty", "reward", "--objectives", args.objectives,
-                          "--methods", method, "--seeds", args.seeds, "--steps", str(args.steps),
+                # beta fixed in effect (--kl-horizon 10000), as in the runs the committed results
+                # diagnose (FIDELITY.md, "The KL controller"); a later --kl-horizon overrides it
+                cli.main(["--estimator", "grpo", "--kl-penalty", "reward", "--kl-horizon", "10000",
+                          "--objectives", args.objectives, "--methods", method, "--seeds", args.seeds,
+                          "--steps", str(args.steps),
                           "--workers", "1", "--no-progress", "--out", tmp, *demo_args])
         finally:
             undo()

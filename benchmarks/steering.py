@@ -49,9 +49,10 @@ def run(name: str, objectives: str, seeds: str, extra) -> None:
         return
     cmd = [sys.executable, "-m", "pama_ext.examples.rlhf_demo", "--objectives", objectives, "--seeds", seeds,
            "--methods", "pama,linear", "--out", str(out), "--no-progress",
-           # the study was run with the GAE advantages centred, the demo's default until the
-           # fidelity study chose scaling alone (FIDELITY.md, "Centring before the clamp")
-           "--whiten", "centre", *extra]
+           # the study was run with the GAE advantages centred and the KL controller's horizon
+           # at 10000 samples (beta fixed in effect), the demo's defaults until the fidelity
+           # study ("Centring before the clamp", "The KL controller" in FIDELITY.md)
+           "--whiten", "centre", "--kl-horizon", "10000", *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 

@@ -68,7 +68,8 @@ def test_new_runs_join_the_kept_settings(tmp_path):
 def test_every_sweep_setting_is_a_valid_demo_command_and_has_a_page_title():
     """Each setting of benchmarks/fidelity.py parses as the demo's command line (so a rerun
     cannot fail on its arguments), has a title in the report, and the judged GAE settings
-    scale their advantages without centring while the evidence settings centre them."""
+    scale their advantages without centring while the evidence settings centre them, and only
+    only the judged and the "adapt" settings let beta adapt within the run."""
     pytest.importorskip("transformers")
     pytest.importorskip("vaderSentiment")
     from pama_ext.examples.rlhf_demo import cli
@@ -85,3 +86,6 @@ def test_every_sweep_setting_is_a_valid_demo_command_and_has_a_page_title():
             assert args.whiten == ("centre" if name.startswith("gae_centre") else "scale"), name
         else:
             assert args.whiten is None, name
+        # beta adapts within the run in the judged settings and the evidence that says so; the
+        # evidence run before "The KL controller" keeps the horizon it was run with
+        assert args.kl_horizon == (256 if name in sweep.SETTINGS or "adapt" in name else 10_000), name

@@ -152,6 +152,25 @@ def test_adaptive_kl_moves_towards_target():
     assert c.value == pytest.approx(0.2 * 1.02 * 0.98)
 
 
+def test_demo_kl_horizon_sets_the_controller_rate(tmp_path, one_thread):
+    """--kl-horizon reaches the controller: after every rollout beta moves by
+    clip(KL / target - 1, -0.2, 0.2) * batch / horizon of itself (Ziegler et al.), and the
+    summary's config records the horizon; the default, 256 samples, is short against a run."""
+    assert cli.parse_args([]).kl_horizon == ppo.PPOConfig.kl_horizon == 256
+    out = cli.main([*TINY, "--steps", "3", "--objectives", "sentiment,length", "--methods", "linear", "--seeds", "0",
+                    "--kl-horizon", "16", "--out", str(tmp_path / "h")])
+    cfg = out["config"]
+    assert cfg["kl_horizon"] == 16
+    beta = cfg["kl_coef"]
+    hist = out["runs"][0]["history"]
+    assert len(hist) == 3
+    for h in hist:
+        err = min(max(h["kl"] / cfg["target_kl"] - 1.0, -0.2), 0.2)
+        beta *= 1.0 + err * cfg["batch"] / 16
+        assert h["kl_coef"] == pytest.approx(beta, rel=1e-12)
+    assert hist[-1]["kl_coef"] != pytest.approx(cfg["kl_coef"], rel=1e-3)  # 8 of 16 samples a rollout: it moved
+
+
 # --------------------------------------------------------------------------- hypervolume
 def test_point_hypervolume_and_reference():
     assert report.point_hv([0.5, 1.0, 0.8], [-1.0, 0.5, 0.0]) == pytest.approx(1.5 * 0.5 * 0.8)
@@ -311,6 +330,7 @@ def test_demo_rejects_bad_arguments(tmp_path):
         ["--seeds", "1,1"],
         ["--seeds", "a,b"],
         ["--warmup-steps", "-1"],
+        ["--kl-horizon", "0"],
         ["--workers", "0"],
         ["--workers", "many"],
         ["--preferences", "auto", "--methods", "pama,mgda_ub"],  # mgda_ub takes no preference

@@ -101,6 +101,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=30, help="response budget in tokens (default: %(default)s)")
     p.add_argument("--kl-coef", type=float, default=0.2, help="initial KL coefficient beta (default: %(default)s)")
     p.add_argument("--target-kl", type=float, default=3.0, help="KL per response beta adapts towards (default: %(default)s)")
+    p.add_argument("--kl-horizon", type=int, default=PPOConfig.kl_horizon,
+                   help="samples over which beta may move by 20%% towards --target-kl (Ziegler et al.; default: %(default)s)")
     p.add_argument("--warmup-steps", type=int, default=300, help="supervised warm-up steps of the embedded model (default: %(default)s)")
     p.add_argument("--eval-every", type=int, default=10, help="held-out evaluation every k steps (default: %(default)s)")
     p.add_argument("--eval-samples", type=int, default=4, help="responses per held-out prompt (default: %(default)s)")
@@ -115,7 +117,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("steps", "batch", "epochs", "max_new_tokens", "eval_every", "eval_samples", "micro_batches", "threads",
-                 "group_size"):
+                 "group_size", "kl_horizon"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.workers != "auto" and (not args.workers.isdigit() or int(args.workers) < 1):
@@ -252,7 +254,8 @@ def make_context(args, device: torch.device, model, tokenizer) -> Context:
     train_prompts, held_prompts = load_prompts(args.prompts, args.eval_prompts)
     cfg = PPOConfig(batch=args.batch, max_new_tokens=args.max_new_tokens, epochs=args.epochs,
                     micro_batches=args.micro_batches, lr=args.lr, kl_coef=args.kl_coef,
-                    target_kl=args.target_kl, backend=args.backend, estimator=args.estimator,
+                    target_kl=args.target_kl, kl_horizon=args.kl_horizon, backend=args.backend,
+                    estimator=args.estimator,
                     group_size=args.group_size, kl_penalty=args.kl_penalty, whiten=args.whiten or PPOConfig.whiten,
                     loss_kl_coef=args.loss_kl_coef, fused_linear=args.fused_linear)
     banned = banned_logits(tokenizer, model.config.vocab_size, device)
@@ -416,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _estimator_text(args) -> str:
-    beta = f"KL beta {args.kl_coef:g} -> target {args.target_kl:g}"
+    beta = f"KL beta {args.kl_coef:g} -> target {args.target_kl:g} (horizon {args.kl_horizon} samples)"
     kl = {"loss": f"KL coefficient {args.loss_kl_coef:g} in the loss", "reward": f"{beta} in the reward",
           "shared": f"{beta} beside the normalised advantages"}[args.kl_penalty]
     if args.estimator == "grpo":
