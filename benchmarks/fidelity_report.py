@@ -137,24 +137,27 @@ def analyse(data: dict) -> dict:
                 med, lmed = info["median"], lin["median"]
                 info["meets_rule"] = (all(med[n] >= lmed[n] for n in PAIR) and med["hypervolume"] >= lmed["hypervolume"]
                                       and med["hypervolume"] > e["initial"]["hypervolume"])
-    rule = {}
     judged = [s for s in data if s in SETTING_TEXT]
-    for m in ORDER:
-        per = [data[s]["methods"][m].get("meets_rule") for s in judged if m in data[s]["methods"]]
-        rule[m] = {"settings": len(per), "meets_rule_in": sum(bool(x) for x in per)}
+    rule = {m: rule_count(m, judged, data) for m in ORDER}
     for s in data:
         data[s]["at_matched_kl"] = matched_kl(data[s])
     return {"settings": data, "rule": rule}
 
 
+def rule_count(method: str, settings: list, data: dict) -> dict:
+    """In how many of ``settings`` that ran ``method`` it meets the default rule (as judged
+    against each setting's own ``linear``): ``{"settings": ran, "meets_rule_in": met}``."""
+    per = [data[s]["methods"][method].get("meets_rule") for s in settings if method in data[s]["methods"]]
+    return {"settings": len(per), "meets_rule_in": sum(bool(x) for x in per)}
+
+
 def rule_line(settings: list, data: dict) -> str:
-    """One line: in how many of ``settings`` each method meets the default rule (as judged
-    against that setting's own ``linear``), for the methods run in more than one of them."""
+    """One line: ``rule_count`` over ``settings`` for the methods run in more than one of them."""
     counts = []
     for m in ORDER:
-        per = [data[s]["methods"][m].get("meets_rule") for s in settings if m in data[s]["methods"]]
-        if len(per) > 1 and m != "linear":
-            counts.append(f"`{m}` {sum(bool(x) for x in per)} of {len(per)}")
+        r = rule_count(m, settings, data)
+        if r["settings"] > 1 and m != "linear":
+            counts.append(f"`{m}` {r['meets_rule_in']} of {r['settings']}")
     return "The default rule in these settings: " + ", ".join(counts) + "." if counts else ""
 
 
