@@ -69,7 +69,7 @@ def test_every_sweep_setting_is_a_valid_demo_command_and_has_a_page_title():
     """Each setting of benchmarks/fidelity.py parses as the demo's command line (so a rerun
     cannot fail on its arguments), has a title in the report, and the judged GAE settings
     scale their advantages without centring while the evidence settings centre them, and only
-    only the judged and the "adapt" settings let beta adapt within the run."""
+    the judged and the "adapt" settings let beta adapt within the run."""
     pytest.importorskip("transformers")
     pytest.importorskip("vaderSentiment")
     from pama_ext.examples.rlhf_demo import cli
