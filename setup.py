@@ -80,7 +80,18 @@ def _extensions():
     # csrc/bindings.h (pama_cpu.cpp: the fused op's CPU kernels; solvers_cpu.cpp: min_norm_weights
     # and theorem1; gae_cpu.cpp: per-objective GAE for pama_ext.rl; pama_cuda.cpp +
     # pama_cuda_kernels.cu: the CUDA kernels, only in a CUDA build)
-    sources = [os.path.join(CSRC, name) for name in ("bindings.cpp", "pama_cpu.cpp", "solvers_cpu.cpp", "gae_cpu.cpp")]
+    # pama_cpu_isa_*.cpp: the CPU passes per instruction set, separate files so that MAX_JOBS
+    # compiles them side by side
+    cpu_sources = (
+        "bindings.cpp",
+        "pama_cpu.cpp",
+        "pama_cpu_isa_baseline.cpp",
+        "pama_cpu_isa_avx2.cpp",
+        "pama_cpu_isa_avx512.cpp",
+        "solvers_cpu.cpp",
+        "gae_cpu.cpp",
+    )
+    sources = [os.path.join(CSRC, name) for name in cpu_sources]
     common = dict(
         name="pama_ext._C",
         include_dirs=[os.path.join(HERE, "csrc")],

@@ -1,5 +1,7 @@
-// pama_cpu.cpp: the fused PAMA CPU kernels, added to pama_ext._C by register_cpu_bindings
-// (the module itself and build_info are in bindings.cpp).
+// pama_cpu.cpp: the fused PAMA CPU op (checks, the run-time choice of instruction set, the
+// solve between the passes, the loss), added to pama_ext._C by register_cpu_bindings (the
+// module itself and build_info are in bindings.cpp). The passes over memory are in
+// pama_cpu_kernels.h, compiled per instruction set by pama_cpu_isa_*.cpp.
 //
 // Contract: csrc/README.md (two passes over memory, the O(N^3) solve in between).
 //   forward  = one reduction pass: per sequence, in double, M_b, S_{b,i}, Q_{b,i}, Smin_b and
@@ -13,7 +15,6 @@
 // identical for any number of threads.
 #include <torch/extension.h>
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,23 +29,18 @@
 
 #include "bindings.h"
 #include "pama_checks.h"
+#include "pama_cpu_pass.h"
 #include "pama_math.h"
 
 namespace {
 
+using namespace pama_cpu;
 using at::Tensor;
 
 using pama_checks::Agg;
 using pama_checks::Gran;
 
-constexpr int64_t kBlock = 2048;  // tokens per work unit
-
-// What the forward pass must accumulate: S + Q + Gram (batch; Q for pama_statistics), S + Q
-// (sequence, batch_mean, sequence_gram: its Gram is built from the per-row means Q_b / M_b
-// after the pass), Smin (token). Accumulating only what the granularity needs is an optimisation; the
-// statistics it does accumulate are the ones the contract defines.
-enum class Mode { Gram, Mean, Min };
-
+// What the forward pass must accumulate for a granularity (pama_cpu_pass.h's Mode).
 Mode mode_of(Gran g) {
   switch (g) {
     case Gran::Batch: return Mode::Gram;
@@ -53,113 +49,12 @@ Mode mode_of(Gran g) {
   }
 }
 
-// ------------------------------------------------------------------------------ partition
-struct Partition {
-  int64_t B = 0, T = 0;
-  int64_t rows_per_unit = 1;  // T <= kBlock: whole rows per unit
-  int64_t segs = 1;           // T > kBlock: segments per row
-  int64_t units = 0;
-};
-
-Partition make_partition(int64_t B, int64_t T) {
-  Partition p;
-  p.B = B;
-  p.T = T;
-  if (T > kBlock) {
-    p.segs = (T + kBlock - 1) / kBlock;
-    p.units = B * p.segs;
-  } else {
-    p.rows_per_unit = std::max<int64_t>(1, kBlock / std::max<int64_t>(T, 1));
-    p.units = (B + p.rows_per_unit - 1) / p.rows_per_unit;
-  }
-  return p;
-}
-
-// Calls f(b, t0, t1) for every row piece of unit u, in a fixed order.
-template <typename F>
-inline void for_each_piece(const Partition& p, int64_t u, F&& f) {
-  if (p.segs > 1) {
-    const int64_t b = u / p.segs, s = u % p.segs;
-    const int64_t t0 = s * kBlock, t1 = std::min(p.T, t0 + kBlock);
-    f(b, t0, t1);
-  } else {
-    const int64_t r0 = u * p.rows_per_unit, r1 = std::min(p.B, r0 + p.rows_per_unit);
-    for (int64_t b = r0; b < r1; ++b) f(b, int64_t(0), p.T);
-  }
-}
-
-inline int tri_size(int n) { return n * (n + 1) / 2; }
-
-// ------------------------------------------------------------------------------ kernel arguments
-// Shared by every instruction set's kernels (csrc/pama_cpu_kernels.h) and the ops below.
-// Per-row statistics layout (double): [M_b, Smin_b, S_{b,0..n-1}, Q_{b,0..n-1}].
-inline int row_stride(int n) { return 2 + 2 * n; }
-// Per-unit slot layout (double): [clipped, nf_logp, nf_old_logp, nf_adv, G upper (n(n+1)/2
-// for Mode::Gram), row partial (row_stride, only when rows are split into segments)].
-constexpr int kCounts = 4;
-
-struct FwdArgs {
-  const void* logp;
-  const void* old_logp;
-  const void* adv;
-  const uint8_t* mask;  // the bool mask read as bytes: bool loads do not vectorise
-  int64_t T;
-  int n;
-  double one_plus_eps;
-};
-
-struct FwdPass {
-  std::vector<double> rows;   // [B, row_stride]
-  std::vector<double> slots;  // [units, slot_stride]
-  int slot_stride = 0;
-  int gram_off = kCounts;
-  int rowpart_off = 0;
-};
-
-struct BwdArgs {
-  const void* logp;
-  const void* old_logp;
-  const void* adv;
-  const uint8_t* mask;  // the bool mask read as bytes: bool loads do not vectorise
-  void* grad;
-  int64_t T;
-  int n;
-  double one_plus_eps;
-  const void* weights;    // op_t: [N] (shared), [B, N] (per row) or null (token)
-  bool weights_per_row;
-  const void* row_scale;  // op_t [B]
-  double grad_out;
-};
-
 // ------------------------------------------------------------------------------ the kernels, per ISA
-// csrc/pama_cpu_kernels.h compiled three times on x86-64 with GCC: for the baseline (what the
-// wheel's flags allow everywhere), for AVX2 + FMA and for AVX-512 (F, BW, VL, DQ); once
-// elsewhere (aarch64, clang). `cpu_isa(n)` picks the best the CPU supports (and that measured faster) at run time;
+// csrc/pama_cpu_kernels.h is compiled three times on x86-64 with GCC (pama_cpu_isa_baseline.cpp,
+// _avx2.cpp, _avx512.cpp): for the baseline (what the wheel's flags allow everywhere), for
+// AVX2 + FMA and for AVX-512 (F, BW, VL, DQ); once elsewhere (aarch64, clang). `cpu_isa(n)`
+// picks the best the CPU supports (and that measured faster) at run time;
 // PAMA_EXT_CPU_ISA=baseline|avx2|avx512 forces one (read at every call, so tests can switch).
-namespace isa_baseline {
-constexpr int kVecDoubles = 2, kVecRegs = 16;  // doubles per vector register, registers
-#include "pama_cpu_kernels.h"
-}  // namespace isa_baseline
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PAMA_CPU_MULTI_ISA 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace isa_avx2 {
-constexpr int kVecDoubles = 4, kVecRegs = 16;  // doubles per vector register, registers
-#include "pama_cpu_kernels.h"
-}  // namespace isa_avx2
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
-namespace isa_avx512 {
-constexpr int kVecDoubles = 8, kVecRegs = 32;  // doubles per vector register, registers
-#include "pama_cpu_kernels.h"
-}  // namespace isa_avx512
-#pragma GCC pop_options
-#else
-#define PAMA_CPU_MULTI_ISA 0
-#endif
-
 enum class Isa { Baseline, Avx2, Avx512 };
 
 const char* isa_name(Isa i) {
@@ -209,25 +104,34 @@ Isa cpu_isa(int n) {
   return static_cast<int>(want) <= static_cast<int>(best) ? want : best;
 }
 
-// forward_pass / backward_pass of the chosen instruction set
-template <typename scalar_t, typename op_t, typename... Args>
-void forward_pass_isa(Isa isa, Args&&... args) {
-#if PAMA_CPU_MULTI_ISA
-  if (isa == Isa::Avx512) return isa_avx512::forward_pass<scalar_t, op_t>(std::forward<Args>(args)...);
-  if (isa == Isa::Avx2) return isa_avx2::forward_pass<scalar_t, op_t>(std::forward<Args>(args)...);
-#endif
-  (void)isa;
-  return isa_baseline::forward_pass<scalar_t, op_t>(std::forward<Args>(args)...);
+// the storage dtype of a checked input (pama_checks allows these four)
+Dtype dtype_of(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dtype::Float;
+    case at::kDouble: return Dtype::Double;
+    case at::kBFloat16: return Dtype::BFloat16;
+    case at::kHalf: return Dtype::Half;
+    default: TORCH_CHECK(false, "pama_ext: no CPU kernel for dtype ", x.scalar_type());
+  }
 }
 
-template <typename scalar_t, typename op_t, bool TOKEN, typename... Args>
-void backward_pass_isa(Isa isa, Args&&... args) {
+// forward_pass / backward_pass of the chosen instruction set
+void forward_pass_isa(Isa isa, Dtype dt, const FwdArgs& a, const Partition& p, bool bc, Mode mode, FwdPass& out) {
 #if PAMA_CPU_MULTI_ISA
-  if (isa == Isa::Avx512) return isa_avx512::backward_pass<scalar_t, op_t, TOKEN>(std::forward<Args>(args)...);
-  if (isa == Isa::Avx2) return isa_avx2::backward_pass<scalar_t, op_t, TOKEN>(std::forward<Args>(args)...);
+  if (isa == Isa::Avx512) return isa_avx512::forward_pass_entry(dt, a, p, bc, mode, out);
+  if (isa == Isa::Avx2) return isa_avx2::forward_pass_entry(dt, a, p, bc, mode, out);
 #endif
   (void)isa;
-  return isa_baseline::backward_pass<scalar_t, op_t, TOKEN>(std::forward<Args>(args)...);
+  return isa_baseline::forward_pass_entry(dt, a, p, bc, mode, out);
+}
+
+void backward_pass_isa(Isa isa, Dtype dt, bool token, const BwdArgs& a, const Partition& p, bool bc) {
+#if PAMA_CPU_MULTI_ISA
+  if (isa == Isa::Avx512) return isa_avx512::backward_pass_entry(dt, token, a, p, bc);
+  if (isa == Isa::Avx2) return isa_avx2::backward_pass_entry(dt, token, a, p, bc);
+#endif
+  (void)isa;
+  return isa_baseline::backward_pass_entry(dt, token, a, p, bc);
 }
 
 // ------------------------------------------------------------------------------ checks
@@ -255,10 +159,7 @@ Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& 
   const Isa isa = cpu_isa(n);
   FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                T, n, 1.0 + clip_eps};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_forward", [&] {
-    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    forward_pass_isa<scalar_t, op_t>(isa, args, r.part, bc, mode, r.pass);
-  });
+  forward_pass_isa(isa, dtype_of(logp), args, r.part, bc, mode, r.pass);
   for (int64_t u = 0; u < r.part.units; ++u)
     for (int k = 0; k < kCounts; ++k) r.counts[k] += r.pass.slots[u * r.pass.slot_stride + k];
   return r;
@@ -454,13 +355,7 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
                grad.data_ptr(), T, n, 1.0 + clip_eps, wc.defined() ? wc.data_ptr() : nullptr, per_row,
                rsc.data_ptr(), go};
   const bool token = gran == Gran::Token;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logp.scalar_type(), "pama_backward", [&] {
-    using op_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (token)
-      backward_pass_isa<scalar_t, op_t, true>(isa, args, part, bc);
-    else
-      backward_pass_isa<scalar_t, op_t, false>(isa, args, part, bc);
-  });
+  backward_pass_isa(isa, dtype_of(logp), token, args, part, bc);
   return grad;
 }
 

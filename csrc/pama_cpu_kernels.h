@@ -1,12 +1,13 @@
 // pama_cpu_kernels.h: the hot loops of the fused CPU op (forward reduction pass, backward
 // elementwise pass), written once and compiled once per instruction set.
 //
-// NOT a normal header: no include guard, no includes. pama_cpu.cpp includes it several times,
-// each inside its own namespace and under its own `#pragma GCC target` (baseline x86-64,
-// AVX2+FMA, AVX-512), after the shared definitions it uses (Mode, Partition, for_each_piece,
-// kBlock, tri_size, pama_math.h). Every function here, the small helpers included, is thus
-// compiled for that instruction set, and the dispatcher in pama_cpu.cpp picks one set at run
-// time (ATen's per-ISA compilation units, done with one source file).
+// NOT a normal header: no include guard, no includes. Each pama_cpu_isa_*.cpp includes it once,
+// inside its own namespace (pama_cpu::isa_<set>) and under its own `#pragma GCC target`
+// (baseline x86-64, AVX2+FMA, AVX-512), after pama_cpu_pass.h, whose definitions it uses
+// (Mode, Partition, for_each_piece, kBlock, tri_size, the argument structs, pama_math.h).
+// Every function here, the small helpers included, is thus compiled for that instruction set,
+// and the dispatcher in pama_cpu.cpp picks one set at run time (ATen's per-ISA compilation
+// units). The entry points at the end are what a set exports.
 // ------------------------------------------------------------------------------ scalar helpers
 template <typename op_t, typename scalar_t>
 inline op_t ld(const scalar_t* p, int64_t i) {
@@ -586,3 +587,28 @@ void backward_pass(const BwdArgs& a, const Partition& p, bool bc) {
   }
 }
 
+
+// ------------------------------------------------------------------------------ entry points
+// This instruction set's passes for a storage dtype (declared in pama_cpu_pass.h); the
+// dispatcher in pama_cpu.cpp calls the set it chose for the call.
+void forward_pass_entry(Dtype dt, const FwdArgs& a, const Partition& p, bool bc, Mode mode, FwdPass& out) {
+  switch (dt) {
+    case Dtype::Float: return forward_pass<float, float>(a, p, bc, mode, out);
+    case Dtype::Double: return forward_pass<double, double>(a, p, bc, mode, out);
+    case Dtype::BFloat16: return forward_pass<c10::BFloat16, float>(a, p, bc, mode, out);
+    case Dtype::Half: return forward_pass<c10::Half, float>(a, p, bc, mode, out);
+  }
+}
+
+void backward_pass_entry(Dtype dt, bool token, const BwdArgs& a, const Partition& p, bool bc) {
+  switch (dt) {
+    case Dtype::Float: return token ? backward_pass<float, float, true>(a, p, bc) : backward_pass<float, float, false>(a, p, bc);
+    case Dtype::Double:
+      return token ? backward_pass<double, double, true>(a, p, bc) : backward_pass<double, double, false>(a, p, bc);
+    case Dtype::BFloat16:
+      return token ? backward_pass<c10::BFloat16, float, true>(a, p, bc)
+                   : backward_pass<c10::BFloat16, float, false>(a, p, bc);
+    case Dtype::Half:
+      return token ? backward_pass<c10::Half, float, true>(a, p, bc) : backward_pass<c10::Half, float, false>(a, p, bc);
+  }
+}

@@ -38,7 +38,7 @@ from conftest import brute_force_min_norm  # noqa: E402
 GRANULARITIES = ("batch", "token", "sequence", "batch_mean", "sequence_gram")
 LOSS_AGGS = ("token_mean", "seq_mean_token_mean")
 EPS = 0.2
-BLOCK = 2048  # kBlock in pama_cpu.cpp: rows longer than this are split into segments
+BLOCK = 2048  # kBlock in csrc/pama_cpu_pass.h: rows longer than this are split into segments
 
 
 # ===================================================================== min-norm solver
