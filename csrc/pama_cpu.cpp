@@ -149,8 +149,10 @@ struct Reduction {
   double counts[kCounts] = {0, 0, 0, 0};
 };
 
+// factor: for Mode::Min, an acc-dtype [B, T] tensor the pass fills with the token gradient
+// factor (pama_forward), or undefined (pama_statistics).
 Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const Tensor& mask,
-                      double clip_eps, Mode mode) {
+                      double clip_eps, Mode mode, const Tensor& factor = Tensor()) {
   const int64_t B = logp.size(0), T = logp.size(1);
   const int n = static_cast<int>(advantages.size(-1));
   const bool bc = advantages.dim() == 2;
@@ -158,7 +160,7 @@ Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& 
   r.part = make_partition(B, T);
   const Isa isa = cpu_isa(n);
   FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
-               T, n, 1.0 + clip_eps};
+               T, n, 1.0 + clip_eps, factor.defined() ? factor.data_ptr() : nullptr};
   forward_pass_isa(isa, dtype_of(logp), args, r.part, bc, mode, r.pass);
   for (int64_t u = 0; u < r.part.units; ++u)
     for (int k = 0; k < kCounts; ++k) r.counts[k] += r.pass.slots[u * r.pass.slot_stride + k];
@@ -208,7 +210,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   pama_checks::check_clip_eps(clip_eps);
   const int64_t B = logp.size(0);
   const int n = static_cast<int>(advantages.size(-1));
-  const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran));
+  const auto acc = pama_checks::acc_dtype_of(logp);
+  // token: the weights output is the [B, T] gradient factor, written by the pass
+  const Tensor factor = gran == Gran::Token ? at::empty(logp.sizes(), logp.options().dtype(acc)) : Tensor();
+  const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran), factor);
   const FwdPass& pass = red.pass;
   const double* counts = red.counts;
   const int R = row_stride(n);
@@ -229,7 +234,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
     nonempty += rows[b * R] > 0.0;
   }
 
-  const auto acc = pama_checks::acc_dtype_of(logp);
   const auto dopt = at::TensorOptions().dtype(at::kDouble);
   // weights (double) used by the loss after rounding to the acc dtype, so that the loss is
   // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
@@ -285,7 +289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   Tensor row_scale = row_scale_d.to(acc);
   Tensor weights;
   if (gran == Gran::Token) {
-    weights = at::empty({0}, at::TensorOptions().dtype(acc));
+    weights = factor;
   } else {
     Tensor wd = gran == Gran::Sequence ? at::empty({B, n}, dopt) : at::empty({n}, dopt);
     std::copy(c.begin(), c.end(), wd.data_ptr<double>());
@@ -293,9 +297,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   }
   // loss = -sum_b r_b sum_i c_i S_{b,i}  (or -sum_b r_b Smin_b), with the rounded outputs
   const Tensor rsr = row_scale.to(at::kDouble);
-  const Tensor wr = weights.to(at::kDouble);
+  const Tensor wr = gran == Gran::Token ? Tensor() : weights.to(at::kDouble);
   const double* r_used = rsr.data_ptr<double>();
-  const double* c_used = wr.data_ptr<double>();
+  const double* c_used = wr.defined() ? wr.data_ptr<double>() : nullptr;
   double loss = 0.0;
   for (int64_t b = 0; b < B; ++b) {
     const double* row = rows + b * R;

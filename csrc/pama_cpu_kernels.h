@@ -275,6 +275,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   const scalar_t* ad = static_cast<const scalar_t*>(a.adv) + base * n;
   const uint8_t* mk = a.mask + base;
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
+  op_t* const fo = MODE == Mode::Min && a.factor != nullptr ? static_cast<op_t*>(a.factor) + base : nullptr;
 
   ChunkBuf<op_t, CAP, CH> cb;
   M fa[CH];
@@ -303,7 +304,9 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       const M ind = mask_of<op_t>(pama::indicator(u, thr));
       cb.ok[j] = v;
       cb.m[j] = msel0(v, msel(ind, u, thr));
-      cb.w[j] = msel0(v & ind, op_t(1));
+      // the clip indicator of a valid token; for token, u selected by it (the factor's u:
+      // a select, so that u = inf of a clipped token gives 0, not inf * 0)
+      cb.w[j] = msel0(v & ind, MODE == Mode::Min ? u : op_t(1));
       c_m += v & 1;
       c_clip += (v & ~ind) & 1;
       c_lp += (mt & ~cb.flp[j]) & 1;
@@ -330,6 +333,8 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
         }
       for (int j = 0; j < Lp; ++j) mn[j] = token_value_m(cb.ok[j], mn[j]);
       dot_lanes_op(mn, cb.m, Lp, accMin);
+      if (fo != nullptr)  // the gradient factor s_t * (u_t or 0); mn is finite, >= 0
+        for (int j = 0; j < L; ++j) fo[c0 + j] = mn[j] * cb.w[j];
     } else {
       // One loop per objective over the chunk: the Noon clamp (zero for invalid tokens), S_i,
       // and Q_i or, for the Gram, I_i in double (Q_i = sum_t I_i: the statistics' sums, the
@@ -378,6 +383,9 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const op_t thr = static_cast<op_t>(a.one_plus_eps);
   op_t A[PAMA_MAX_N], raw[PAMA_MAX_N];
   const M fa = row_advantages<scalar_t, op_t>(static_cast<const scalar_t*>(a.adv) + b * n, n, raw, A);
+  // token: the row's s (exactly-zero advantages abstain) and, when asked, the gradient factor
+  const op_t mn = MODE == Mode::Min ? msel0(fa, pama::token_min(raw, n)) : op_t(0);
+  op_t* const fo = MODE == Mode::Min && a.factor != nullptr ? static_cast<op_t*>(a.factor) + base : nullptr;
   ChunkBuf<op_t, 1, kChunk> cb;
   double acc_m[LN] = {};
   int64_t m_cnt = 0, n_ind = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
@@ -393,6 +401,8 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
       const op_t u = cb.u[j];
       const M ind = mask_of<op_t>(pama::indicator(u, thr));
       cb.m[j] = msel0(v, msel(ind, u, thr));
+      if constexpr (MODE == Mode::Min)
+        if (fo != nullptr) fo[c0 + j] = msel0(v & ind, mn * u);
       c_m += v & 1;
       c_ind += (v & ind) & 1;
       c_lp += (mt & ~cb.flp[j]) & 1;
@@ -411,7 +421,6 @@ void fwd_piece_bc(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* r
   const double ni = static_cast<double>(n_ind);
   row[0] += static_cast<double>(m_cnt);
   if constexpr (MODE == Mode::Min) {
-    const op_t mn = msel0(fa, pama::token_min(raw, n));  // exactly-zero advantages abstain
     row[1] += static_cast<double>(mn) * sum_m;
   } else {
     for (int i = 0; i < n; ++i) row[2 + i] += static_cast<double>(A[i]) * sum_m;

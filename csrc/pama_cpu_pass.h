@@ -93,6 +93,9 @@ struct FwdArgs {
   int64_t T;
   int n;
   double one_plus_eps;
+  // Mode::Min (token) only, else null: op_t [B, T], written f_t = s_t u_t 1[u_t <= 1+eps]
+  // (0 at invalid tokens), the gradient factor the backward multiplies (csrc/README.md)
+  void* factor = nullptr;
 };
 
 struct FwdPass {

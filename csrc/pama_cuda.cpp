@@ -91,7 +91,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward_cuda(const Tensor& logp,
   const auto acc = pama_checks::acc_dtype_of(logp);
   const auto opt = logp.options().dtype(acc);
   Tensor loss = at::empty({}, opt);
-  Tensor weights = gran == pama_cuda::kToken      ? at::empty({0}, opt)
+  // token: the [B, T] per-token gradient factor (written in full by the reduction kernel)
+  Tensor weights = gran == pama_cuda::kToken      ? at::empty({B, T}, opt)
                    : gran == pama_cuda::kSequence ? at::empty({B, n}, opt)
                                                   : at::empty({n}, opt);
   Tensor row_scale = at::empty({B}, opt);

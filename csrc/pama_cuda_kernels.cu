@@ -7,7 +7,9 @@
 //   1. reduce: one block per unit. A unit is a group of whole rows (T <= kBlockTokens) or one
 //      kBlockTokens-token segment of a row (T > kBlockTokens), as on the CPU, so a unit never
 //      crosses a sequence. Per row piece the block accumulates M_b, S_{b,i}, Q_{b,i}, Smin_b in
-//      double in a fixed order and writes them to its own row-partial slot; the Gram upper
+//      double in a fixed order and writes them to its own row-partial slot (for `token` also
+//      the per-token gradient factor f_t = s_t u_t 1[u_t <= 1+eps], the [B, T] weights, each
+//      element written once by the thread of its token); the Gram upper
 //      triangle and the counts are reduced once per unit into the unit's slot. Short rows are
 //      reduced several at a time (group_sum); N outside 1, 2, 3, 4, 8 goes through the
 //      shared-memory tile kernel reduce_kernel_any.
@@ -140,6 +142,9 @@ struct ReduceArgs {
   double* slots;    // [units, slot_stride]: counts[4], Gram upper triangle (Mode kGram)
   int slot_stride;
   double* rowpart;  // [B * segs, row_stride]
+  // kMin (granularity "token") only, else null: op_t [B, T], every element written once, the
+  // per-token gradient factor f_t = token_factor(...) (csrc/README.md): the forward's weights
+  void* factor;
 };
 
 // Row piece (b, t0, t1) of unit u, and its row-partial index.
@@ -167,9 +172,19 @@ __device__ inline bool piece_of(const ReduceArgs& a, int64_t u, int64_t k, int64
 template <typename op_t>
 struct Tok {
   bool masked, flp, folp, valid, ind;
+  op_t u;  // the ratio exp(logp - old_logp) (any value for an invalid token)
   op_t m;  // valid ? min(u, 1+eps) : 0
   op_t w;  // valid & ind ? 1 : 0
 };
+
+// granularity "token": the gradient factor f_t = s_t * u_t of a valid token with
+// u_t <= 1+eps, else 0 (masked out, dropped non-finite, clipped), formed and stored in op_t.
+// A select, not a product with the indicator: u = inf gives 0, never inf * 0 = NaN. mn is the
+// token's pama::token_min (0 for an invalid token).
+template <typename op_t>
+__device__ inline op_t token_factor(const Tok<op_t>& k, op_t mn) {
+  return (k.valid && k.ind) ? static_cast<op_t>(mn * k.u) : op_t(0);
+}
 
 template <typename scalar_t, typename op_t>
 __device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool fa, op_t thr) {
@@ -181,6 +196,7 @@ __device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool f
   k.folp = pama::pisfinite(y);
   k.valid = k.masked && k.flp && k.folp && fa;
   const op_t u = pama::ratio(x, y);
+  k.u = u;
   k.ind = pama::indicator(u, thr);
   k.m = k.valid ? pama::clipped_ratio(u, thr) : op_t(0);
   k.w = (k.valid && k.ind) ? op_t(1) : op_t(0);
@@ -302,6 +318,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
           // on the raw advantages: exactly-zero advantages abstain (pama::token_min)
           const op_t mn = tk.valid ? pama::token_min(A, NT) : op_t(0);
           r[1] += static_cast<double>(mn * tk.m);
+          if (a.factor != nullptr) static_cast<op_t*>(a.factor)[idx] = token_factor(tk, mn);
         } else {
 #pragma unroll
           for (int i = 0; i < NT; ++i) A[i] = tk.valid ? pama::noon(A[i]) : op_t(0);
@@ -345,7 +362,8 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
 //      distinct banks), and flag tokens holding a non-finite value (sNf: every writer
 //      stores the same 1, so the result does not depend on the order);
 //   2. token terms: thread j < C handles token j (logp, old_logp, mask, validity, m, the
-//      clip indicator; the token-level min for `token`);
+//      clip indicator; the token-level min for `token`, and its gradient factor, written to
+//      ReduceArgs::factor);
 //   3. sums: the per-row values (M_b, Smin_b, S_{b,i}, Q_{b,i}) are "items" (row, column,
 //      sub-lane): an item sums its column over the tokens j == sub-lane mod `sub` of its row,
 //      in token order, and the sub-lanes are then added in order; the Gram pairs are items
@@ -458,6 +476,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
         }
         const op_t mn = tk.valid ? pama::token_value(key) : op_t(0);
         sMin[j] = static_cast<double>(mn * tk.m);
+        if (a.factor != nullptr) static_cast<op_t*>(a.factor)[f0 + j] = token_factor(tk, mn);
       }
     }
     __syncthreads();
@@ -564,7 +583,8 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_any(ReduceArgs a) {
 
 // Sequence-level advantages [B, N]: A is constant along the row, so the sums factor:
 // S_i = A_i sum_t m_t, Q_i = A_i #{ind}, G_ij += A_i A_j #{ind}, Smin = s sum_t m_t
-// (s = pama::token_min of the raw advantages: exactly-zero advantages abstain).
+// (s = pama::token_min of the raw advantages: exactly-zero advantages abstain; computed in
+// op_t before the token loop, which writes the token factor f_t = token_factor(s, u_t)).
 // A row whose advantages are not all finite has no valid token (sum_t m_t = #{ind} = 0);
 // its A is taken as 0 (a select) so that it contributes exactly 0, as if masked out, and
 // never inf * 0 = NaN (issue 10, defect 3). Rows are reduced by groups of threads
@@ -589,12 +609,25 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
     const bool has = k < ur.nrows && piece_of(a, u, k, &b, &t0, &t1, &rp);
     const scalar_t* ar = adv + b * n;
     bool fa = true;
+    op_t key = op_t(0);  // token: min of pama::token_key over the raw advantages
     if (has)
-      for (int i = 0; i < n; ++i) fa &= pama::pisfinite(ld<op_t>(ar, i));  // independent loads
+      for (int i = 0; i < n; ++i) {  // independent loads
+        const op_t x = ld<op_t>(ar, i);
+        fa &= pama::pisfinite(x);
+        if (MODE == kMin) {
+          const op_t ki = pama::token_key(x);
+          key = (i == 0) ? ki : pama::pmin(key, ki);
+        }
+      }
+    // token: the row's s (exactly-zero advantages abstain, pama::token_min), in op_t as the
+    // per-token factor needs it; 0 for a non-finite row
+    const op_t mn = (MODE == kMin && fa) ? pama::token_value(key) : op_t(0);
+    op_t* const fo = MODE == kMin ? static_cast<op_t*>(a.factor) : nullptr;
     double v[3] = {0.0, 0.0, 0.0};  // M, sum m, #ind
     if (has)
       for (int64_t t = t0 + gl; t < t1; t += ur.G) {
         const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, b * a.T + t, fa, thr);
+        if (fo != nullptr) fo[b * a.T + t] = token_factor(tk, mn);
         v[0] += tk.valid ? 1.0 : 0.0;
         v[1] += static_cast<double>(tk.m);
         v[2] += (tk.valid && tk.ind) ? 1.0 : 0.0;
@@ -608,18 +641,13 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
       const double sum_m = v[1], ni = v[2];
       double* row = a.rowpart + rp * R;
       row[0] = v[0];
-      double key = 0.0;  // token: min of pama::token_key over the raw advantages
       for (int i = 0; i < n; ++i) {
         const op_t x = ld<op_t>(ar, i);
         const double A = fa ? static_cast<double>(pama::noon(x)) : 0.0;
-        const double k = static_cast<double>(pama::token_key(x));
-        key = (i == 0) ? k : pama::pmin(key, k);
         row[2 + i] = (MODE == kMin) ? 0.0 : A * sum_m;
         row[2 + n + i] = (MODE == kMean) ? A * ni : 0.0;
       }
-      // exactly-zero advantages abstain (pama::token_min); 0 for a non-finite row
-      const double mn = fa ? pama::token_value(key) : 0.0;
-      row[1] = (MODE == kMin) ? mn * sum_m : 0.0;
+      row[1] = (MODE == kMin) ? static_cast<double>(mn) * sum_m : 0.0;
       if (MODE == kGram) sNi[k] = ni;
     }
   }
@@ -659,7 +687,7 @@ struct FinaliseArgs {
   pama::MinNormScratch* mn_scratch;
   bool smem_solver;       // G, cvec and the solver scratch in dynamic shared memory instead
   void* loss;
-  void* weights;
+  void* weights;  // [N] or [B, N] (sequence); null for token (its [B, T] factor is the reduce's)
   void* row_scale;
   double* stats;
 };
@@ -1025,8 +1053,9 @@ cudaError_t launch_forward(const Inputs& in, Gran gran, Agg agg, const ForwardOu
   const Workspace w = carve(workspace, in.B, in.T, in.n, gran, nullptr);
   const int mode = gran == kBatch ? kGram : (gran == kToken ? kMin : kMean);
   if (part.units > 0) {
+    // token: the reduce kernel writes the [B, T] gradient factor straight into the weights
     ReduceArgs ra{in.logp, in.old_logp, in.adv, in.mask, in.B, in.T, in.n, 1.0 + in.clip_eps, part, w.slots,
-                  w.slot_stride, w.rowpart};
+                  w.slot_stride, w.rowpart, gran == kToken ? out.weights : nullptr};
     const unsigned grid = static_cast<unsigned>(part.units);
     cudaError_t e = dispatch_dtype(in.dtype, [&](auto s, auto o) {
       using scalar_t = decltype(s);
@@ -1041,8 +1070,10 @@ cudaError_t launch_forward(const Inputs& in, Gran gran, Agg agg, const ForwardOu
     });
     if (e != cudaSuccess) return e;
   }
+  // finalise never touches the weights for token (the reduce kernel wrote them)
   FinaliseArgs fa{in.B, in.n, static_cast<int>(gran), static_cast<int>(agg), part, w.slots, w.slot_stride,
-                  w.rowpart, w.G, w.cvec, w.mn, false, out.loss, out.weights, out.row_scale, out.stats};
+                  w.rowpart, w.G, w.cvec, w.mn, false, out.loss, gran == kToken ? nullptr : out.weights,
+                  out.row_scale, out.stats};
   if (in.dtype == kFloat64)
     return launch_finalise<double>(fa, gran, stream);
   return launch_finalise<float>(fa, gran, stream);

@@ -12,8 +12,9 @@
 //              slots in a fixed order, solves: pama::min_norm_weights for `batch` (the
 //              token Gram) and `sequence_gram` (the Gram of the per-row mean vectors),
 //              pama::theorem1 for `batch_mean` / `sequence`, writes loss, weights,
-//              row_scale, stats). No float atomics anywhere: equal inputs give bitwise-equal
-//              outputs. No host synchronisation.
+//              row_scale, stats). For `token` the reduction kernel itself writes the weights:
+//              the [B, T] per-token gradient factor. No float atomics anywhere: equal inputs
+//              give bitwise-equal outputs. No host synchronisation.
 //   backward = one elementwise kernel.
 #pragma once
 
@@ -52,7 +53,11 @@ struct Inputs {
 // float32 (the pointers below are of that type).
 struct ForwardOutputs {
   void* loss;       // acc, 1 value
-  void* weights;    // acc, [N] (batch, batch_mean, sequence_gram), [B, N] (sequence), unused (token)
+  // acc, [N] (batch, batch_mean, sequence_gram), [B, N] (sequence), [B, T] (token: the
+  // per-token gradient factor f[b, t] = s_t * u_t if the token is valid and u_t <= 1+eps, else
+  // 0 -- s_t = pama::token_min of the raw advantages, u_t = exp(logp - old_logp), the product
+  // formed in acc; every element written, by the reduction kernel)
+  void* weights;
   void* row_scale;  // acc, [B]
   double* stats;    // float64, [8]
 };
@@ -68,8 +73,8 @@ cudaError_t launch_forward(const Inputs& in, Gran gran, Agg agg, const ForwardOu
 
 // Runs the backward pass: grad[b, t] = -grad_loss * row_scale[b] * s_t * (u_t <= 1+eps ? u_t : 0)
 // for valid tokens, 0 elsewhere. grad_loss: 1 float64 on the device (read by the kernel, no
-// host copy); weights / row_scale: acc dtype on the device (weights unused for token,
-// [B, N] for sequence); grad: [B, T] of the input dtype.
+// host copy); weights / row_scale: acc dtype on the device (weights: not read for token --
+// this kernel recomputes s_t; [B, N] for sequence); grad: [B, T] of the input dtype.
 cudaError_t launch_backward(const Inputs& in, Gran gran, const double* grad_loss, const void* weights,
                             const void* row_scale, void* grad, cudaStream_t stream);
 

@@ -7,7 +7,9 @@ CUDA) can register kernels on the same ops; the CPU kernel comes from ``pama_ext
 ``pama_forward`` is the one reduction pass plus the solve (see csrc/README.md);
 ``pama_backward`` is the one elementwise pass; ``pama_statistics`` is the reduction pass
 alone, returning the batch statistics it accumulates (``pama_ext.statistics``). Autograd connects them, saving only the
-inputs and the tiny ``weights`` / ``row_scale`` outputs.
+inputs and the tiny ``weights`` / ``row_scale`` outputs; for ``token`` the forward's
+``weights`` is the [B, T] gradient factor and the backward is one multiply by it
+(``reference.token_factor_backward``), not a second pass over the inputs.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_
     acc = _acc_dtype(logp)
     b = logp.shape[0]
     n = advantages.shape[-1]
-    shapes = {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (0,)}
+    shapes = {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": tuple(logp.shape)}
     return (
         logp.new_empty((), dtype=acc),
         logp.new_empty(shapes[granularity], dtype=acc),
@@ -134,23 +136,43 @@ if _C is not None and hasattr(_C, "pama_forward_cuda"):
 
 
 # --------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
+    """Autograd context of a fused forward (this op and the Triton backend's): only the loss
+    is differentiable (without mark_non_differentiable the weights/stats a caller keeps for
+    logging would carry a grad_fn and keep the batch's saved inputs alive). ``token`` saves
+    its [B, T] gradient factor and the row scales, nothing else; the other granularities
+    save the inputs and the tiny weights / row scales."""
     logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
     _loss, weights, row_scale, stats = output
-    # only the loss is differentiable: without this the weights/stats a caller keeps for
-    # logging would carry a grad_fn and keep the whole batch's saved inputs alive
     ctx.mark_non_differentiable(weights, row_scale, stats)
-    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
+    if granularity == "token":
+        ctx.save_for_backward(weights, row_scale)
+        ctx.grad_dtype = logp.dtype
+    else:
+        ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
     ctx.clip_eps = clip_eps
     ctx.granularity = granularity
 
 
-def _backward(ctx, grad_loss, _gw, _gr, _gs):
-    logp, old_logp, advantages, mask, weights, row_scale = ctx.saved_tensors
-    grad_logp = torch.ops.pama_ext.pama_backward(
-        grad_loss, logp, old_logp, advantages, mask, weights, row_scale, ctx.clip_eps, ctx.granularity
-    )
-    return grad_logp, None, None, None, None, None, None, None
+def make_backward(backward_op):
+    """The autograd backward of a fused forward whose elementwise pass is ``backward_op``."""
+
+    def backward(ctx, grad_loss, _gw, _gr, _gs):
+        if ctx.granularity == "token":
+            factor, row_scale = ctx.saved_tensors
+            grad_logp = reference.token_factor_backward(grad_loss, factor, row_scale, ctx.grad_dtype)
+        else:
+            logp, old_logp, advantages, mask, weights, row_scale = ctx.saved_tensors
+            grad_logp = backward_op(
+                grad_loss, logp, old_logp, advantages, mask, weights, row_scale, ctx.clip_eps, ctx.granularity
+            )
+        return grad_logp, None, None, None, None, None, None, None
+
+    return backward
+
+
+_setup_context = setup_context
+_backward = make_backward(torch.ops.pama_ext.pama_backward)
 
 
 torch.library.register_autograd("pama_ext::pama_forward", _backward, setup_context=_setup_context)

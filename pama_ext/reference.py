@@ -329,13 +329,14 @@ def fused_forward(
         objective = float(c @ gram @ c)
         kkt = kkt_residual(gram, c)
     elif granularity == "token":
-        weights = torch.zeros(0, dtype=dd, device=logp.device)
+        weights = None  # the per-token gradient factor, below
     else:
         raise ValueError(f"unknown granularity {granularity!r}")
     row_scale = _row_scale(m_b, loss_agg)
     if granularity == "token":
         s_tok = _token_s(advantages, valid, acc)
         per_row = (s_tok * m).to(dd).sum(dim=1)
+        weights = token_factor(s_tok, u, ind)
     elif granularity == "sequence":
         per_row = (weights * surr).sum(-1)
     else:
@@ -359,6 +360,24 @@ def _token_s(advantages: Tensor, valid: Tensor, acc: torch.dtype) -> Tensor:
     """token_advantage of the raw advantages in dtype ``acc``, [B, T]; 0 at invalid tokens."""
     s = token_advantage(per_token(advantages, valid.shape).to(acc))
     return torch.where(valid, s, torch.zeros((), dtype=acc, device=s.device))
+
+
+def token_factor(s: Tensor, u: Tensor, ind: Tensor) -> Tensor:
+    """The per-token gradient factor ``f_t = s_t * u_t * 1[u_t <= 1+eps]`` (0 at invalid and
+    clipped tokens; a select, so u = inf gives 0), [B, T] in the per-token precision: what the
+    fused forward returns as ``weights`` for ``granularity="token"``, so that the backward
+    reads 4 bytes a token instead of recomputing s_t from the inputs (csrc/README.md)."""
+    return torch.where(ind, s * u, torch.zeros((), dtype=s.dtype, device=s.device))
+
+
+def token_factor_backward(grad_loss: Tensor, factor: Tensor, row_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """dL/dlogp of ``granularity="token"`` from the forward's factor: ``-(g r_b) f_t``, in the
+    factor's precision, written once in ``dtype`` (one elementwise pass on every device, no
+    host synchronisation). The autograd of every backend's fused op uses it."""
+    acc = factor.dtype
+    coef = -(grad_loss.to(acc) * row_scale.to(acc))
+    out = torch.empty(factor.shape, dtype=dtype, device=factor.device)
+    return torch.mul(factor, coef[:, None], out=out)
 
 
 def combined_advantage(a_noon: Tensor, weights: Tensor, granularity: str, advantages: Tensor = None) -> Tensor:
@@ -439,6 +458,7 @@ def pama_loss_and_stats(
     zero = torch.zeros((), dtype=acc, device=logp.device)
     if granularity == "token":
         s = _token_s(adv.detach(), valid, acc)
+        weights = weights.new_zeros(0)  # the fused op's gradient factor: autograd's job here
     else:
         a_noon = torch.where(valid[..., None], torch.clamp(adv.detach().to(acc), min=0), zero)
         s = combined_advantage(a_noon, weights, granularity)

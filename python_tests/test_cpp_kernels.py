@@ -344,6 +344,12 @@ def check_against_reference(inputs, granularity, loss_agg, dtype):
     assert g.dtype == lp.dtype and g.shape == lp.shape
     close(g, gr, gt, "grad")
     assert bool((g[~mask] == 0).all())
+    if granularity == "token":  # autograd's backward: the forward's [B, T] factor times -g r_b
+        assert weights.shape == lp.shape
+        gf = R.token_factor_backward(go, weights, row_scale, lp.dtype)
+        assert gf.dtype == lp.dtype
+        close(gf, gr, gt, "grad from the token factor")
+        assert bool((weights[~mask] == 0).all()) and bool((gf[~mask] == 0).all())
     return out, g
 
 
@@ -389,7 +395,8 @@ def test_token_abstain_hand_cases_cpp():
         lp = torch.zeros(1, 8, dtype=dtype)
         mask = torch.ones(1, 8, dtype=torch.bool)
         loss, w, r, _ = _C.pama_forward(lp, lp, a, mask, EPS, "token", "token_mean", True)
-        assert float(loss) == -sum(expected) / 8 and w.numel() == 0
+        assert float(loss) == -sum(expected) / 8
+        assert w.double().tolist() == [expected], dtype  # the factor s_t u_t, u = 1
         g = _C.pama_backward(torch.tensor(-8.0, dtype=acc_dtype(dtype)), lp, lp, a, mask, w, r, EPS, "token")
         assert g[0].double().tolist() == expected, dtype
         for t in range(8):  # [B, N]: one row per token, broadcast over 4 tokens
@@ -397,6 +404,7 @@ def test_token_abstain_hand_cases_cpp():
             m4 = torch.ones(1, 4, dtype=torch.bool)
             loss, w, r, _ = _C.pama_forward(lp4, lp4, a[:, t], m4, EPS, "token", "token_mean", True)
             assert float(loss) == -expected[t], (dtype, t)
+            assert w.double().tolist() == [[expected[t]] * 4], (dtype, t)
             g = _C.pama_backward(torch.tensor(-4.0, dtype=acc_dtype(dtype)), lp4, lp4, a[:, t], m4, w, r, EPS, "token")
             assert g.double().tolist() == [[expected[t]] * 4], (dtype, t)
 
@@ -442,12 +450,12 @@ def independent_forward(lp, olp, adv, mask, granularity, loss_agg):
         c = torch.stack([torch.tensor(t1(row.tolist()), dtype=torch.float64) for row in a]) if B else torch.zeros(0, N)
         per_row = (S * c).sum(-1)
     else:
-        c = None
         # token: exactly-zero advantages abstain; 0 if some A_i < 0 or all are 0
         pos = raw > 0
         s_tok = torch.where(pos, raw, math.inf).amin(-1)
         s_tok = torch.where(~(raw < 0).any(-1) & pos.any(-1), s_tok, 0.0)
         per_row = (s_tok * m).sum(1)
+        c = torch.where(ind, s_tok * u, 0.0)  # the weights output: the gradient factor [B, T]
     nonempty = int((Mb > 0).sum())
     if loss_agg == "token_mean":
         r = torch.full((B,), 1.0 / float(M) if M > 0 else 0.0, dtype=torch.float64)
@@ -470,7 +478,9 @@ def test_fused_matches_independent_float64(granularity, bc, zeros):
             l2, c2, r2, M, clipped, nonempty = independent_forward(lp, olp, adv, mask, granularity, loss_agg)
             assert abs(float(loss) - float(l2)) <= 1e-11 * max(1.0, abs(float(l2)))
             assert torch.allclose(r, r2, rtol=1e-14, atol=0)
-            if c2 is not None:
+            if granularity == "token":
+                assert torch.allclose(w, c2, rtol=1e-14, atol=0), (w, c2)
+            else:
                 assert torch.allclose(w, c2.double(), rtol=0, atol=1e-9), (w, c2)
             assert st_[0] == M and st_[1] == clipped and st_[7] == nonempty
 
@@ -578,6 +588,9 @@ def test_overflowing_ratio_gives_zero_gradient_not_nan():
             g = _C.pama_backward(torch.tensor(1.0, dtype=out[0].dtype), lp, olp, adv, mask, out[1], out[2], EPS, gran)
             assert bool(torch.isfinite(g).all()) and g[0, 1] == 0 and g[1, 3] == 0
             assert bool((g[0, [0, 2, 3, 4]] < 0).all())
+            if gran == "token":  # the factor: 0 for the clipped u = inf, finite everywhere
+                assert bool(torch.isfinite(out[1]).all()) and out[1][0, 1] == 0
+                assert torch.equal(R.token_factor_backward(torch.tensor(1.0, dtype=out[0].dtype), out[1], out[2], dtype), g)
 
 
 # ===================================================================== determinism

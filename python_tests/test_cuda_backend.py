@@ -11,14 +11,16 @@ Covers: every granularity x loss_agg x dtype (per-token and per-sequence advanta
 through the specialised widths and the runtime-N kernel, rows split into segments) against
 the float64 reference on the same rounded inputs; bitwise determinism across runs; agreement
 with the CPU kernel; no host synchronisation with nonfinite="mask"; the check_finite error;
-empty inputs; opcheck on CUDA tensors; torch.compile(fullgraph=True).
+empty inputs; opcheck on CUDA tensors; torch.compile(fullgraph=True); for granularity
+"token", the [B, T] per-token gradient factor returned as weights (every reduce kernel, every
+dtype) against the reference, masked-out, dropped and clipped tokens exactly 0.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLS, assert_close_rel, make_inputs, upcast
+from conftest import TOLS, assert_close_rel, make_inputs, upcast, with_exact_zeros
 from torch.library import opcheck
 
 import pama_ext
@@ -49,7 +51,7 @@ def _fwd(x, gran, agg, check=False):
 
 
 def _bwd(x, w, rs, gran, g=1.0):
-    go = torch.tensor(g, dtype=w.dtype if w.numel() else rs.dtype, device=x.logp.device)
+    go = torch.tensor(g, dtype=rs.dtype, device=x.logp.device)
     return torch.ops.pama_ext.pama_backward(go, *x, w, rs, 0.2, gran)
 
 
@@ -133,7 +135,8 @@ def test_matches_cpu_kernel(gran):
     cpu = _fwd(x, gran, "token_mean")
     gpu = _fwd(_cuda(x), gran, "token_mean")
     assert_close_rel(gpu[0], cpu[0], 1e-6, msg="loss")
-    assert_close_rel(gpu[1], cpu[1], 0.0, atol=1e-6, msg="weights")
+    # token: the [B, T] factor, products of float32 ratios (CPU and GPU exp may differ by an ulp)
+    assert_close_rel(gpu[1], cpu[1], 1e-6 if gran == "token" else 0.0, atol=1e-6, msg="weights")
     assert torch.equal(gpu[3][[0, 1, 2, 3, 4, 7]].cpu(), cpu[3][[0, 1, 2, 3, 4, 7]])
 
 
@@ -328,3 +331,77 @@ def test_preference_is_the_contract_on_scaled_advantages(gran):
     (gwant,) = torch.autograd.grad(want, lp0)
     assert_close_rel(loss.cpu().double(), want, TOLS[torch.float32][0], msg="loss")
     assert_close_rel(grad.cpu().double(), gwant, TOLS[torch.float32][1], msg="grad")
+
+
+# --- granularity "token": the forward's weights are the [B, T] per-token gradient factor ----------
+# f[b, t] = s_t * u_t for a valid token with u_t <= 1+eps, else exactly 0 (masked out, dropped
+# non-finite input, clipped), s_t the zero-abstaining min of the raw advantages, formed in the
+# acc dtype. Through reduce_kernel_nt (N = 1, 3, 8), reduce_kernel_any (N = 5, 64) and
+# reduce_kernel_bc ([B, N] advantages), rows grouped and split into segments, every dtype.
+# The reference runs on the same (rounded) inputs in the same acc precision. Tokens whose ratio
+# lies within 1e-5 of 1 + eps (after the rounding to dtype) are masked out, so that CPU and GPU
+# exp (which may differ by an ulp or two) cannot disagree on the clip indicator.
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 3, 5, 8, 64])
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["token_adv", "seq_adv"])
+@pytest.mark.parametrize("shape", [(7, 300), (3, 4200)], ids=["rows", "segments"])
+def test_token_factor_against_reference(dtype, n, per_sequence, shape):
+    b, t = shape
+    x = make_inputs(b, t, n, dtype=dtype, per_sequence=per_sequence, mask_kind="random", seed=7 * n + t,
+                    margin=1e-3)
+    # exact zeros: abstaining objectives decide some tokens (row 0 of [B, N] advantages: s = 0);
+    # N = 3, 8 per token: advantages of both signs (s = 0 at a negative one)
+    x = with_exact_zeros(x, seed=n + b, nonneg=per_sequence or n not in (3, 8))
+    lp, old, adv, mask = x.logp.clone(), x.old_logp.clone(), x.advantages.clone(), x.mask.clone()
+    near_clip = (torch.exp(lp.double() - old.double()) - 1.2).abs() < 1e-5
+    mask &= ~near_clip
+    mask[0, 1:4] = True  # the dropped tokens below
+    lp[0, 1] = float("nan")  # dropped under nonfinite="mask": factor 0
+    old[0, 2] = float("inf")
+    if per_sequence:
+        adv[b - 1, n - 1] = float("-inf")  # the whole row dropped
+    else:
+        adv[0, 3, n - 1] = float("inf")
+    x = type(x)(lp, old, adv, mask)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, f, rs, st = _fwd(_cuda(x), "token", "token_mean")
+    assert f.shape == (b, t) and f.dtype == acc and f.device.type == DEV and f.is_contiguous()
+    ref = reference.fused_forward(*x, 0.2, "token", "token_mean", False)[1]
+    assert ref.shape == (b, t) and ref.dtype == acc
+    f = f.cpu()
+    assert torch.isfinite(f).all()
+    # exactly +0 wherever the token is masked out, dropped or clipped (and wherever s_t = 0)
+    u = torch.exp(x.logp.double() - x.old_logp.double())
+    a = x.advantages.double()
+    fin_adv = torch.isfinite(a).all(-1)
+    fin_adv = fin_adv[:, None].expand(b, t) if per_sequence else fin_adv
+    valid = x.mask & torch.isfinite(x.logp.double()) & torch.isfinite(x.old_logp.double()) & fin_adv
+    clipped = valid & (u > 1.2)
+    zero = ~valid | clipped | (ref == 0)
+    assert clipped.any() and (~valid).any() and (valid & ~clipped & (ref != 0)).any()
+    assert torch.equal(f[zero], torch.zeros_like(f[zero])) and not torch.signbit(f[zero]).any(), (
+        f"non-zero factor at {zero.logical_and(f != 0).nonzero()[:5].tolist()}")
+    assert torch.equal(f == 0, ref == 0)
+    # elsewhere s_t * u_t, within a few acc ulps of the reference's (exp may differ by an ulp)
+    rel = ((f.double() - ref.double()).abs() / ref.double().abs().clamp_min(1e-300))[~zero]
+    assert float(rel.max()) <= 8 * torch.finfo(acc).eps, float(rel.max())
+    # the loss uses the same s_t and u_t: Smin = sum_t s_t min(u, 1+eps); the statistics agree
+    assert st[4].item() == float((x.mask & ~fin_adv).sum())
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["token_adv", "seq_adv"])
+def test_token_factor_overflowed_ratio_is_zero(per_sequence):
+    # finite logp / old_logp whose difference overflows exp: u = inf is clipped and its factor
+    # is 0 (a select, never inf * 0 = NaN); u = 0 gives 0 as well
+    x = make_inputs(3, 40, 3, dtype=torch.float32, per_sequence=per_sequence, mask_kind="full", seed=9)
+    lp, old = x.logp.clone(), x.old_logp.clone()
+    lp[1, 4], old[1, 4] = 0.0, -200.0  # u = exp(200) = inf in float32
+    lp[2, 7], old[2, 7] = -200.0, 0.0  # u = 0
+    x = type(x)(lp, old, x.advantages, x.mask)
+    _, f, _, st = _fwd(_cuda(x), "token", "token_mean")
+    f = f.cpu()
+    assert torch.isfinite(f).all() and f[1, 4].item() == 0.0 and f[2, 7].item() == 0.0
+    assert not torch.signbit(f[1, 4]) and st[1].item() >= 1
+    ref = reference.fused_forward(*x, 0.2, "token", "token_mean", False)[1]
+    assert torch.equal(f == 0, ref == 0)
+    assert_close_rel(f, ref, 8 * torch.finfo(torch.float32).eps)

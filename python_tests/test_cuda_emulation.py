@@ -9,12 +9,18 @@ checks (see csrc/emulation/driver.cpp):
      against a long-double reference, on random inputs with +-inf / NaN and empty rows;
   2. bitwise equality of the reduce results under three thread schedules (forward, reverse,
      random): a race or a missing __syncthreads makes them differ;
+  2b. granularity "token" (mode min): the [B, T] per-token gradient factor the reduce kernels
+     write (the forward's weights), every element bitwise equal to the op_t reference
+     valid && u <= 1+eps ? s * u : +0 (masked-out, non-finite and clipped tokens exactly 0)
+     and across the schedules; also with reduce_kernel_any forced for every N = 1..64 and
+     for the broadcast ([B, N]) kernel;
   3. finalise_kernel: bitwise equal under the three schedules and, for `batch` and
      `sequence_gram` with N >= 3, with the solver scratch in dynamic shared memory and in
      global memory; for `sequence_gram` the weights, objective and KKT residual also against
      a long-double Gram of the per-row means.
 Not modelled: the hardware memory model and nvcc's code generation (see emu.h).
-A planted bug (one __syncthreads removed from reduce_kernel_any) must make the run fail.
+Planted bugs must make the run fail: one __syncthreads removed from reduce_kernel_any, and
+the clip indicator dropped from the token factor (token_factor).
 
 Skipped without g++ or the CUDA headers (found via $CUDA_HOME / nvcc's TOP= line).
 PAMA_EMU_CONFIGS / PAMA_EMU_SEED change the number of random configs and the seed; bigger
@@ -47,6 +53,9 @@ JOBS = 2
 # whole-rows path of reduce_kernel_any
 PLANTED_KERNEL = "reduce_kernel_any"
 PLANTED_BARRIER_COMMENT = "sCb complete"
+# the planted factor bug: token_factor without the clip indicator (a clipped token keeps s * u)
+PLANTED_FACTOR_FROM = "return (k.valid && k.ind) ? static_cast<op_t>(mn * k.u) : op_t(0);"
+PLANTED_FACTOR_TO = "return k.valid ? static_cast<op_t>(mn * k.u) : op_t(0);"
 
 CXX = shutil.which("g++")
 CUDA_INCLUDE = emulate.cuda_include_dir() if CXX else None
@@ -75,17 +84,25 @@ def _without_planted_barrier(text: str) -> str:
     return "\n".join(lines)
 
 
+def _without_factor_indicator(text: str) -> str:
+    assert text.count(PLANTED_FACTOR_FROM) == 1, (
+        f"expected token_factor's body {PLANTED_FACTOR_FROM!r} once in the kernels: update PLANTED_FACTOR_FROM")
+    return text.replace(PLANTED_FACTOR_FROM, PLANTED_FACTOR_TO)
+
+
 @pytest.fixture(scope="module")
 def binaries(tmp_path_factory):
-    """{"kernels": the current kernels, "planted_bug": one barrier removed}, built in parallel."""
+    """{"kernels": the current kernels, "planted_bug": one barrier removed, "planted_factor_bug":
+    the token factor without the clip indicator}, built JOBS at a time."""
     root = tmp_path_factory.mktemp("cuda_emulation")
-    texts = {"kernels": _current_transformed(), "planted_bug": _without_planted_barrier(_current_transformed())}
+    texts = {"kernels": _current_transformed(), "planted_bug": _without_planted_barrier(_current_transformed()),
+             "planted_factor_bug": _without_factor_indicator(_current_transformed())}
     t0 = time.time()
-    with ThreadPoolExecutor(len(texts)) as pool:
+    with ThreadPoolExecutor(JOBS) as pool:
         futures = {name: pool.submit(emulate.build, str(root / name), text, cxx=CXX, cuda_include=CUDA_INCLUDE)
                    for name, text in texts.items()}
         out = {name: f.result() for name, f in futures.items()}
-    print(f"\nemulator builds (g++ -O2, {len(texts)} in parallel): {time.time() - t0:.1f} s")
+    print(f"\nemulator builds (g++ -O2, {len(texts)}, {JOBS} in parallel): {time.time() - t0:.1f} s")
     return out
 
 
@@ -130,12 +147,35 @@ def test_random_configs_on_current_kernels(binaries):
     n_run = sum(c["configs"] for c in counts)
     n_smem = sum(c["finalise_smem_checked"] for c in counts)
     n_sg = sum(c["finalise_sequence_gram_checked"] for c in counts)
+    n_f = {k: sum(c[k] for c in counts) for k in ("factor_checked", "factor_nonzero", "factor_clipped_zero",
+                                                    "factor_invalid_zero")}
     print(f"\nCUDA emulation: {n_run} configs (seed {SEED}, {sum(f[3] == '1' for f in fields)} with reduce_kernel_any "
-          f"forced, {n_smem} finalise smem-vs-global comparisons, {n_sg} sequence_gram solves checked) "
-          f"passed in {elapsed:.1f} s")
+          f"forced, {n_smem} finalise smem-vs-global comparisons, {n_sg} sequence_gram solves checked, "
+          f"token factor: {n_f}) passed in {elapsed:.1f} s")
     assert n_run == len(configs)
     assert n_smem > 0, "no config compared the finalise solver in shared vs global memory"
     assert n_sg > 0, "no config checked the sequence_gram finalise against the long-double Gram"
+    assert all(v > 0 for v in n_f.values()), f"the token factor checks did not see every case: {n_f}"
+
+
+@needs_build
+def test_token_factor_every_n(binaries):
+    """granularity "token": reduce_kernel_any forced for every N = 1..64 (T at its chunk edges
+    and past the block size) and the broadcast kernel, the factor checked element by element."""
+    configs = emulate.any_kernel_sweep("min", SEED + 2)
+    fields = [c.split() for c in configs]
+    assert {int(f[6]) for f in fields} == set(range(1, 65)) and {f[2] for f in fields} == {"btn", "bn"}
+    assert all(f[3] == "1" for f in fields if f[2] == "btn")
+    t0 = time.time()
+    procs = emulate.run_parallel(binaries["kernels"], configs, JOBS)
+    for proc in procs:
+        assert proc.returncode == 0, emulate.describe_failure(proc)
+    counts = [emulate.summary(p) for p in procs]
+    n_run = sum(c["configs"] for c in counts)
+    n_f = {k: sum(c[k] for c in counts) for k in ("factor_checked", "factor_nonzero", "factor_clipped_zero",
+                                                    "factor_invalid_zero")}
+    print(f"\ntoken factor, every N: {n_run} configs, {n_f}, passed in {time.time() - t0:.1f} s")
+    assert n_run == len(configs) and all(v > 0 for v in n_f.values()), n_f
 
 
 @needs_build
@@ -147,3 +187,20 @@ def test_planted_missing_barrier_is_caught(binaries):
           f"{len(failed)} of {len(configs)} configs failed, exit status {proc.returncode}")
     assert proc.returncode != 0 and failed, "the emulator did not detect a removed __syncthreads()"
     assert "differs bitwise from schedule 0" in proc.stderr, "the schedule comparison did not see the race"
+
+
+@needs_build
+def test_planted_factor_without_indicator_is_caught(binaries):
+    """token_factor without the clip indicator: every reduce kernel (reduce_kernel_nt,
+    reduce_kernel_any forced, reduce_kernel_bc) must fail on the clipped tokens."""
+    configs = [c for c in emulate.random_configs(300, SEED + 3) if c.split()[1] == "min"]
+    configs += [c for c in emulate.any_kernel_sweep("min", SEED + 4) if c.split()[6] in ("5", "64")]
+    proc = emulate.run(binaries["planted_factor_bug"], configs)
+    failed = [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("FAIL ")]
+    kinds = {("bc" if f[2] == "bn" else "any" if f[3] == "1" or int(f[6]) not in (1, 2, 3, 4, 8) else "nt")
+             for f in failed}
+    print(f"\nplanted factor bug (token_factor without the indicator): {len(failed)} of {len(configs)} configs "
+          f"failed ({sorted(kinds)}), exit status {proc.returncode}")
+    assert proc.returncode != 0 and failed, "the emulator did not detect the token factor without the clip indicator"
+    assert kinds == {"bc", "any", "nt"}, f"only these kernels were caught: {kinds}"
+    assert "token factor [" in proc.stderr and "clipped 1" in proc.stderr

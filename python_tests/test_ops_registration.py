@@ -88,6 +88,34 @@ def test_opcheck_token_exact_zeros(per_sequence):
     )
 
 
+@pytest.mark.parametrize("per_sequence", [False, True])
+@pytest.mark.parametrize("granularity", pama_ext.GRANULARITIES)
+def test_gradcheck_through_autograd(granularity, per_sequence):
+    """The registered autograd in float64 against finite differences (for ``token`` that is
+    the multiply by the forward's [B, T] factor, not the pama_backward op)."""
+    logp, old, adv, mask = _inputs(dtype=torch.float64, per_sequence=per_sequence)
+    assert torch.autograd.gradcheck(
+        lambda lp: torch.ops.pama_ext.pama_forward(lp, old, adv, mask, 0.2, granularity, "seq_mean_token_mean", True)[0],
+        (logp,),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_token_autograd_equals_backward_op(dtype):
+    """``token``'s autograd (the saved factor) and the op's own backward (s_t recomputed from
+    the inputs) give the same gradient: the same products, rounded in another order."""
+    logp, old, adv, mask = _inputs(b=5, t=33, n=4, dtype=dtype, seed=3)
+    loss, factor, rs, _ = torch.ops.pama_ext.pama_forward(logp, old, adv, mask, 0.2, "token", "token_mean", True)
+    assert factor.shape == logp.shape and factor.dtype == loss.dtype and not factor.requires_grad
+    (grad,) = torch.autograd.grad(loss * 2.5, logp)
+    direct = torch.ops.pama_ext.pama_backward(
+        torch.tensor(2.5, dtype=loss.dtype), logp.detach(), old, adv, mask, factor, rs, 0.2, "token"
+    )
+    assert grad.dtype == dtype and bool((grad[~mask] == 0).all())
+    tol = {torch.float64: 1e-15, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(grad.double(), direct.double(), rtol=tol, atol=tol * float(direct.double().abs().max()))
+
+
 def test_empty_mask_opcheck():
     logp, old, adv, mask = _inputs()
     opcheck(

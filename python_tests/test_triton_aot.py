@@ -203,7 +203,7 @@ def test_emulation_applies_tritons_rules():
     div16 = [["tt.divisibility", 16]]
     for n in (1, 16):
         launch = specialise.host_launches(torch.float32, n, "token", b=1, t=32, backward=False)[0]
-        assert launch.name == "reduce_tokens_kernel" and launch.args[5:8] == (32, n, 1)  # T, N, nblk
+        assert launch.name == "reduce_tokens_kernel" and launch.args[6:9] == (32, n, 1)  # T, N, nblk
         raw = specialise.jit_specialisation(launch, respect_do_not_specialize=False)
         spec = specialise.jit_specialisation(launch)
         names = list(spec.signature)
@@ -214,6 +214,9 @@ def test_emulation_applies_tritons_rules():
         assert raw.signature["N"] == spec.signature["N"] and (attr(raw, "N") == div16) == (n == 16)
         assert not attr(spec, "N")  # do_not_specialize_on_alignment
         assert attr(spec, "logp_ptr") == attr(spec, "part_ptr") == div16
+        # token: the [B, T] gradient factor is written (TOKEN_F), to an acc-dtype buffer
+        assert spec.signature["fac_ptr"] == "*fp32" and spec.constexprs[(names.index("TOKEN_F"),)] is True
+        assert attr(spec, "fac_ptr") == div16
 
 
 @pytest.mark.parametrize("name", KERNELS)

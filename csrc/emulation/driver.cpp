@@ -12,15 +12,23 @@
 //   1. the reduce kernel runs under the three schedules (forward, reverse, random) on
 //      NaN-filled outputs; the three results must be bitwise equal (a race or a missing
 //      barrier makes them differ), and every unit slot and row partial must match a
-//      long-double reference within 1e-12 of the sum of |terms| (counts exactly);
+//      long-double reference within 1e-12 of the sum of |terms| (counts exactly); for mode
+//      min (granularity "token") also the [B, T] gradient factor the reduce kernels write (the
+//      forward's weights), NaN-filled before each run: bitwise equal across the schedules and,
+//      for every element, bitwise equal to the reference computed in op_t exactly as specified,
+//      f = valid && u <= 1+eps ? op_t(s * u) : +0 (s from token_rule below, independent of
+//      pama::token_min), which is also checked to be within one op_t ulp (relative) of the
+//      long-double product s * u: masked-out, non-finite and clipped tokens must be exactly +0;
 //   2. finalise_kernel runs on that result under the three schedules, for `batch` (gram)
 //      and `sequence_gram` (mean mode, chosen at random with `sequence` and `batch_mean`)
 //      also with the solver scratch in dynamic shared memory (as launch_finalise does for
 //      N >= 3): all variants must be bitwise equal and the loss finite; for `sequence_gram`
 //      the objective and KKT residual must also hold for a long-double Gram of the row means.
 // Output (stdout): "ok <config>" or "FAIL <config>" per config, then one line
-//   "summary configs=.. failed=.. finalise_smem_checked=.. finalise_sequence_gram_checked=.."; exit
-//   status 1 if any failed.
+//   "summary configs=.. failed=.. finalise_smem_checked=.. finalise_sequence_gram_checked=..
+//   factor_checked=.. factor_nonzero=.. factor_clipped_zero=.. factor_invalid_zero=.." (token
+//   factor elements checked: all, non-zero ones, exact zeros of valid clipped tokens, of
+//   invalid tokens); exit status 1 if any failed.
 // The emulator itself aborts (EMU FAIL on stderr) on a deadlock, a divergent barrier or a
 // shared-memory index out of bounds; the config being run is then the last one echoed on stderr.
 #include "emu.h"
@@ -60,6 +68,8 @@ struct Config {
 bool g_failed = false;  // the current config failed
 long g_smem_checked = 0;  // configs whose finalise compared shared vs global solver scratch
 long g_seqgram_checked = 0;  // configs whose sequence_gram finalise was checked against the long-double Gram
+// token factor elements checked (all; non-zero; zero as valid but clipped; zero as invalid)
+long g_factor_checked = 0, g_factor_nonzero = 0, g_factor_clipped_zero = 0, g_factor_invalid_zero = 0;
 #define CHECK(cond, ...)                  \
   do {                                    \
     if (!(cond)) {                        \
@@ -167,7 +177,7 @@ void check_finalise(const Config& c, int gran, int agg, const Partition& part, c
       fa.mn_scratch = scratch;
       fa.smem_solver = smem != 0;
       fa.loss = loss;
-      fa.weights = weights;
+      fa.weights = gran == kToken ? nullptr : weights;  // as launch_forward: token's are the reduce's
       fa.row_scale = row_scale;
       fa.stats = stats;
       emu::schedule = static_cast<emu::Schedule>(sched);
@@ -256,6 +266,7 @@ void check_config(const Config& c) {
   const long n_slots = part.units * slot_stride, n_rowpart = B * part.segs * R;
   double* slots = alloc<double>(n_slots);
   double* rowpart = alloc<double>(n_rowpart);
+  O* factor = MODE == kMin ? alloc<O>(n_tokens) : nullptr;  // token: the [B, T] gradient factor
   const double eps = 0.2;
   ReduceArgs ra{};
   ra.logp = logp;
@@ -270,20 +281,30 @@ void check_config(const Config& c) {
   ra.slots = slots;
   ra.slot_stride = slot_stride;
   ra.rowpart = rowpart;
+  ra.factor = factor;
 
   // 1. reduce under the three schedules
   std::vector<double> result[3];  // slots then row partials
+  std::vector<O> result_factor[3];  // token: the factor
   for (int sched = 0; sched < 3; ++sched) {
     for (long k = 0; k < n_slots; ++k) slots[k] = nan;
     for (long k = 0; k < n_rowpart; ++k) rowpart[k] = nan;
+    if (factor)
+      for (long k = 0; k < n_tokens; ++k) factor[k] = static_cast<O>(nan);  // a token not written stays NaN
     emu::schedule = static_cast<emu::Schedule>(sched);
     if (part.units > 0) launch_reduce_emulated<S, O, MODE>(ra, c.broadcast, n, c.force_any, (unsigned)part.units);
     result[sched].assign(slots, slots + n_slots);
     result[sched].insert(result[sched].end(), rowpart, rowpart + n_rowpart);
+    if (factor) result_factor[sched].assign(factor, factor + n_tokens);
   }
-  for (int sched = 1; sched < 3; ++sched)
+  for (int sched = 1; sched < 3; ++sched) {
     CHECK(memcmp(result[0].data(), result[sched].data(), result[0].size() * sizeof(double)) == 0,
           "reduce result of schedule %d differs bitwise from schedule 0 (race or missing barrier)", sched);
+    if (factor)
+      CHECK(memcmp(result_factor[0].data(), result_factor[sched].data(), n_tokens * sizeof(O)) == 0,
+            "token factor of schedule %d differs bitwise from schedule 0 (race or missing barrier)", sched);
+  }
+  int n_factor_mismatch = 0;
 
   // long-double reference from the same per-token op_t products (pama_math.h)
   const O thr = static_cast<O>(1.0 + eps);
@@ -309,6 +330,27 @@ void check_config(const Config& c) {
       const bool ind = pama::indicator(ratio, thr);
       const O m = valid ? pama::clipped_ratio(ratio, thr) : O(0);
       const bool weighted = valid && ind;
+      if (MODE == kMin) {  // the gradient factor, as specified, in op_t; bitwise
+        const O s_ref = valid ? token_rule<O>(ad, n) : O(0);
+        const O want = weighted ? static_cast<O>(s_ref * ratio) : O(0);
+        const O got = result_factor[0][idx];
+        const long double exact = (long double)s_ref * (long double)ratio;
+        // one op_t ulp relative (the rounding is at most half of it; long double holds a
+        // float product exactly, a double product to 2^-64)
+        const long double ulp = ldexpl(fabsl(exact), std::is_same<O, double>::value ? -52 : -23);
+        const bool ok = memcmp(&got, &want, sizeof(O)) == 0 && (!weighted || fabsl((long double)got - exact) <= ulp);
+        if (!ok) {
+          if (n_factor_mismatch++ < 5)
+            fprintf(stderr,
+                    "token factor [%ld, %ld]: got %.17g, reference %.17g (valid %d, u %.9g, clipped %d, s %.9g)\n", b, t,
+                    (double)got, (double)want, (int)valid, (double)ratio, (int)!ind, (double)s_ref);
+          g_failed = true;
+        }
+        ++g_factor_checked;
+        g_factor_nonzero += want != O(0);
+        g_factor_clipped_zero += valid && !ind;
+        g_factor_invalid_zero += !valid;
+      }
       long double* slot = &ref_slots[unit * slot_stride];
       long double* slot_mag = &mag_slots[unit * slot_stride];
       slot[0] += valid && !ind;
@@ -406,7 +448,7 @@ void check_config(const Config& c) {
     check_finalise<double>(c, gran, agg, part, slots, slot_stride, rowpart);
   else
     check_finalise<float>(c, gran, agg, part, slots, slot_stride, rowpart);
-  free(logp); free(old_logp); free(adv); free(mask); free(slots); free(rowpart);
+  free(logp); free(old_logp); free(adv); free(mask); free(slots); free(rowpart); free(factor);
 }
 
 template <class S, class O>
@@ -457,7 +499,9 @@ int main() {
     printf("%s %s\n", g_failed ? "FAIL" : "ok", line.c_str());
     fflush(stdout);
   }
-  printf("summary configs=%ld failed=%ld finalise_smem_checked=%ld finalise_sequence_gram_checked=%ld\n", n_configs,
-         n_failed, g_smem_checked, g_seqgram_checked);
+  printf("summary configs=%ld failed=%ld finalise_smem_checked=%ld finalise_sequence_gram_checked=%ld "
+         "factor_checked=%ld factor_nonzero=%ld factor_clipped_zero=%ld factor_invalid_zero=%ld\n",
+         n_configs, n_failed, g_smem_checked, g_seqgram_checked, g_factor_checked, g_factor_nonzero,
+         g_factor_clipped_zero, g_factor_invalid_zero);
   return n_failed ? 1 : 0;
 }

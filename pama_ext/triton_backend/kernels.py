@@ -13,6 +13,9 @@ nothing reads the tokens twice and nothing synchronises with the host:
    below): valid tokens M, clipped tokens, non-finite counts, ``Smin = sum s_t m`` (s_t the
    zero-abstaining token min, ``_token_min``),
    ``S_i = sum A_i m``, ``Q_i = sum I_i`` and, for ``batch``, the N x N Gram of I.
+   For ``token`` it also writes the [B, T] per-token gradient factor
+   ``f = s_t u_t 1[u_t <= 1 + eps]`` (0 at invalid tokens), which the forward returns as
+   ``weights`` and the autograd backward multiplies by (``reference.token_factor_backward``).
    Per-token maths runs in float32 (float64 for float64 inputs); every product that is
    summed is formed and accumulated in float64 (each lane accumulates its own tokens,
    one tree reduction at the end), so a sum never depends on the launch.
@@ -124,6 +127,7 @@ def reduce_tokens_kernel(
     adv_ptr,
     mask_ptr,  # uint8 view of the bool mask
     part_ptr,  # [B * nblk, KS] float64
+    fac_ptr,  # [B, T] acc dtype: the token gradient factor (TOKEN_F); unused otherwise
     T,
     N,
     nblk,  # blocks per row
@@ -138,6 +142,7 @@ def reduce_tokens_kernel(
     BN: tl.constexpr,  # next power of two >= N
     CHUNK: tl.constexpr,  # tokens per inner step
     DO_GRAM: tl.constexpr,
+    TOKEN_F: tl.constexpr,  # granularity "token": write f = s_t u_t 1[u_t <= 1+eps] to fac_ptr
 ):
     pid = tl.program_id(0)
     b = pid // nblk
@@ -192,6 +197,9 @@ def reduce_tokens_kernel(
         acc_q += ia
         amin = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
         acc_smin += amin.to(tl.float64) * md
+        if TOKEN_F:  # every token of the block written: 0 off the valid, unclipped tokens
+            f = tl.where(valid & ind, amin * u, 0.0)  # in CD; a select, so u = inf gives 0
+            tl.store(fac_ptr + row + t, f.to(fac_ptr.dtype.element_ty), mask=inrow)
         if DO_GRAM:
             acc_g += ia[:, :, None] * ia[:, None, :]
 

@@ -112,8 +112,10 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weights_shape(granularity: str, b: int, n: int):
-    return {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (0,)}[granularity]
+def _weights_shape(granularity: str, b: int, t: int, n: int):
+    """The forward's ``weights``: [N] (batch, batch_mean, sequence_gram), [B, N] (sequence),
+    and for token the [B, T] per-token gradient factor (csrc/README.md)."""
+    return {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (b, t)}[granularity]
 
 
 class _Device:
@@ -187,7 +189,8 @@ def forward_impl(
     part = torch.empty((max(1, b * nblk), ks), dtype=f64, device=dev)
     part2 = torch.zeros((n_part2, ks), dtype=f64, device=dev) if b == 0 else torch.empty((n_part2, ks), dtype=f64, device=dev)
     row_m = torch.empty((b,), dtype=f64, device=dev)
-    weights = torch.empty(_weights_shape(granularity, b, n), dtype=acc, device=dev)
+    token = granularity == "token"
+    weights = torch.empty(_weights_shape(granularity, b, t, n), dtype=acc, device=dev)
     tot = torch.empty((ks,), dtype=f64, device=dev)
     loss = torch.empty((), dtype=acc, device=dev)
     row_scale = torch.empty((b,), dtype=acc, device=dev)
@@ -196,9 +199,9 @@ def forward_impl(
     with _Device(logp):
         if b > 0:
             k.reduce_tokens_kernel[(b * nblk,)](
-                logp, old_logp, advantages, mask_u8, part,
+                logp, old_logp, advantages, mask_u8, part, weights if token else part,
                 t, n, nblk, nch, stride_ab, stride_at, ks, *split3(thr),
-                CD=cd, BN=bn, CHUNK=chunk, DO_GRAM=gram,
+                CD=cd, BN=bn, CHUNK=chunk, DO_GRAM=gram, TOKEN_F=token,
                 num_warps=num_warps_for(chunk * bn * (bn if gram else 2)),
             )
             k.reduce_rows_kernel[(n_part2,)](
@@ -322,10 +325,10 @@ for _key in ("CUDA", "CPU") if INTERPRET else ("CUDA",):
 @torch.library.register_fake("pama_ext::triton_forward")
 def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
     acc = acc_dtype(logp.dtype)
-    b, n = logp.shape[0], advantages.shape[-1]
+    (b, t), n = logp.shape, advantages.shape[-1]
     return (
         logp.new_empty((), dtype=acc),
-        logp.new_empty(_weights_shape(granularity, b, n), dtype=acc),
+        logp.new_empty(_weights_shape(granularity, b, t, n), dtype=acc),
         logp.new_empty((b,), dtype=acc),
         logp.new_empty((_ops.N_STATS,), dtype=torch.float64),
     )
@@ -336,24 +339,15 @@ def _backward_fake(grad_loss, logp, old_logp, advantages, mask, weights, row_sca
     return torch.empty_like(logp)
 
 
-def _setup_context(ctx, inputs, output):
-    logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
-    _loss, weights, row_scale, stats = output
-    ctx.mark_non_differentiable(weights, row_scale, stats)  # only the loss carries a gradient
-    ctx.save_for_backward(logp, old_logp, advantages, mask, weights, row_scale)
-    ctx.clip_eps = clip_eps
-    ctx.granularity = granularity
-
-
-def _backward(ctx, grad_loss, _gw, _gr, _gs):
-    logp, old_logp, advantages, mask, weights, row_scale = ctx.saved_tensors
-    grad_logp = torch.ops.pama_ext.triton_backward(
-        grad_loss, logp, old_logp, advantages, mask, weights, row_scale, ctx.clip_eps, ctx.granularity
-    )
-    return grad_logp, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("pama_ext::triton_forward", _backward, setup_context=_setup_context)
+# The autograd of pama_forward (pama_ext/_ops.py), with this backend's elementwise pass: for
+# token it saves only the forward's [B, T] factor and the row scales, and the backward is one
+# multiply (reference.token_factor_backward), not backward_kernel (which keeps its token path
+# for direct callers of triton_backward).
+torch.library.register_autograd(
+    "pama_ext::triton_forward",
+    _ops.make_backward(torch.ops.pama_ext.triton_backward),
+    setup_context=_ops.setup_context,
+)
 
 
 def forward(*args):

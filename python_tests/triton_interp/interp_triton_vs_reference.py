@@ -140,6 +140,130 @@ def test_opcheck_token_exact_zeros():
     )
 
 
+# --------------------------------------------------------------------------- token: the [B, T] gradient factor
+# For granularity "token" the forward's ``weights`` is f = s_t u_t 1[u_t <= 1+eps] ([B, T], acc
+# dtype, 0 at invalid and clipped tokens) and the autograd backward is one multiply by it
+# (reference.token_factor_backward), with no kernel launch.
+FACTOR_CASES = [  # (B, T, N, mask kind, seed)
+    (1, 1, 1, "full", 401),
+    (3, 17, 2, "ragged", 402),
+    (2, 9, 3, "random", 403),
+    (4, 6, 5, "ragged", 404),
+    (2, 11, 8, "full", 405),
+]
+
+
+def _token_factor_and_grad(x: Inputs, loss_agg="token_mean", grad_out=1.0, clip_eps=EPS):
+    """triton_forward(token)'s factor and its autograd gradient against reference.fused_forward
+    / fused_backward on the same float32 inputs (check_finite False); returns (factor, grad)."""
+    from pama_ext.triton_backend import specialise
+
+    xd = to_dev(x)
+    lp = leaf(xd.logp)
+    loss, f, rs, _st = torch.ops.pama_ext.triton_forward(lp, *xd[1:], clip_eps, "token", loss_agg, False)
+    r_loss, r_f, r_rs, _ = reference.fused_forward(*x, clip_eps, "token", loss_agg, False)
+    b, t = x.logp.shape
+    assert f.shape == r_f.shape == (b, t) and f.dtype == r_f.dtype == F32 and f.device.type == DEVICE
+    assert not f.requires_grad and bool(torch.isfinite(f).all())
+    f_cpu = f.detach().cpu()
+    assert torch.equal(f_cpu == 0, r_f == 0), (f_cpu, r_f)  # the same tokens dropped, clipped, abstaining
+    assert_close_rel(f_cpu, r_f, 1e-6, msg="token factor")
+    u, ind, _m, _a, valid, _flags = reference._token_terms(x.logp, x.old_logp, x.advantages, x.mask, clip_eps, F32)
+    assert bool((f_cpu[~ind] == 0).all())  # invalid and clipped tokens: exactly 0
+    assert_close_rel(loss.detach().cpu(), r_loss, 2e-6, atol=1e-30, msg="token loss")
+    go = torch.tensor(grad_out, dtype=F32, device=DEVICE)
+    with specialise.record_launches() as launches:
+        (grad,) = torch.autograd.grad(loss, lp, go)
+    assert launches == [], [launch.name for launch in launches]  # one multiply by the factor
+    g_ref = reference.fused_backward(go.cpu(), *x, r_f, r_rs, clip_eps, "token")
+    assert grad.dtype == x.logp.dtype and grad.shape == (b, t)
+    assert_close_rel(grad.cpu(), g_ref, 1e-6, msg="token grad")
+    assert bool(torch.isfinite(grad).all())
+    # the backward kernel's own token path (direct callers of triton_backward) agrees
+    g_kernel = torch.ops.pama_ext.triton_backward(go, xd.logp, *xd[1:], f, rs, clip_eps, "token")
+    assert_close_rel(grad.cpu(), g_kernel.cpu(), 1e-6, msg="token grad vs backward_kernel")
+    return f_cpu, grad.cpu()
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+@pytest.mark.parametrize("case", FACTOR_CASES, ids=_case_id)
+def test_token_factor_matches_reference(case, per_sequence):
+    B, T, N, mask_kind, seed = case
+    x = make_inputs(B, T, N, F32, per_sequence=per_sequence, mask_kind=mask_kind, seed=seed)
+    if seed % 2:
+        x = with_exact_zeros(x, seed, nonneg=per_sequence)
+    _token_factor_and_grad(x, AGGS[seed % 2], grad_out=(1.0, -2.5)[per_sequence])
+
+
+def test_token_factor_masked_rows_and_empty_mask():
+    x = make_inputs(4, 7, 3, F32, mask_kind="ragged", seed=411)
+    assert bool((~x.mask).all(dim=1).any())  # a fully masked row
+    f, g = _token_factor_and_grad(x, "seq_mean_token_mean")
+    assert bool((f[~x.mask] == 0).all()) and bool((g[~x.mask] == 0).all())
+    e = make_inputs(3, 5, 3, F32, mask_kind="empty", seed=412)
+    e = e._replace(logp=e.logp.clone().index_fill_(1, torch.tensor([2]), float("nan")))  # unmasked garbage
+    for agg in AGGS:
+        f, g = _token_factor_and_grad(e, agg)
+        assert torch.equal(f, torch.zeros(3, 5)) and torch.equal(g, torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["adv_BTN", "adv_BN"])
+def test_token_factor_nonfinite_inputs_dropped(per_sequence):
+    """check_finite False (nonfinite="mask"): tokens with a non-finite logp / old_logp /
+    advantage get factor 0, and u = inf (exp overflow) gives 0, not NaN."""
+    x = make_inputs(3, 8, 3, F32, per_sequence=per_sequence, mask_kind="full", seed=421)
+    lp, old, adv = x.logp.clone(), x.old_logp.clone(), x.advantages.abs().clone() + 0.1
+    lp[0, 1] = float("nan")
+    old[1, 5] = float("inf")
+    lp[2, 2] = float("-inf")
+    if per_sequence:
+        adv[1, 2] = float("nan")  # the whole row 1 is dropped
+    else:
+        adv[2, 6, 0] = -float("inf")
+    lp[0, 4], old[0, 4] = 90.0, -5.0  # u = e^95: inf in float32, a valid (clipped) token
+    x = Inputs(lp, old, adv, x.mask)
+    f, g = _token_factor_and_grad(x, "token_mean", grad_out=3.0)
+    dropped = [(0, 1), (1, 5), (2, 2), (0, 4)] + ([(1, j) for j in range(8)] if per_sequence else [(2, 6)])
+    for b, t in dropped:
+        assert float(f[b, t]) == 0.0 and float(g[b, t]) == 0.0, (b, t)
+    assert int((f != 0).sum()) > 0
+
+
+def test_token_factor_hand_values_and_clipped_tokens():
+    """f = s_t u_t exactly where u <= 1 + eps; clipped tokens (u > 1 + eps, also u = inf) are 0."""
+    ln = math.log
+    lp = torch.tensor([[0.0, ln(1.5), ln(1.1), 100.0, ln(0.5), 0.0]], dtype=F32)
+    old = torch.zeros(1, 6)
+    adv = torch.tensor([[[2.0, 3.0], [1.0, 4.0], [0.5, 0.0], [1.0, 1.0], [-1.0, 2.0], [0.0, 0.0]]])
+    x = Inputs(lp, old, adv, torch.ones(1, 6, dtype=torch.bool))
+    f, g = _token_factor_and_grad(x, "token_mean", grad_out=-6.0)
+    u2 = float(torch.exp(lp[0, 2].double()))  # 1.1 up to the float32 rounding of ln(1.1)
+    assert f[0].tolist() == [2.0, 0.0, pytest.approx(0.5 * u2, rel=1e-6), 0.0, 0.0, 0.0]  # s = 0.5: the zero abstains
+    assert g[0].tolist() == f[0].tolist()  # -(g r_b) f with g = -6, r_b = 1/6
+
+
+def test_token_factor_every_element_written(monkeypatch):
+    """Rows of several token blocks (the last one partly out of the row): every [B, T]
+    element of the factor is written, the allocation poisoned with NaN beforehand."""
+    monkeypatch.setattr(tops, "TOKENS_PER_PROGRAM", 16)  # one chunk per block
+    monkeypatch.setattr(tops, "PARTIAL_ROWS", 1)
+    x = with_exact_zeros(make_inputs(2, 600, 5, F32, mask_kind="random", seed=431), 431)
+    chunk = tops.token_chunk(tops.block_n(5), False)
+    assert tops.triton_cdiv(600, chunk) >= 3 and 600 % chunk != 0
+
+    class _PoisonedEmpty:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def empty(shape, *args, **kwargs):
+            out = torch.empty(shape, *args, **kwargs)
+            return out.fill_(float("nan")) if tuple(shape) == (2, 600) else out
+
+    monkeypatch.setattr(tops, "torch", _PoisonedEmpty())
+    _token_factor_and_grad(x, "seq_mean_token_mean")
+
+
 # --------------------------------------------------------------------------- blocks, rows, widths
 def test_rows_spanning_several_blocks(monkeypatch):
     """Rows of several token blocks and groups of several rows per partial vector: the
@@ -376,7 +500,7 @@ def test_opcheck_backward(granularity):
     )
 
 
-@pytest.mark.parametrize("granularity", ["batch", "sequence", "sequence_gram"])
+@pytest.mark.parametrize("granularity", ["batch", "sequence", "sequence_gram", "token"])
 def test_torch_compile_fullgraph(granularity):
     """pama_loss(backend='triton') inside torch.compile(fullgraph=True): the op is opaque to
     dynamo (traced through its fake kernel), forward and backward match eager."""
