@@ -13,6 +13,14 @@ fastest of a few fwd+bwd calls, and each ratio compares two measurements of the 
   ``batch``; ``token`` time / ``batch`` time; lean eager PyTorch / op; N = 8 and N = 16 time
   per token / N = 4's; at 16M tokens two threads / one thread. And GAE (1M tokens, N = 4)
   against its PyTorch reference and against a copy of its inputs.
+
+The allocator is held steady (``steady_allocator``): glibc is told not to hand freed memory
+back to the OS between calls (``M_TRIM_THRESHOLD``, ``M_TOP_PAD``, ``M_MMAP_THRESHOLD`` at its
+32 MiB maximum), as a training process's warmed-up heap behaves. Without it each call's fresh
+[B, T] buffers (the gradient; for ``token`` also the forward's factor) may or may not be
+first-touched again, depending on what the previous call freed: on the 2-core machine that
+moved ``token`` fwd+bwd at 1M tokens between 8.7 and 14.7 ms from one run to the next.
+``PAMA_BENCH_RAW_MALLOC=1`` measures with glibc's defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +41,21 @@ import pama_ext  # noqa: E402
 from eager_baselines import lean_pama_loss  # noqa: E402
 from pama_ext.rl import per_objective_gae  # noqa: E402
 from pama_ext.rl.gae import gae_reference  # noqa: E402
+
+
+def steady_allocator() -> dict:
+    """glibc: keep freed memory in the heap (see the module docstring); {} elsewhere."""
+    if os.environ.get("PAMA_BENCH_RAW_MALLOC") == "1" or not sys.platform.startswith("linux"):
+        return {}
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return {}
+    # mallopt parameters (malloc.h): M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3
+    settings = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_TOP_PAD": (-2, 1 << 28), "M_MMAP_THRESHOLD": (-3, 1 << 25)}
+    return {name: value for name, (param, value) in settings.items() if libc.mallopt(param, value) == 1}
 
 
 def inputs(B, T, N, seed=0):
@@ -128,10 +151,11 @@ def goals() -> dict:
 
 def main():
     torch.set_num_threads(1)
+    malloc = steady_allocator()
     info = pama_ext.build_info()["extension"]
     doc = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "cpu_isa_compiled": info["cpu_isa_compiled"], "cpu_isa_best": info["cpu_isa_best"],
-                       "load": os.getloadavg()},
+                       "load": os.getloadavg(), "mallopt": malloc},
            "grid_ms": grid(), "goals": goals()}
     out = HERE / "results" / "cpu_isa.json"
     out.write_text(json.dumps(doc, indent=1) + "\n")

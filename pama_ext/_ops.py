@@ -145,6 +145,9 @@ def setup_context(ctx, inputs, output):
     logp, old_logp, advantages, mask, clip_eps, granularity, _loss_agg, _check = inputs
     _loss, weights, row_scale, stats = output
     ctx.mark_non_differentiable(weights, row_scale, stats)
+    # no zero-filled gradients for the non-differentiable outputs: for `token` that would be a
+    # [B, T] fill in every backward
+    ctx.set_materialize_grads(False)
     if granularity == "token":
         ctx.save_for_backward(weights, row_scale)
         ctx.grad_dtype = logp.dtype
@@ -158,6 +161,8 @@ def make_backward(backward_op):
     """The autograd backward of a fused forward whose elementwise pass is ``backward_op``."""
 
     def backward(ctx, grad_loss, _gw, _gr, _gs):
+        if grad_loss is None:  # the loss took no part in what is being differentiated
+            return None, None, None, None, None, None, None, None
         if ctx.granularity == "token":
             factor, row_scale = ctx.saved_tensors
             grad_logp = reference.token_factor_backward(grad_loss, factor, row_scale, ctx.grad_dtype)
