@@ -176,8 +176,6 @@ def make_backward(backward_op):
     return backward
 
 
-_setup_context = setup_context
-_backward = make_backward(torch.ops.pama_ext.pama_backward)
-
-
-torch.library.register_autograd("pama_ext::pama_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "pama_ext::pama_forward", make_backward(torch.ops.pama_ext.pama_backward), setup_context=setup_context
+)
