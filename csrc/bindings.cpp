@@ -6,6 +6,7 @@
 #include "bindings.h"
 
 #include <ATen/Parallel.h>
+#include <torch/version.h>  // TORCH_VERSION
 
 #include <string>
 

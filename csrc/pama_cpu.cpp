@@ -13,8 +13,6 @@
 // segment of a row (T > kBlock), so no unit crosses a sequence boundary. Each unit writes
 // its own slot and slots are reduced serially in index order, so every result is bitwise
 // identical for any number of threads.
-#include <torch/extension.h>
-
 #include <ATen/Parallel.h>
 
 #include <algorithm>
