@@ -76,10 +76,11 @@ def _extensions():
     cxx_flags = ["-O3", "-g0", "-fno-trapping-math", "-fvisibility=hidden"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
-    # bindings.cpp owns PYBIND11_MODULE; the other files register their ops through
-    # csrc/bindings.h (pama_cpu.cpp: the fused op's CPU kernels; solvers_cpu.cpp: min_norm_weights
-    # and theorem1; gae_cpu.cpp: per-objective GAE for pama_ext.rl; pama_cuda.cpp +
-    # pama_cuda_kernels.cu: the CUDA kernels, only in a CUDA build)
+    # bindings.cpp owns PYBIND11_MODULE and binds the CPU ops, which the other files define as
+    # plain C++ functions (csrc/cpu_ops.h; pama_cpu.cpp: the fused op's CPU kernels;
+    # solvers_cpu.cpp: min_norm_weights and theorem1; gae_cpu.cpp: per-objective GAE for
+    # pama_ext.rl); pama_cuda.cpp + pama_cuda_kernels.cu: the CUDA kernels, only in a CUDA
+    # build, registered through csrc/bindings.h
     # pama_cpu_isa_*.cpp: the CPU passes per instruction set, separate files so that MAX_JOBS
     # compiles them side by side
     cpu_sources = (

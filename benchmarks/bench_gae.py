@@ -58,7 +58,7 @@ def cpp_kernel():
     build = Path(tempfile.gettempdir()) / f"pama_gae_scratch_torch{torch.__version__.replace('+', '_')}"
     build.mkdir(parents=True, exist_ok=True)
     src = build / "gae_module.cpp"
-    text = '#include "bindings.h"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { register_gae_bindings(m); }\n'
+    text = '#include "bindings.h"\n#include "cpu_ops.h"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gae", &pama_cpu_ops::gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam")); }\n'
     if not src.exists() or src.read_text() != text:
         src.write_text(text)
     try:

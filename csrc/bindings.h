@@ -1,31 +1,14 @@
-// bindings.h: registration hooks of the source files that add ops to pama_ext._C.
+// bindings.h: pybind11 with torch's Tensor type casters, for the files that bind to Python:
+// bindings.cpp (PYBIND11_MODULE, the CPU ops of cpu_ops.h, build_info) and, in CUDA builds,
+// pama_cuda.cpp through its registration hook below.
 //
-// bindings.cpp owns PYBIND11_MODULE and build_info; every other source file defines one
-// `register_*_bindings(m)` that adds its functions to the module, so the module body stays
-// one line per file and the files stay independent of each other.
+// The CPU sources include cpu_ops.h instead: these headers cost about 19 s of g++ -O3 per
+// file, against 3 s for <ATen/core/Tensor.h>. Not <torch/extension.h> here either: it also
+// pulls in the whole C++ frontend (nn, optim, data), 50 s per file.
 #pragma once
 
-// ATen (tensors, at::parallel_for) and pybind11 with torch's Tensor type casters: all that the
-// bindings use. Not <torch/extension.h>: it also pulls in the whole C++ frontend (nn, optim,
-// data), and parsing it took 50 s per file against 24 s for these two (g++ -O3, 2-core VM);
-// four files include this header.
 #include <ATen/ATen.h>
 #include <torch/csrc/utils/pybind.h>
-
-// csrc/pama_cpu.cpp: m.def("pama_forward" / "pama_backward"), the CPU kernels of the fused op
-// (pama_ext/_ops.py registers them as the CPU implementation of pama_ext::pama_forward /
-// pama_backward).
-void register_cpu_bindings(pybind11::module_& m);
-// csrc/pama_cpu.cpp: the CPU kernels' entries of build_info (block_tokens, specialised_n and
-// the instruction sets: compiled, best on this CPU, chosen per call).
-void add_cpu_build_info(pybind11::dict& d);
-
-// csrc/solvers_cpu.cpp: m.def("min_norm_weights" / "_min_norm_weights_info" / "theorem1"), the
-// solvers of pama_math.h on their own.
-void register_solver_bindings(pybind11::module_& m);
-
-// csrc/gae_cpu.cpp: m.def("gae", ...), per-objective GAE over [B, T, N] (pama_ext/rl/gae.py).
-void register_gae_bindings(pybind11::module_& m);
 
 #ifdef PAMA_WITH_CUDA
 // csrc/pama_cuda.cpp (built only when torch has CUDA, setup.py defines PAMA_WITH_CUDA):

@@ -18,7 +18,10 @@
 // float64 (the project's op type, as in pama_cpu.cpp); results are rounded to the input
 // dtype once. The operations are in the order the reference writes them, so float32 agrees
 // with it to a few ulps.
-#include "bindings.h"
+// Only the per-operator headers below, never <ATen/ATen.h> (cpu_ops.h says why): torch then
+// fails the build if a header that pulls in every operator creeps back in.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
+#include "cpu_ops.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -124,15 +127,19 @@ void check_gae_inputs(const Tensor& rewards, const Tensor& values, const Tensor&
   TORCH_CHECK_VALUE(std::isfinite(lam) && lam >= 0.0 && lam <= 1.0, "gae: `lam` must be in [0, 1], got ", lam);
 }
 
-std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards_in, const Tensor& values_in, const Tensor& mask_in,
+}  // namespace
+
+namespace pama_cpu_ops {
+
+std::tuple<Tensor, Tensor> gae(const Tensor& rewards_in, const Tensor& values_in, const Tensor& mask_in,
                                    double gamma, double lam) {
   check_gae_inputs(rewards_in, values_in, mask_in, gamma, lam);
   const Tensor rewards = rewards_in.contiguous();
   const Tensor values = values_in.contiguous();
   const Tensor mask = mask_in.contiguous();
   const int64_t B = rewards.size(0), T = rewards.size(1), N = rewards.size(2);
-  Tensor advantages = at::empty_like(rewards, at::MemoryFormat::Contiguous);
-  Tensor returns = at::empty_like(rewards, at::MemoryFormat::Contiguous);
+  Tensor advantages = new_cpu_tensor(rewards.sizes(), rewards.scalar_type());
+  Tensor returns = new_cpu_tensor(rewards.sizes(), rewards.scalar_type());
   if (rewards.numel() == 0) return {advantages, returns};
   // A few rows per task: enough work (>= ~32k numbers) to amortise the scheduling.
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, T * N));
@@ -152,12 +159,4 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards_in, const Tensor& value
   return {advantages, returns};
 }
 
-}  // namespace
-
-void register_gae_bindings(pybind11::module_& m) {
-  m.def("gae", &gae_cpu,
-        "per-objective GAE over [B, T, N] with a [B, T] bool mask: (advantages, returns); "
-        "see pama_ext/rl/gae.py",
-        pybind11::arg("rewards"), pybind11::arg("values"), pybind11::arg("mask"), pybind11::arg("gamma"),
-        pybind11::arg("lam"));
-}
+}  // namespace pama_cpu_ops

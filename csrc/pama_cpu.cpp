@@ -1,6 +1,6 @@
 // pama_cpu.cpp: the fused PAMA CPU op (checks, the run-time choice of instruction set, the
-// solve between the passes, the loss), added to pama_ext._C by register_cpu_bindings (the
-// module itself and build_info are in bindings.cpp). The passes over memory are in
+// solve between the passes, the loss): the pama_cpu_ops functions of cpu_ops.h that
+// bindings.cpp adds to pama_ext._C. The passes over memory are in
 // pama_cpu_kernels.h, compiled per instruction set by pama_cpu_isa_*.cpp.
 //
 // Contract: csrc/README.md (two passes over memory, the O(N^3) solve in between).
@@ -13,6 +13,9 @@
 // segment of a row (T > kBlock), so no unit crosses a sequence boundary. Each unit writes
 // its own slot and slots are reduced serially in index order, so every result is bitwise
 // identical for any number of threads.
+// Only the per-operator headers below, never <ATen/ATen.h> (cpu_ops.h says why): torch then
+// fails the build if a header that pulls in every operator creeps back in.
+#define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -25,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "bindings.h"
+#include "cpu_ops.h"
 #include "pama_checks.h"
 #include "pama_cpu_pass.h"
 #include "pama_math.h"
@@ -197,7 +200,11 @@ std::vector<double> sequence_gram(const double* rows, int64_t B, int n) {
   return G;
 }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------ ops
+namespace pama_cpu_ops {
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, const Tensor& old_logp,
                                                        const Tensor& advantages, const Tensor& mask,
                                                        double clip_eps, const std::string& granularity,
@@ -210,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   const int n = static_cast<int>(advantages.size(-1));
   const auto acc = pama_checks::acc_dtype_of(logp);
   // token: the weights output is the [B, T] gradient factor, written by the pass
-  const Tensor factor = gran == Gran::Token ? at::empty(logp.sizes(), logp.options().dtype(acc)) : Tensor();
+  const Tensor factor = gran == Gran::Token ? new_cpu_tensor(logp.sizes(), acc) : Tensor();
   const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran), factor);
   const FwdPass& pass = red.pass;
   const double* counts = red.counts;
@@ -232,7 +239,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
     nonempty += rows[b * R] > 0.0;
   }
 
-  const auto dopt = at::TensorOptions().dtype(at::kDouble);
   // weights (double) used by the loss after rounding to the acc dtype, so that the loss is
   // exactly -sum_b r_b sum_i c_i S_{b,i} for the returned weights and row scales
   std::vector<double> c;  // [N] or [B, N]
@@ -275,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   }
 
   // row scales
-  Tensor row_scale_d = at::empty({B}, dopt);
+  Tensor row_scale_d = new_cpu_tensor({B}, at::kDouble);
   double* rs = row_scale_d.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     const double mb = rows[b * R];
@@ -289,7 +295,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   if (gran == Gran::Token) {
     weights = factor;
   } else {
-    Tensor wd = gran == Gran::Sequence ? at::empty({B, n}, dopt) : at::empty({n}, dopt);
+    Tensor wd = gran == Gran::Sequence ? new_cpu_tensor({B, n}, at::kDouble) : new_cpu_tensor({n}, at::kDouble);
     std::copy(c.begin(), c.end(), wd.data_ptr<double>());
     weights = wd.to(acc);
   }
@@ -314,7 +320,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   loss = -loss;
   if (loss == 0.0) loss = 0.0;  // no -0.0
 
-  Tensor stats = at::empty({8}, dopt);
+  Tensor stats = new_cpu_tensor({8}, at::kDouble);
   double* st = stats.data_ptr<double>();
   st[0] = M;
   st[1] = counts[0];
@@ -324,7 +330,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pama_forward(const Tensor& logp, cons
   st[5] = objective;
   st[6] = kkt;
   st[7] = static_cast<double>(nonempty);
-  Tensor loss_t = at::scalar_tensor(loss, dopt).to(acc);
+  Tensor loss_d = new_cpu_tensor({}, at::kDouble);
+  *loss_d.data_ptr<double>() = loss;
+  Tensor loss_t = loss_d.to(acc);
   return {loss_t, weights, row_scale, stats};
 }
 
@@ -349,7 +357,7 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
     per_row = gran == Gran::Sequence;
     pama_checks::check_weights(wc, B, n, per_row, granularity);
   }
-  Tensor grad = at::empty_like(logp);
+  Tensor grad = new_cpu_tensor(logp.sizes(), logp.scalar_type());  // logp is contiguous (checked)
   if (logp.numel() == 0) return grad;
   const Partition part = make_partition(B, T);
   const Isa isa = cpu_isa(n);
@@ -378,9 +386,9 @@ std::tuple<Tensor, Tensor> pama_statistics(const Tensor& logp, const Tensor& old
   const Reduction red = reduce_pass(logp, old_logp, advantages, mask, clip_eps, mode_of(gran));
   const int R = row_stride(n);
   const double* rows = red.pass.rows.data();
-  const auto dopt = at::TensorOptions().dtype(at::kDouble);
-  Tensor out = at::zeros({2 + n + static_cast<int64_t>(n) * n}, dopt);
+  Tensor out = new_cpu_tensor({2 + n + static_cast<int64_t>(n) * n}, at::kDouble);
   double* o = out.data_ptr<double>();
+  std::fill(o, o + out.numel(), 0.0);
   for (int64_t b = 0; b < B; ++b) {  // rows in index order
     o[0] += rows[b * R];
     for (int i = 0; i < n; ++i) o[2 + i] += rows[b * R + 2 + n + i];
@@ -390,38 +398,26 @@ std::tuple<Tensor, Tensor> pama_statistics(const Tensor& logp, const Tensor& old
     const std::vector<double> G = gran == Gran::Batch ? token_gram(red, n) : sequence_gram(rows, B, n);
     std::copy(G.begin(), G.end(), o + 2 + n);
   }
-  Tensor nonfinite = at::empty({3}, dopt);
+  Tensor nonfinite = new_cpu_tensor({3}, at::kDouble);
   std::copy(red.counts + 1, red.counts + 4, nonfinite.data_ptr<double>());
   return {out, nonfinite};
 }
 
-}  // namespace
-
-void register_cpu_bindings(pybind11::module_& m) {
-  m.def("pama_statistics", &pama_statistics,
-        "the reduction pass alone: ([M, clipped, Q, G] float64, non-finite counts [3])", py::arg("logp"),
-        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"), py::arg("granularity"));
-  m.def("pama_forward", &pama_forward, "one reduction pass + solve: (loss, weights, row_scale, stats)",
-        py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("clip_eps"),
-        py::arg("granularity"), py::arg("loss_agg"), py::arg("check_finite"));
-  m.def("pama_backward", &pama_backward, "one elementwise pass: grad_logp", py::arg("grad_loss"), py::arg("logp"),
-        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("weights"), py::arg("row_scale"),
-        py::arg("clip_eps"), py::arg("granularity"));
-}
-
-void add_cpu_build_info(pybind11::dict& d) {
-  d["block_tokens"] = kBlock;
-  d["specialised_n"] = py::make_tuple(1, 2, 3, 4, 8);
+CpuKernelInfo cpu_kernel_info() {
+  CpuKernelInfo info;
+  info.block_tokens = kBlock;
+  info.specialised_n = {1, 2, 3, 4, 8};
   // the CPU kernels' instruction sets: compiled, the best this CPU runs, and the one a call
   // uses now (PAMA_EXT_CPU_ISA can force a lower one)
-  py::list compiled;
-  compiled.append("baseline");
+  info.isa_compiled = {"baseline"};
 #if PAMA_CPU_MULTI_ISA
-  compiled.append("avx2");
-  compiled.append("avx512");
+  info.isa_compiled.push_back("avx2");
+  info.isa_compiled.push_back("avx512");
 #endif
-  d["cpu_isa_compiled"] = compiled;
-  d["cpu_isa_best"] = std::string(isa_name(best_isa()));
-  d["cpu_isa"] = std::string(isa_name(cpu_isa(4)));  // a call with N <= 4
-  d["cpu_isa_large_n"] = std::string(isa_name(cpu_isa(16)));  // N = 5..7, 16+
+  info.isa_best = isa_name(best_isa());
+  info.isa = isa_name(cpu_isa(4));           // a call with N <= 4
+  info.isa_large_n = isa_name(cpu_isa(16));  // N = 5..7, 16+
+  return info;
 }
+
+}  // namespace pama_cpu_ops

@@ -37,7 +37,7 @@ from conftest import assert_close_rel, make_mask
 
 F64 = torch.float64
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-_SCRATCH_MODULE = '#include "bindings.h"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { register_gae_bindings(m); }\n'
+_SCRATCH_MODULE = '#include "bindings.h"\n#include "cpu_ops.h"\nPYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gae", &pama_cpu_ops::gae, py::arg("rewards"), py::arg("values"), py::arg("mask"), py::arg("gamma"), py::arg("lam")); }\n'
 
 
 # --------------------------------------------------------------------------- helpers
@@ -112,7 +112,7 @@ def test_extension_has_gae():
     if not pama_ext.has_cpp():
         pytest.skip("pama_ext._C is not built")
     assert hasattr(_backends._C, "gae"), (
-        "pama_ext._C lacks `gae`: add csrc/gae_cpu.cpp to setup.py and call register_gae_bindings(m) "
+        "pama_ext._C lacks `gae`: add csrc/gae_cpu.cpp to setup.py and bind pama_cpu_ops::gae "
         "in PYBIND11_MODULE (csrc/bindings.cpp)"
     )
     assert gae_mod.has_cpp_gae()
