@@ -586,6 +586,9 @@ void run_backward_pass(const BwdArgs& a, const Partition& p, Piece piece) {
 template <typename scalar_t, typename op_t, bool TOKEN>
 void backward_pass(const BwdArgs& a, const Partition& p, bool bc) {
   if (bc) return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, true, TOKEN>);
+  // token: only a direct call of the pama_backward op comes here (autograd multiplies the
+  // factor the forward saved, csrc/README.md), so one loop for every N keeps the build short
+  if constexpr (TOKEN) return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 0, false, TOKEN>);
   switch (a.n) {
     case 1: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 1, false, TOKEN>);
     case 2: return run_backward_pass(a, p, bwd_piece<scalar_t, op_t, 2, false, TOKEN>);
