@@ -43,15 +43,20 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- fake (meta) kernels
+def forward_weights_shape(granularity: str, b: int, t: int, n: int) -> tuple:
+    """The fused forward's ``weights`` output, in every backend: [N] (batch, batch_mean,
+    sequence_gram), [B, N] (sequence), and for token the [B, T] per-token gradient factor
+    (csrc/README.md)."""
+    return {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (b, t)}[granularity]
+
+
 @torch.library.register_fake("pama_ext::pama_forward")
 def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_agg, check_finite):
     acc = _acc_dtype(logp)
-    b = logp.shape[0]
-    n = advantages.shape[-1]
-    shapes = {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": tuple(logp.shape)}
+    (b, t), n = logp.shape, advantages.shape[-1]
     return (
         logp.new_empty((), dtype=acc),
-        logp.new_empty(shapes[granularity], dtype=acc),
+        logp.new_empty(forward_weights_shape(granularity, b, t, n), dtype=acc),
         logp.new_empty((b,), dtype=acc),
         logp.new_empty((N_STATS,), dtype=torch.float64),
     )

@@ -71,7 +71,7 @@ def loss_and_stats_of(x: LossInputs, s: LossSettings):
     backend = _backends.resolve(s.fn, s.backend, x.logp.device)
     forward = reference.pama_loss_and_stats if backend == "torch" else _backends.forward_of(backend)
     loss, weights, row_scale, stats = forward(*x, s.clip_eps, s.granularity, s.loss_agg, s.nonfinite == "raise")
-    if s.granularity == "token":  # the fused op's [B, T] gradient factor is its backward's, not weights
+    if s.granularity == "token":  # the [B, T] gradient factor (every backend) is its backward's, not weights
         weights = weights.new_zeros(0)
     return loss, PamaStats(weights, row_scale, stats)
 

@@ -440,9 +440,11 @@ def pama_loss_and_stats(
 ):
     """The Noon-PPO loss of the PAMA-combined advantage, written as PPO code would write it.
 
-    Returns ``(loss, weights, row_scale, stats)``. The weights carry no gradient (the
-    indicator they depend on is piecewise constant, so this is the exact gradient almost
-    everywhere); autograd differentiates the rest.
+    Returns ``(loss, weights, row_scale, stats)`` as the fused op does (csrc/README.md; for
+    ``token`` the weights are the [B, T] gradient factor, which ``functional`` reports as an
+    empty [0]). The weights carry no gradient (the indicator they depend on is piecewise
+    constant, so this is the exact gradient almost everywhere); autograd differentiates the
+    rest.
     """
     acc = _acc_dtype(logp)
     mask = mask.bool()
@@ -458,7 +460,6 @@ def pama_loss_and_stats(
     zero = torch.zeros((), dtype=acc, device=logp.device)
     if granularity == "token":
         s = _token_s(adv.detach(), valid, acc)
-        weights = weights.new_zeros(0)  # the fused op's gradient factor: autograd's job here
     else:
         a_noon = torch.where(valid[..., None], torch.clamp(adv.detach().to(acc), min=0), zero)
         s = combined_advantage(a_noon, weights, granularity)

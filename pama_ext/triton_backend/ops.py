@@ -112,12 +112,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _weights_shape(granularity: str, b: int, t: int, n: int):
-    """The forward's ``weights``: [N] (batch, batch_mean, sequence_gram), [B, N] (sequence),
-    and for token the [B, T] per-token gradient factor (csrc/README.md)."""
-    return {"batch": (n,), "batch_mean": (n,), "sequence_gram": (n,), "sequence": (b, n), "token": (b, t)}[granularity]
-
-
 class _Device:
     """``torch.cuda.device(t.device)`` on CUDA (Triton launches on the current device)."""
 
@@ -190,7 +184,7 @@ def forward_impl(
     part2 = torch.zeros((n_part2, ks), dtype=f64, device=dev) if b == 0 else torch.empty((n_part2, ks), dtype=f64, device=dev)
     row_m = torch.empty((b,), dtype=f64, device=dev)
     token = granularity == "token"
-    weights = torch.empty(_weights_shape(granularity, b, t, n), dtype=acc, device=dev)
+    weights = torch.empty(_ops.forward_weights_shape(granularity, b, t, n), dtype=acc, device=dev)
     tot = torch.empty((ks,), dtype=f64, device=dev)
     loss = torch.empty((), dtype=acc, device=dev)
     row_scale = torch.empty((b,), dtype=acc, device=dev)
@@ -328,7 +322,7 @@ def _forward_fake(logp, old_logp, advantages, mask, clip_eps, granularity, loss_
     (b, t), n = logp.shape, advantages.shape[-1]
     return (
         logp.new_empty((), dtype=acc),
-        logp.new_empty(_weights_shape(granularity, b, t, n), dtype=acc),
+        logp.new_empty(_ops.forward_weights_shape(granularity, b, t, n), dtype=acc),
         logp.new_empty((b,), dtype=acc),
         logp.new_empty((_ops.N_STATS,), dtype=torch.float64),
     )
