@@ -18,7 +18,7 @@
 // float64 (the project's op type, as in pama_cpu.cpp); results are rounded to the input
 // dtype once. The operations are in the order the reference writes them, so float32 agrees
 // with it to a few ulps.
-// Only the per-operator headers below, never <ATen/ATen.h> (cpu_ops.h says why): torch then
+// Light ATen headers only, never <ATen/ATen.h> (cpu_ops.h says why): torch then
 // fails the build if a header that pulls in every operator creeps back in.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "cpu_ops.h"
@@ -132,7 +132,7 @@ void check_gae_inputs(const Tensor& rewards, const Tensor& values, const Tensor&
 namespace pama_cpu_ops {
 
 std::tuple<Tensor, Tensor> gae(const Tensor& rewards_in, const Tensor& values_in, const Tensor& mask_in,
-                                   double gamma, double lam) {
+                               double gamma, double lam) {
   check_gae_inputs(rewards_in, values_in, mask_in, gamma, lam);
   const Tensor rewards = rewards_in.contiguous();
   const Tensor values = values_in.contiguous();

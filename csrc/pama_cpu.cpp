@@ -13,7 +13,7 @@
 // segment of a row (T > kBlock), so no unit crosses a sequence boundary. Each unit writes
 // its own slot and slots are reduced serially in index order, so every result is bitwise
 // identical for any number of threads.
-// Only the per-operator headers below, never <ATen/ATen.h> (cpu_ops.h says why): torch then
+// Light ATen headers only, never <ATen/ATen.h> (cpu_ops.h says why): torch then
 // fails the build if a header that pulls in every operator creeps back in.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include <ATen/Parallel.h>

@@ -6,7 +6,7 @@
 // convert tensors around them.
 //
 // Contract: csrc/README.md "Solvers" (pama_ext/reference.py is the oracle).
-// Only the per-operator headers below, never <ATen/ATen.h> (cpu_ops.h says why): torch then
+// Light ATen headers only, never <ATen/ATen.h> (cpu_ops.h says why): torch then
 // fails the build if a header that pulls in every operator creeps back in.
 #define TORCH_ASSERT_ONLY_METHOD_OPERATORS
 #include "cpu_ops.h"
