@@ -39,8 +39,9 @@ std::tuple<at::Tensor, at::Tensor> pama_statistics(const at::Tensor& logp, const
                                                    double clip_eps, const std::string& granularity);
 
 // The CPU kernels' entries of build_info, in this order: block_tokens, specialised_n, and
-// the instruction sets (compiled, the best this CPU runs, the one a call with N <= 4 uses
-// now, the one a call with N = 5..7 or 16+ uses now).
+// the instruction sets (compiled, the best this CPU runs, the one a call uses now, and the
+// one a call with N = 5..7 or 16+ uses now: the same set since 2026-12-03, the entry kept
+// for build_info's users).
 struct CpuKernelInfo {
   int64_t block_tokens;
   std::vector<int64_t> specialised_n;

@@ -53,8 +53,8 @@ Mode mode_of(Gran g) {
 // ------------------------------------------------------------------------------ the kernels, per ISA
 // csrc/pama_cpu_kernels.h is compiled three times on x86-64 with GCC (pama_cpu_isa_baseline.cpp,
 // _avx2.cpp, _avx512.cpp): for the baseline (what the wheel's flags allow everywhere), for
-// AVX2 + FMA and for AVX-512 (F, BW, VL, DQ); once elsewhere (aarch64, clang). `cpu_isa(n)`
-// picks the best the CPU supports (and that measured faster) at run time;
+// AVX2 + FMA and for AVX-512 (F, BW, VL, DQ); once elsewhere (aarch64, clang). `cpu_isa()`
+// picks the best the CPU supports at run time;
 // PAMA_EXT_CPU_ISA=baseline|avx2|avx512 forces one (read at every call, so tests can switch).
 enum class Isa { Baseline, Avx2, Avx512 };
 
@@ -85,19 +85,16 @@ Isa best_isa() {
 #endif
 }
 
-// The set for a call: PAMA_EXT_CPU_ISA's if given, else the best. Automatically, AVX-512 is
-// used only where it measured faster than AVX2 (1 thread, 128 x 4096 tokens, fwd+bwd,
-// benchmarks/bench_cpu_isa.py): N <= 4 (x1.2-1.3 over AVX2) and N = 8 (token x1.2, batch
-// x1.2 since the register-tiled Gram). For N = 5..7, 16 and beyond (the runtime-N loops)
-// the 512-bit code was no faster (N = 5 batch 7.7 ms against 6.6, N = 16 17.4 against
-// 17.2), so AVX2 is used.
-Isa cpu_isa(int n) {
+// The set for a call: PAMA_EXT_CPU_ISA's if given, else the best, for every N. (Until
+// 2026-12-03 N = 5..7 and 16+ used AVX2: their 512-bit loops were no faster, because each
+// 64-token chunk ended in a horizontal sum per Gram pair and the transposition of the
+// advantages went element by element. With the lanes kept across chunks and the
+// transposition done in register blocks, AVX-512 is the faster set for every N:
+// benchmarks/README.md.)
+Isa cpu_isa() {
   const Isa best = best_isa();
   const char* env = std::getenv("PAMA_EXT_CPU_ISA");
-  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
-    if (best == Isa::Avx512 && !(n <= 4 || n == 8)) return Isa::Avx2;
-    return best;
-  }
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) return best;
   Isa want = Isa::Baseline;
   if (std::strcmp(env, "avx2") == 0) want = Isa::Avx2;
   else if (std::strcmp(env, "avx512") == 0) want = Isa::Avx512;
@@ -159,7 +156,7 @@ Reduction reduce_pass(const Tensor& logp, const Tensor& old_logp, const Tensor& 
   const bool bc = advantages.dim() == 2;
   Reduction r;
   r.part = make_partition(B, T);
-  const Isa isa = cpu_isa(n);
+  const Isa isa = cpu_isa();
   FwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                T, n, 1.0 + clip_eps, factor.defined() ? factor.data_ptr() : nullptr};
   forward_pass_isa(isa, dtype_of(logp), args, r.part, bc, mode, r.pass);
@@ -360,7 +357,7 @@ Tensor pama_backward(const Tensor& grad_loss, const Tensor& logp, const Tensor& 
   Tensor grad = new_cpu_tensor(logp.sizes(), logp.scalar_type());  // logp is contiguous (checked)
   if (logp.numel() == 0) return grad;
   const Partition part = make_partition(B, T);
-  const Isa isa = cpu_isa(n);
+  const Isa isa = cpu_isa();
   BwdArgs args{logp.data_ptr(), old_logp.data_ptr(), advantages.data_ptr(), reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>()),
                grad.data_ptr(), T, n, 1.0 + clip_eps, wc.defined() ? wc.data_ptr() : nullptr, per_row,
                rsc.data_ptr(), go};
@@ -415,8 +412,8 @@ CpuKernelInfo cpu_kernel_info() {
   info.isa_compiled.push_back("avx512");
 #endif
   info.isa_best = isa_name(best_isa());
-  info.isa = isa_name(cpu_isa(4));           // a call with N <= 4
-  info.isa_large_n = isa_name(cpu_isa(16));  // N = 5..7, 16+
+  info.isa = isa_name(cpu_isa());
+  info.isa_large_n = info.isa;  // every N uses the same set since 2026-12-03 (cpu_isa)
   return info;
 }
 

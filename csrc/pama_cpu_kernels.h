@@ -145,12 +145,65 @@ inline void chunk_ratios(const scalar_t* lp, const scalar_t* olp, int L, int Lp,
   }
 }
 
+// The W x W block of x starting at row r0, column c0 (rows of `stride` elements) transposed
+// in registers: log2(W) rounds of interleaving row i with row i + W/2 (a perfect shuffle).
+// GCC vector extensions, so one source serves every instruction set with 32-byte vectors.
+template <typename T, int W>
+inline void transpose_block(const T* x, int64_t stride, T* out, int out_stride) {
+  typedef T vec __attribute__((vector_size(W * sizeof(T))));
+  using I = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+  typedef I ivec __attribute__((vector_size(W * sizeof(T))));
+  ivec lo, hi;  // lo = a0 b0 a1 b1 ..., hi = the same from the upper halves
+  for (int k = 0; k < W / 2; ++k) {
+    lo[2 * k] = k, lo[2 * k + 1] = k + W;
+    hi[2 * k] = k + W / 2, hi[2 * k + 1] = k + W / 2 + W;
+  }
+  vec r[W], t[W];
+#pragma GCC unroll 8
+  for (int k = 0; k < W; ++k) std::memcpy(&r[k], x + k * stride, sizeof(vec));
+#pragma GCC unroll 3
+  for (int round = 1; round < W; round *= 2) {
+#pragma GCC unroll 4
+    for (int i = 0; i < W / 2; ++i) {
+      t[2 * i] = __builtin_shuffle(r[i], r[i + W / 2], lo);
+      t[2 * i + 1] = __builtin_shuffle(r[i], r[i + W / 2], hi);
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < W; ++k) r[k] = t[k];
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < W; ++k) std::memcpy(out + k * out_stride, &r[k], sizeof(vec));
+}
+
+// At[i][j] = ad[j * n + i] for the W columns i0 .. i0 + W - 1 and tokens [0, L)
+template <typename T, int W, int CH>
+inline void transpose_columns(const T* ad, int n, int i0, int L, T (*At)[CH]) {
+  int j = 0;
+  for (; j + W <= L; j += W) transpose_block<T, W>(ad + static_cast<int64_t>(j) * n + i0, n, &At[i0][j], CH);
+  for (; j < L; ++j)
+    for (int i = i0; i < i0 + W; ++i) At[i][j] = ad[static_cast<int64_t>(j) * n + i];
+}
+
 // transposed raw advantages At[i][j] = adv[j, i] and their finiteness (per token)
 template <typename scalar_t, typename op_t, int NT, typename Buf>
 inline void chunk_advantages(const scalar_t* ad, int n_rt, int L, int Lp, Buf& cb, mask_t<op_t>* fa) {
   const int n = NT > 0 ? NT : n_rt;
-  for (int j = 0; j < L; ++j)
-    for (int i = 0; i < n; ++i) cb.At[i][j] = ld<op_t>(ad, static_cast<int64_t>(j) * n + i);
+  if constexpr (NT > 0 || !std::is_same_v<scalar_t, op_t> || kVecDoubles < 4) {
+    // N known at compile time: GCC vectorises this with in-register permutes
+    for (int j = 0; j < L; ++j)
+      for (int i = 0; i < n; ++i) cb.At[i][j] = ld<op_t>(ad, static_cast<int64_t>(j) * n + i);
+  } else {
+    // runtime N: element by element this took 3 cycles an element (two thirds of the
+    // N = 16 passes); W x W blocks are transposed in registers instead, then 4-wide
+    // blocks (float) and single columns for what is left
+    constexpr int W = 32 / sizeof(op_t);
+    int i0 = 0;
+    for (; i0 + W <= n; i0 += W) transpose_columns<op_t, W>(ad, n, i0, L, cb.At);
+    if constexpr (W == 8)
+      for (; i0 + 4 <= n; i0 += 4) transpose_columns<op_t, 4>(ad, n, i0, L, cb.At);
+    for (int i = i0; i < n; ++i)
+      for (int j = 0; j < L; ++j) cb.At[i][j] = ad[static_cast<int64_t>(j) * n + i];
+  }
   for (int i = 0; i < n; ++i)
     for (int j = L; j < Lp; ++j) cb.At[i][j] = op_t(0);
   for (int j = 0; j < Lp; ++j) fa[j] = ~mask_t<op_t>(0);
@@ -194,8 +247,11 @@ inline double lanes_sum(const double* acc) { return vec_sum<LN>(acc); }
 // bound by loads (measured 27 ns per token for N = 16). Register tiles of TI x TK pairs,
 // kVecDoubles lanes each, load TI + TK vectors per TI * TK FMAs; a tile on the diagonal also
 // computes a few pairs below it, which are dropped. kVecDoubles / kVecRegs come from the
-// instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair's lanes are
-// added in a fixed order once per chunk, so results stay bitwise reproducible.
+// instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair keeps its
+// kVecDoubles lanes across the chunks of a piece (G below) and they are added in a fixed
+// order once at the end of the piece, so results stay bitwise reproducible. (Adding the lanes
+// once per chunk cost 2.5-3 horizontal sums a token for N = 16 in 64-token chunks, more
+// than its FMAs.)
 inline int pair_index(int n, int i, int k) { return i * n - i * (i - 1) / 2 + (k - i); }
 
 // One vector register of doubles for this instruction set (GCC vector extension: the code
@@ -206,8 +262,10 @@ inline vdouble vload(const double* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+inline void vstore(double* p, vdouble v) { std::memcpy(p, &v, sizeof(v)); }
 
-// I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. Rows past n are read from
+// I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. G: kVecDoubles lanes per
+// pair of the packed upper triangle. Rows past n are read from
 // row n - 1 (a valid address) and their results dropped. Products of two floats are exact in
 // double, so FMA contraction does not change any result.
 template <int TI, int TK, int CH>
@@ -238,9 +296,8 @@ inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
       for (int a = 0; a < TI && i0 + a < n; ++a)
         for (int b = 0; b < TK && k0 + b < n; ++b)
           if (k0 + b >= i0 + a) {
-            double lanes[V];
-            std::memcpy(lanes, &acc[a][b], sizeof(lanes));
-            G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
+            double* g = G + static_cast<int64_t>(pair_index(n, i0 + a, k0 + b)) * V;
+            vstore(g, vload(g) + acc[a][b]);
           }
     }
 }
@@ -258,6 +315,21 @@ struct GramTile {
 };
 
 // ------------------------------------------------------------------------------ forward pass
+
+// Objective i over a chunk: the Noon clamp (zero for invalid tokens), S_i and Q_i into LN
+// lanes each, and for the Gram I_i in double into Id_i.
+template <Mode MODE, typename op_t, typename Buf>
+inline void objective_sums(const Buf& cb, int i, int Lp, double* s_l, double* q_l, double* Id_i) {
+  for (int j = 0; j < Lp; j += LN)
+    for (int l = 0; l < LN; ++l) {
+      const op_t x = cb.At[i][j + l];
+      const op_t an = msel0(cb.ok[j + l] & mask_of<op_t>(x > op_t(0)), x);
+      s_l[l] += static_cast<double>(an * cb.m[j + l]);
+      const double id = static_cast<double>(an * cb.w[j + l]);
+      q_l[l] += id;
+      if constexpr (MODE == Mode::Gram) Id_i[j + l] = id;
+    }
+}
 
 // Accumulates tokens [t0, t1) of row b (advantages [B, T, N]) into row (+= [M, Smin, S, Q]),
 // gram (+= upper triangle) and cnt (+= [clipped, nf_logp, nf_old, nf_adv]).
@@ -283,9 +355,20 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram update
   double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
   constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
-  double accG[PCAP];  // packed upper triangle, summed per chunk
-  if constexpr (MODE == Mode::Gram)
-    for (int p = 0; p < npairs; ++p) accG[p] = 0.0;
+  // packed upper triangle, kVecDoubles lanes a pair (on the heap for runtime N: up to 2080
+  // pairs)
+  constexpr int GV = NT > 0 ? PCAP * kVecDoubles : 1;
+  double accG_fixed[GV];
+  std::vector<double> accG_heap;
+  double* accG = accG_fixed;
+  if constexpr (MODE == Mode::Gram) {
+    if constexpr (NT == 0) {
+      accG_heap.assign(static_cast<size_t>(npairs) * kVecDoubles, 0.0);
+      accG = accG_heap.data();
+    } else {
+      for (int p = 0; p < npairs * kVecDoubles; ++p) accG[p] = 0.0;
+    }
+  }
   int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
 
   constexpr int PAD = LN > kVecDoubles ? LN : kVecDoubles;  // Lp: a multiple of both
@@ -339,16 +422,19 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       // One loop per objective over the chunk: the Noon clamp (zero for invalid tokens), S_i,
       // and Q_i or, for the Gram, I_i in double (Q_i = sum_t I_i: the statistics' sums, the
       // loss does not need them). Separate loops per quantity re-read the chunk from L1 each.
-      for (int i = 0; i < n; ++i)
-        for (int j = 0; j < Lp; j += LN)
-          for (int l = 0; l < LN; ++l) {
-            const op_t x = cb.At[i][j + l];
-            const op_t an = msel0(cb.ok[j + l] & mask_of<op_t>(x > op_t(0)), x);
-            accS[i][l] += static_cast<double>(an * cb.m[j + l]);
-            const double id = static_cast<double>(an * cb.w[j + l]);
-            accQ[i][l] += id;
-            if constexpr (MODE == Mode::Gram) Id[i][j + l] = id;
-          }
+      for (int i = 0; i < n; ++i) {
+        if constexpr (NT > 0) {
+          objective_sums<MODE, op_t>(cb, i, Lp, accS[i], accQ[i], Id[MODE == Mode::Gram ? i : 0]);
+        } else {
+          // runtime N: the lanes copied to locals for the chunk (GCC kept accS[i][l] in memory
+          // and vectorised two lanes wide: N = 16 `sequence` 11.6 -> 6.9 ms); the same sums in
+          // the same order. Not for N known at compile time, where it was slower.
+          double s_l[LN], q_l[LN];
+          for (int l = 0; l < LN; ++l) s_l[l] = accS[i][l], q_l[l] = accQ[i][l];
+          objective_sums<MODE, op_t>(cb, i, Lp, s_l, q_l, Id[MODE == Mode::Gram ? i : 0]);
+          for (int l = 0; l < LN; ++l) accS[i][l] = s_l[l], accQ[i][l] = q_l[l];
+        }
+      }
       if constexpr (MODE == Mode::Gram) {
         gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH>(Id, n, Lp, accG);
       }
@@ -361,7 +447,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
     for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
     for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);  // 0 unless Mean or Gram
     if constexpr (MODE == Mode::Gram)
-      for (int p = 0; p < npairs; ++p) gram[p] += accG[p];
+      for (int p = 0; p < npairs; ++p) gram[p] += vec_sum<kVecDoubles>(accG + static_cast<int64_t>(p) * kVecDoubles);
   }
   cnt[0] += clipped;
   cnt[1] += nf_lp;
