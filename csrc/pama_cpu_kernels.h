@@ -247,11 +247,11 @@ inline double lanes_sum(const double* acc) { return vec_sum<LN>(acc); }
 // bound by loads (measured 27 ns per token for N = 16). Register tiles of TI x TK pairs,
 // kVecDoubles lanes each, load TI + TK vectors per TI * TK FMAs; a tile on the diagonal also
 // computes a few pairs below it, which are dropped. kVecDoubles / kVecRegs come from the
-// instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair keeps its
-// kVecDoubles lanes across the chunks of a piece (G below) and they are added in a fixed
-// order once at the end of the piece, so results stay bitwise reproducible. (Adding the lanes
-// once per chunk cost 2.5-3 horizontal sums a token for N = 16 in 64-token chunks, more
-// than its FMAs.)
+// instruction set this copy of the file is compiled for (pama_cpu.cpp). Each pair's lanes are
+// added in a fixed order, so results stay bitwise reproducible: once per chunk for N known at
+// compile time (LANES false); for runtime N (64-token chunks, LANES true) each pair keeps
+// its kVecDoubles lanes across the chunks of a piece and they are added once at its end
+// (per chunk that was 2.5-3 horizontal sums a token for N = 16, more than its FMAs).
 inline int pair_index(int n, int i, int k) { return i * n - i * (i - 1) / 2 + (k - i); }
 
 // One vector register of doubles for this instruction set (GCC vector extension: the code
@@ -264,11 +264,11 @@ inline vdouble vload(const double* p) {
 }
 inline void vstore(double* p, vdouble v) { std::memcpy(p, &v, sizeof(v)); }
 
-// I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. G: kVecDoubles lanes per
-// pair of the packed upper triangle. Rows past n are read from
+// I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. G: the packed upper
+// triangle, kVecDoubles lanes a pair when LANES. Rows past n are read from
 // row n - 1 (a valid address) and their results dropped. Products of two floats are exact in
 // double, so FMA contraction does not change any result.
-template <int TI, int TK, int CH>
+template <int TI, int TK, int CH, bool LANES>
 inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
   constexpr int V = kVecDoubles;
   for (int i0 = 0; i0 < n; i0 += TI)
@@ -296,8 +296,14 @@ inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
       for (int a = 0; a < TI && i0 + a < n; ++a)
         for (int b = 0; b < TK && k0 + b < n; ++b)
           if (k0 + b >= i0 + a) {
-            double* g = G + static_cast<int64_t>(pair_index(n, i0 + a, k0 + b)) * V;
-            vstore(g, vload(g) + acc[a][b]);
+            if constexpr (LANES) {
+              double* g = G + static_cast<int64_t>(pair_index(n, i0 + a, k0 + b)) * V;
+              vstore(g, vload(g) + acc[a][b]);
+            } else {
+              double lanes[V];
+              std::memcpy(lanes, &acc[a][b], sizeof(lanes));
+              G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
+            }
           }
     }
 }
@@ -317,9 +323,11 @@ struct GramTile {
 // ------------------------------------------------------------------------------ forward pass
 
 // Objective i over a chunk: the Noon clamp (zero for invalid tokens), S_i and Q_i into LN
-// lanes each, and for the Gram I_i in double into Id_i.
+// lanes each, and for the Gram I_i in double into Id_i. __restrict: three double pointers
+// that GCC would otherwise assume may alias, reloading the lanes after every store to Id_i.
 template <Mode MODE, typename op_t, typename Buf>
-inline void objective_sums(const Buf& cb, int i, int Lp, double* s_l, double* q_l, double* Id_i) {
+inline void objective_sums(const Buf& cb, int i, int Lp, double* __restrict s_l, double* __restrict q_l,
+                           double* __restrict Id_i) {
   for (int j = 0; j < Lp; j += LN)
     for (int l = 0; l < LN; ++l) {
       const op_t x = cb.At[i][j + l];
@@ -355,10 +363,10 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   double Id[GCAP][CH];  // I_i = ind * A_i in double, for the Gram update
   double accS[CAP][LN] = {}, accQ[CAP][LN] = {}, accMin[LN] = {};
   constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
-  // packed upper triangle, kVecDoubles lanes a pair (on the heap for runtime N: up to 2080
-  // pairs)
-  constexpr int GV = NT > 0 ? PCAP * kVecDoubles : 1;
-  double accG_fixed[GV];
+  // the packed upper triangle: one double a pair for N known at compile time (256-token
+  // chunks: a horizontal sum per pair and chunk is cheap); for runtime N kVecDoubles lanes a
+  // pair, kept across the chunks (gram_tiles), on the heap (up to 2080 pairs)
+  double accG_fixed[NT > 0 ? PCAP : 1];
   std::vector<double> accG_heap;
   double* accG = accG_fixed;
   if constexpr (MODE == Mode::Gram) {
@@ -366,7 +374,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
       accG_heap.assign(static_cast<size_t>(npairs) * kVecDoubles, 0.0);
       accG = accG_heap.data();
     } else {
-      for (int p = 0; p < npairs * kVecDoubles; ++p) accG[p] = 0.0;
+      for (int p = 0; p < npairs; ++p) accG[p] = 0.0;
     }
   }
   int64_t m_cnt = 0, clipped = 0, nf_lp = 0, nf_olp = 0, nf_adv = 0;
@@ -436,7 +444,7 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
         }
       }
       if constexpr (MODE == Mode::Gram) {
-        gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH>(Id, n, Lp, accG);
+        gram_tiles<GramTile<NT>::TI, GramTile<NT>::TK, CH, NT == 0>(Id, n, Lp, accG);
       }
     }
   }
@@ -447,7 +455,8 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
     for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
     for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);  // 0 unless Mean or Gram
     if constexpr (MODE == Mode::Gram)
-      for (int p = 0; p < npairs; ++p) gram[p] += vec_sum<kVecDoubles>(accG + static_cast<int64_t>(p) * kVecDoubles);
+      for (int p = 0; p < npairs; ++p)
+        gram[p] += NT == 0 ? vec_sum<kVecDoubles>(accG + static_cast<int64_t>(p) * kVecDoubles) : accG[p];
   }
   cnt[0] += clipped;
   cnt[1] += nf_lp;
