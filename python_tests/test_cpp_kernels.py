@@ -540,11 +540,12 @@ def test_check_finite_raises_value_error_naming_first_offender():
     assert out[3][2] == 0
 
 
+@pytest.mark.parametrize("N", [3, 13])  # 13: runtime N (8- and 4-column register transposes, one column)
 @pytest.mark.parametrize("bc", [False, True], ids=["BTN", "BN"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-def test_nonfinite_tokens_are_excluded_like_masked_ones(granularity, bc):
+def test_nonfinite_tokens_are_excluded_like_masked_ones(granularity, bc, N):
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
-        lp, olp, adv, mask = make_inputs(4, 2500, 3, dtype, bc=bc, mask_kind="full", seed=2)
+        lp, olp, adv, mask = make_inputs(4, 2500, N, dtype, bc=bc, mask_kind="full", seed=2)
         lp, olp, adv = lp.clone(), olp.clone(), adv.clone()
         lp[0, 10] = math.nan
         olp[1, 2200] = -math.inf
@@ -553,18 +554,19 @@ def test_nonfinite_tokens_are_excluded_like_masked_ones(granularity, bc):
             adv[3, 1] = math.nan  # the whole row is invalid
         else:
             adv[3, 5, 2] = math.nan
+            adv[3, 9, N - 1] = -math.inf  # the last column: a different transposition path for N = 13
         excluded = mask.clone()
         excluded[0, 10] = excluded[1, 2200] = excluded[2, 7] = False
         if bc:
             excluded[3] = False
         else:
-            excluded[3, 5] = False
+            excluded[3, 5] = excluded[3, 9] = False
         a = _C.pama_forward(lp, olp, adv, mask, EPS, granularity, "seq_mean_token_mean", False)
         b = _C.pama_forward(lp, olp, adv, excluded, EPS, granularity, "seq_mean_token_mean", False)
         for x, y in zip(a[:3], b[:3]):
             assert torch.equal(x, y)
         assert torch.equal(a[3][[0, 1, 5, 6, 7]], b[3][[0, 1, 5, 6, 7]])
-        n_adv = 2500 if bc else 1
+        n_adv = 2500 if bc else 2
         assert a[3][2:5].tolist() == [2.0, 1.0, float(n_adv)]
         go = torch.tensor(1.0, dtype=a[0].dtype)
         ga = _C.pama_backward(go, lp, olp, adv, mask, a[1], a[2], EPS, granularity)
