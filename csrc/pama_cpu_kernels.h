@@ -145,9 +145,10 @@ inline void chunk_ratios(const scalar_t* lp, const scalar_t* olp, int L, int Lp,
   }
 }
 
-// The W x W block of x starting at row r0, column c0 (rows of `stride` elements) transposed
-// in registers: log2(W) rounds of interleaving row i with row i + W/2 (a perfect shuffle).
-// GCC vector extensions, so one source serves every instruction set with 32-byte vectors.
+// A W x W block transposed in registers: W rows of W consecutive elements at x (rows
+// `stride` elements apart) become W rows at out (`out_stride` apart), by log2(W) rounds of
+// interleaving row i with row i + W/2 (a perfect shuffle). GCC vector extensions, so one
+// source serves AVX2 and AVX-512 (the baseline build never instantiates it).
 template <typename T, int W>
 inline void transpose_block(const T* x, int64_t stride, T* out, int out_stride) {
   typedef T vec __attribute__((vector_size(W * sizeof(T))));
