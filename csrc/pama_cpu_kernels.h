@@ -98,6 +98,47 @@ inline float exp_f32(float x) {
   return msel<float>(mask_of<float>(x != x), x, y);  // NaN stays NaN
 }
 
+#ifdef PAMA_CPU_AVX512
+// exp_f32 on 16 lanes, the same operations in the same order (GCC contracts exp_f32's
+// multiply-adds into FMAs in this file, so those are written as FMAs here), except the
+// scaling by 2^n: one vscalefps computes y * 2^n rounded once, which is what exp_f32's two
+// half-multiplies give (the first is exact), for nine instructions less. Same bits for every
+// input (checked on all 2^32 float inputs; benchmarks/README.md, "The ratio on AVX-512").
+inline __m512 exp_f32_x16(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+  const __m512 magic = _mm512_set1_ps(12582912.0f);
+  const __m512 k = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(k, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);  // r - n * -2.12194440e-4
+  const __m512 r2 = _mm512_mul_ps(r, r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
+  const __m512 e = _mm512_scalef_ps(y, n);
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);  // NaN stays NaN
+}
+
+// chunk_ratios' loop for float inputs, 16 tokens at a time; returns how many tokens it did
+template <typename Buf>
+inline int ratios_x16(const float* lp, const float* olp, int L, Buf& cb) {
+  const __m512 zero = _mm512_setzero_ps();
+  int j = 0;
+  for (; j + 16 <= L; j += 16) {
+    const __m512 x = _mm512_loadu_ps(lp + j), y = _mm512_loadu_ps(olp + j);
+    // finite(v) as in finite_mask: v - v == 0
+    _mm512_storeu_si512(cb.flp + j, _mm512_movm_epi32(_mm512_cmp_ps_mask(_mm512_sub_ps(x, x), zero, _CMP_EQ_OQ)));
+    _mm512_storeu_si512(cb.folp + j, _mm512_movm_epi32(_mm512_cmp_ps_mask(_mm512_sub_ps(y, y), zero, _CMP_EQ_OQ)));
+    _mm512_storeu_ps(cb.u + j, exp_f32_x16(_mm512_sub_ps(x, y)));
+  }
+  return j;
+}
+#endif
+
 template <typename op_t>
 inline op_t ratio_of(op_t x, op_t y) {
   if constexpr (std::is_same_v<op_t, float>)
@@ -133,7 +174,11 @@ struct ChunkBuf {
 // neutral tokens (u = 1, marked non-finite so that they are never valid)
 template <typename scalar_t, typename op_t, typename Buf>
 inline void chunk_ratios(const scalar_t* lp, const scalar_t* olp, int L, int Lp, Buf& cb) {
-  for (int j = 0; j < L; ++j) {
+  int j0 = 0;
+#ifdef PAMA_CPU_AVX512
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<op_t, float>) j0 = ratios_x16(lp, olp, L, cb);
+#endif
+  for (int j = j0; j < L; ++j) {
     const op_t x = ld<op_t>(lp, j), y = ld<op_t>(olp, j);
     cb.flp[j] = finite_mask(x);
     cb.folp[j] = finite_mask(y);

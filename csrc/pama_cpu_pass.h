@@ -26,6 +26,7 @@
 // elsewhere (aarch64, clang) for the baseline only.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define PAMA_CPU_MULTI_ISA 1
+#include <immintrin.h>  // the AVX-512 file's explicit ratio loop (pama_cpu_kernels.h, ratios_x16)
 #else
 #define PAMA_CPU_MULTI_ISA 0
 #endif
