@@ -87,3 +87,32 @@ def test_vector_paths_are_deterministic_across_thread_counts(isa, monkeypatch):
                     assert x.reshape(-1).view(torch.uint8).equal(y.reshape(-1).view(torch.uint8)), (isa, gran)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.skipif(not {"avx2", "avx512"} <= set(RUNNABLE), reason="this CPU or build lacks AVX2 or AVX-512")
+def test_avx512_ratio_has_the_bits_of_the_avx2_exp(monkeypatch):
+    # The AVX-512 file computes the ratio u = exp(logp - old_logp) with its own 16-lane loop
+    # (exp_f32_x16: one vscalefps for the 2^n step); the AVX2 file compiles exp_f32 itself,
+    # FMAs and all. They must agree bit for bit, over the whole range: overflow (u = inf),
+    # subnormal and zero results, and the tokens of a chunk past its last full 16 (T odd).
+    # With every advantage 1 and a clip range no ratio reaches, `token`'s forward factor is u
+    # (0 where u = inf fails the clip test) and its backward is -u / M.
+    g = torch.Generator().manual_seed(7)
+    B, T = 64, 1013
+    x = torch.empty(B, T).uniform_(-125.0, 100.0, generator=g)
+    x.view(-1)[:12] = torch.tensor([0.0, -0.0, 88.72, 88.73, 89.0, 89.5, -103.97, -104.0, -104.5, -87.34, 1e-30, -1e-30])
+    y = torch.randn(B, T, generator=g) * torch.rand(B, T, generator=g) * 3.0
+    lp, olp = x + y, y  # logp - old_logp rounds to about x: a second rounding pattern
+    adv = torch.ones(B, T, 2)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    outs = {}
+    for isa in ("avx2", "avx512"):
+        monkeypatch.setenv("PAMA_EXT_CPU_ISA", isa)
+        f = _C.pama_forward(lp, olp, adv, mask, 1e30, "token", "token_mean", False)[1]
+        go = torch.tensor(1.0)
+        gr = _C.pama_backward(go, lp, olp, adv, mask, torch.zeros(0), torch.full((B,), 1.0 / (B * T)), 1e30, "token")
+        outs[isa] = (f, gr)
+    for a, b in zip(outs["avx2"], outs["avx512"]):
+        assert a.view(torch.int32).equal(b.view(torch.int32))
+    f = outs["avx512"][0]
+    assert (f > 0).any() and (f == 0).any() and ((f > 0) & (f < torch.finfo(torch.float32).tiny)).any()
