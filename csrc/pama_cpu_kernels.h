@@ -297,7 +297,10 @@ inline double lanes_sum(const double* acc) { return vec_sum<LN>(acc); }
 // added in a fixed order, so results stay bitwise reproducible: once per chunk for N known at
 // compile time (LANES false); for runtime N (64-token chunks, LANES true) each pair keeps
 // its kVecDoubles lanes across the chunks of a piece and they are added once at its end
-// (per chunk that was 2.5-3 horizontal sums a token for N = 16, more than its FMAs).
+// (per chunk that was 2.5-3 horizontal sums a token for N = 16, more than its FMAs). The
+// lanes are kept tile by tile (gram_tile_lanes), so that a chunk's tile is added to them
+// as TI x TK contiguous vectors; in pair order, each pair's index and the tests of which
+// pairs a tile holds cost more than its FMAs (about 10 instructions a pair and chunk).
 inline int pair_index(int n, int i, int k) { return i * n - i * (i - 1) / 2 + (k - i); }
 
 // One vector register of doubles for this instruction set (GCC vector extension: the code
@@ -310,15 +313,41 @@ inline vdouble vload(const double* p) {
 }
 inline void vstore(double* p, vdouble v) { std::memcpy(p, &v, sizeof(v)); }
 
+// The tiles of n objectives, in gram_tiles' order: (i0, k0) for i0 = 0, TI, ... and
+// k0 = i0, i0 + TK, ... < n.
+template <int TI, int TK, typename F>
+inline void for_each_tile(int n, F f) {
+  int t = 0;
+  for (int i0 = 0; i0 < n; i0 += TI)
+    for (int k0 = i0; k0 < n; k0 += TK) f(t++, i0, k0);
+}
+// LANES: the doubles that hold every tile's TI x TK pairs, kVecDoubles lanes each
+template <int TI, int TK>
+inline int64_t gram_tile_lanes(int n) {
+  int64_t tiles = 0;
+  for_each_tile<TI, TK>(n, [&](int, int, int) { ++tiles; });
+  return tiles * TI * TK * kVecDoubles;
+}
+// LANES: gram (packed upper triangle) += each pair's lanes, added in a fixed order
+template <int TI, int TK>
+inline void gram_lanes_to_pairs(const double* G, int n, double* gram) {
+  for_each_tile<TI, TK>(n, [&](int t, int i0, int k0) {
+    for (int a = 0; a < TI && i0 + a < n; ++a)
+      for (int b = 0; b < TK && k0 + b < n; ++b)
+        if (k0 + b >= i0 + a)
+          gram[pair_index(n, i0 + a, k0 + b)] +=
+              vec_sum<kVecDoubles>(G + ((static_cast<int64_t>(t) * TI + a) * TK + b) * kVecDoubles);
+  });
+}
+
 // I: rows of CH doubles, n of them; Lp a multiple of kVecDoubles. G: the packed upper
-// triangle, kVecDoubles lanes a pair when LANES. Rows past n are read from
+// triangle, or when LANES the tiles' lanes (gram_tile_lanes). Rows past n are read from
 // row n - 1 (a valid address) and their results dropped. Products of two floats are exact in
 // double, so FMA contraction does not change any result.
 template <int TI, int TK, int CH, bool LANES>
 inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
   constexpr int V = kVecDoubles;
-  for (int i0 = 0; i0 < n; i0 += TI)
-    for (int k0 = i0; k0 < n; k0 += TK) {
+  for_each_tile<TI, TK>(n, [&](int t, int i0, int k0) {
       const double* x[TI];
       const double* y[TK];
       for (int a = 0; a < TI; ++a) x[a] = I[std::min(i0 + a, n - 1)];
@@ -355,19 +384,24 @@ inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
           }
         }
       }
-      for (int a = 0; a < TI && i0 + a < n; ++a)
-        for (int b = 0; b < TK && k0 + b < n; ++b)
-          if (k0 + b >= i0 + a) {
-            if constexpr (LANES) {
-              double* g = G + static_cast<int64_t>(pair_index(n, i0 + a, k0 + b)) * V;
-              vstore(g, vload(g) + acc[a][b]);
-            } else {
+      if constexpr (LANES) {
+        // every accumulator of the tile, the dropped ones too (finite: rows past n repeat
+        // row n - 1), with no index or test: gram_lanes_to_pairs picks the pairs at the end
+        double* g = G + static_cast<int64_t>(t) * TI * TK * V;
+#pragma GCC unroll 64
+        for (int a = 0; a < TI; ++a)
+#pragma GCC unroll 64
+          for (int b = 0; b < TK; ++b) vstore(g + (a * TK + b) * V, vload(g + (a * TK + b) * V) + acc[a][b]);
+      } else {
+        for (int a = 0; a < TI && i0 + a < n; ++a)
+          for (int b = 0; b < TK && k0 + b < n; ++b)
+            if (k0 + b >= i0 + a) {
               double lanes[V];
               std::memcpy(lanes, &acc[a][b], sizeof(lanes));
               G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
             }
-          }
-    }
+      }
+  });
 }
 
 // The tile shape for N objectives (NT > 0: known at compile time): one tile of all N x N
@@ -427,13 +461,13 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   constexpr int PCAP = MODE == Mode::Gram ? CAP * (CAP + 1) / 2 : 1;
   // the packed upper triangle: one double a pair for N known at compile time (256-token
   // chunks: a horizontal sum per pair and chunk is cheap); for runtime N kVecDoubles lanes a
-  // pair, kept across the chunks (gram_tiles), on the heap (up to 2080 pairs)
+  // pair, kept across the chunks (gram_tiles) tile by tile, on the heap (up to 2080 pairs)
   double accG_fixed[NT > 0 ? PCAP : 1];
   std::vector<double> accG_heap;
   double* accG = accG_fixed;
   if constexpr (MODE == Mode::Gram) {
     if constexpr (NT == 0) {
-      accG_heap.assign(static_cast<size_t>(npairs) * kVecDoubles, 0.0);
+      accG_heap.assign(static_cast<size_t>(gram_tile_lanes<GramTile<NT>::TI, GramTile<NT>::TK>(n)), 0.0);
       accG = accG_heap.data();
     } else {
       for (int p = 0; p < npairs; ++p) accG[p] = 0.0;
@@ -516,9 +550,12 @@ void fwd_piece(const FwdArgs& a, int64_t b, int64_t t0, int64_t t1, double* row,
   } else {
     for (int i = 0; i < n; ++i) row[2 + i] += lanes_sum(accS[i]);
     for (int i = 0; i < n; ++i) row[2 + n + i] += lanes_sum(accQ[i]);  // 0 unless Mean or Gram
-    if constexpr (MODE == Mode::Gram)
-      for (int p = 0; p < npairs; ++p)
-        gram[p] += NT == 0 ? vec_sum<kVecDoubles>(accG + static_cast<int64_t>(p) * kVecDoubles) : accG[p];
+    if constexpr (MODE == Mode::Gram) {
+      if constexpr (NT == 0)
+        gram_lanes_to_pairs<GramTile<NT>::TI, GramTile<NT>::TK>(accG, n, gram);
+      else
+        for (int p = 0; p < npairs; ++p) gram[p] += accG[p];
+    }
   }
   cnt[0] += clipped;
   cnt[1] += nf_lp;
