@@ -89,3 +89,32 @@ def test_every_sweep_setting_is_a_valid_demo_command_and_has_a_page_title():
         # beta adapts within the run in the judged settings and the evidence that says so; the
         # evidence run before "The KL controller" keeps the horizon it was run with
         assert args.kl_horizon == (256 if name in sweep.SETTINGS or "adapt" in name else 10_000), name
+
+
+def test_generalisation_check_samples_training_prompts_and_reads_the_final_rows(tmp_path):
+    """benchmarks/fidelity_generalisation.py evaluates on a fixed sample of training prompts
+    (never a held-out one, the same sample on every run) and reads each run's final figures
+    and the initial policy's from the demo's summary.csv."""
+    pytest.importorskip("transformers")
+    from pama_ext.examples.rlhf_demo import corpus, cli
+
+    spec = importlib.util.spec_from_file_location("fidelity_generalisation", ROOT / "benchmarks" / "fidelity_generalisation.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    train, held = corpus.prompts()
+    a = gen.training_prompt_sample(tmp_path / "a.txt").read_text().splitlines()
+    b = gen.training_prompt_sample(tmp_path / "b.txt").read_text().splitlines()
+    assert a == b and len(a) == len(set(a)) == 32
+    assert set(a) <= set(train) and not set(a) & set(held)
+    # the demo reads the file as its held-out set
+    args = cli.parse_args(["--eval-prompts", str(tmp_path / "a.txt")])
+    assert cli.load_prompts(args.prompts, args.eval_prompts) == (train, a)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.csv").write_text(
+        "method,seed,step,sentiment,length,hypervolume\n"
+        "linear,0,0,0.1,0.9,0.5\nlinear,0,40,0.6,1.2,1.1\nlinear,1,0,0.1,0.9,0.5\nlinear,1,40,0.4,1.4,1.0\n")
+    rows = gen.final_rows(tmp_path / "run")
+    assert rows == {-1: {"sentiment": 0.1, "length": 0.9, "hypervolume": 0.5},
+                    0: {"sentiment": 0.6, "length": 1.2, "hypervolume": 1.1},
+                    1: {"sentiment": 0.4, "length": 1.4, "hypervolume": 1.0}}
+    assert set(gen.SETTINGS) >= {"gae_pair", "grpo_pair"}

@@ -1,0 +1,107 @@
+"""Where MORLHF's lead on the pair's sentiment shows: on unseen prompts only, or on the
+training prompts too (issue 12 evidence; benchmarks/FIDELITY.md, "The pair on training
+prompts, and on another machine").
+
+The held-out prompts of the main job open with 3 of the corpus' 15 nouns, which the training
+prompts never open with (``rlhf_demo/corpus.py``). This script runs the two judged pair
+settings of ``fidelity.py`` (``gae_pair``, ``grpo_pair``) for the default ``pama_token`` and
+MORLHF ``linear`` over seeds 0-9, and evaluates every run twice with the demo's fixed
+evaluation seed: on the held-out prompts (the demo's default) and on 32 training prompts (a
+fixed sample, ``random.Random(0)``; ``--eval-prompts``). Training does not depend on what is
+evaluated, so both evaluations see the same policies.
+
+    python benchmarks/fidelity_generalisation.py      # about 9 minutes on 2 idle cores
+
+Writes ``benchmarks/results/fidelity_generalisation.json``: per setting and prompt set the
+medians, the seed-level wins of ``pama_token`` against ``linear`` and every seed's figures,
+with the machine they came from (runs reproduce bit for bit on one machine, not across
+machines: FIDELITY.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fidelity import ROOT, SEEDS, SETTINGS  # noqa: E402
+
+METHODS = ["pama_token", "linear"]
+OBJECTIVES = ["sentiment", "length", "hypervolume"]
+
+
+def training_prompt_sample(path: Path, k: int = 32) -> Path:
+    from pama_ext.examples.rlhf_demo import corpus
+
+    train, held = corpus.prompts()
+    path.write_text("\n".join(random.Random(0).sample(train, k)) + "\n")
+    assert not set(path.read_text().splitlines()) & set(held)
+    return path
+
+
+def final_rows(out: Path) -> dict:
+    """seed -> the final held-out figures; also the initial policy's (seed -1)."""
+    rows = {}
+    for r in csv.DictReader((out / "summary.csv").open()):
+        seed = -1 if r["step"] == "0" else int(r["seed"])
+        rows[seed] = {k: float(r[k]) for k in OBJECTIVES}
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=str(ROOT / "fidelity_runs"), help="raw results folder (default: %(default)s)")
+    p.add_argument("--out", default=str(HERE / "results" / "fidelity_generalisation.json"))
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    demo = [sys.executable, "-m", "pama_ext.examples.rlhf_demo", "--no-progress"]
+    policy = runs / "warm" / "initial_policy"
+    if not (policy / "config.json").is_file():  # fidelity.py's warm-up, shared with its sweep
+        subprocess.run(demo + ["--methods", "linear", "--seeds", "0", "--steps", "1", "--out", str(runs / "warm")],
+                       check=True, cwd=ROOT)
+    prompt_sets = {"held_out": [], "training": ["--eval-prompts", str(training_prompt_sample(runs / "training_prompts.txt"))]}
+    doc = {"machine": {"platform": platform.platform(), "processor": platform.processor()},
+           "seeds": SEEDS, "settings": {}}
+    for setting in ("gae_pair", "grpo_pair"):
+        for name, extra in prompt_sets.items():
+            per_method = {}
+            for method in METHODS:
+                out = runs / "generalisation" / setting / name / method
+                if not (out / "summary.csv").is_file():
+                    t = time.perf_counter()
+                    subprocess.run(demo + SETTINGS[setting] + extra + [
+                        "--model", str(policy), "--methods", method, "--seeds", ",".join(map(str, SEEDS)),
+                        "--steps", "40", "--eval-every", "40", "--out", str(out)], check=True, cwd=ROOT,
+                        capture_output=True)
+                    print(f"[generalisation] {setting} {name} {method}: {time.perf_counter() - t:.0f} s", flush=True)
+                per_method[method] = final_rows(out)
+            tok, lin = per_method["pama_token"], per_method["linear"]
+            entry = {"initial": tok[-1], "median": {}, "pama_token_ahead_of_linear": {}, "per_seed": {}}
+            for m, rows in per_method.items():
+                entry["median"][m] = {k: statistics.median(rows[s][k] for s in SEEDS) for k in OBJECTIVES}
+                entry["per_seed"][m] = {str(s): rows[s] for s in SEEDS}
+            entry["pama_token_ahead_of_linear"] = {k: sum(tok[s][k] > lin[s][k] for s in SEEDS) for k in OBJECTIVES}
+            doc["settings"].setdefault(setting, {})[name] = entry
+            med = entry["median"]
+            print(f"{setting:10s} {name:9s} initial {tok[-1]['sentiment']:.3f} / {tok[-1]['length']:.3f} | "
+                  + " | ".join(f"{m} {med[m]['sentiment']:.3f} / {med[m]['length']:.3f} HV {med[m]['hypervolume']:.3f}"
+                               for m in METHODS)
+                  + " | pama_token ahead " + " / ".join(str(v) for v in entry["pama_token_ahead_of_linear"].values())
+                  + " of 10", flush=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
