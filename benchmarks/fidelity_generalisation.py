@@ -13,8 +13,9 @@ evaluated, so both evaluations see the same policies.
     python benchmarks/fidelity_generalisation.py      # about 9 minutes on 2 idle cores
 
 Writes ``benchmarks/results/fidelity_generalisation.json``: per setting and prompt set the
-medians, the seed-level wins of ``pama_token`` against ``linear`` and every seed's figures,
-with the machine they came from (runs reproduce bit for bit on one machine, not across
+medians, the seed-level wins of ``pama_token`` against ``linear``, every seed's figures, and
+what the evaluated responses hold (words, and words of the corpus' positive and negative
+lists, per response, over every seed's samples), with the machine they came from (runs reproduce bit for bit on one machine, not across
 machines: FIDELITY.md).
 """
 
@@ -58,6 +59,19 @@ def final_rows(out: Path) -> dict:
     return rows
 
 
+def lexicon(out: Path) -> dict:
+    """Per evaluated response (every seed): words, positive and negative words of the corpus."""
+    from pama_ext.examples.rlhf_demo import corpus
+
+    pos, neg = set(corpus.POSITIVE), set(corpus.NEGATIVE)
+    rows = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    words = [r["response"].split() for r in rows]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"responses": len(rows), "words": mean([len(w) for w in words]),
+            "positive_words": mean([sum(x in pos for x in w) for w in words]),
+            "negative_words": mean([sum(x in neg for x in w) for w in words])}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=str(ROOT / "fidelity_runs"), help="raw results folder (default: %(default)s)")
@@ -75,7 +89,7 @@ def main(argv=None) -> None:
            "seeds": SEEDS, "settings": {}}
     for setting in ("gae_pair", "grpo_pair"):
         for name, extra in prompt_sets.items():
-            per_method = {}
+            per_method, words = {}, {}
             for method in METHODS:
                 out = runs / "generalisation" / setting / name / method
                 if not (out / "summary.csv").is_file():
@@ -86,8 +100,10 @@ def main(argv=None) -> None:
                         capture_output=True)
                     print(f"[generalisation] {setting} {name} {method}: {time.perf_counter() - t:.0f} s", flush=True)
                 per_method[method] = final_rows(out)
+                words[method] = lexicon(out)
             tok, lin = per_method["pama_token"], per_method["linear"]
-            entry = {"initial": tok[-1], "median": {}, "pama_token_ahead_of_linear": {}, "per_seed": {}}
+            entry = {"initial": tok[-1], "median": {}, "pama_token_ahead_of_linear": {}, "responses": words,
+                     "per_seed": {}}
             for m, rows in per_method.items():
                 entry["median"][m] = {k: statistics.median(rows[s][k] for s in SEEDS) for k in OBJECTIVES}
                 entry["per_seed"][m] = {str(s): rows[s] for s in SEEDS}
@@ -98,7 +114,9 @@ def main(argv=None) -> None:
                   + " | ".join(f"{m} {med[m]['sentiment']:.3f} / {med[m]['length']:.3f} HV {med[m]['hypervolume']:.3f}"
                                for m in METHODS)
                   + " | pama_token ahead " + " / ".join(str(v) for v in entry["pama_token_ahead_of_linear"].values())
-                  + " of 10", flush=True)
+                  + " of 10 | words / positive / negative per response: "
+                  + ", ".join(f"{m} {words[m]['words']:.1f} / {words[m]['positive_words']:.2f} / "
+                              f"{words[m]['negative_words']:.2f}" for m in METHODS), flush=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")
 
