@@ -103,7 +103,7 @@ inline float exp_f32(float x) {
 // multiply-adds into FMAs in this file, so those are written as FMAs here), except the
 // scaling by 2^n: one vscalefps computes y * 2^n rounded once, which is what exp_f32's two
 // half-multiplies give (the first is exact), for nine instructions less. Same bits for every
-// input (checked on all 2^32 float inputs; benchmarks/README.md, "The ratio on AVX-512").
+// input: python_tests/test_cpu_isa.py runs both on all 2^32 floats (exp_avx512_check.cpp).
 inline __m512 exp_f32_x16(__m512 x) {
   const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
   const __m512 magic = _mm512_set1_ps(12582912.0f);
@@ -360,8 +360,9 @@ inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
       if (TI == TK && k0 == i0) {
         // a tile on the diagonal: y[b] is x[b], so each row is loaded once and the pairs
         // below the diagonal (dropped below) are not computed; the same products in the same
-        // order as the general loop, so the same bits (N = 4 on AVX-512 is one such tile:
-        // 10 FMAs and 4 loads per vector of tokens instead of 16 and 8)
+        // order as the general loop, so the same bits (10 FMAs and 4 loads per vector of
+        // tokens for a 4 x 4 tile instead of 16 and 8; GCC had found this for N = 4's one
+        // tile by itself, not for the diagonal tiles of N = 8 and runtime N)
         for (int j = 0; j < Lp; j += V) {
           vdouble xv[TI];
 #pragma GCC unroll 64

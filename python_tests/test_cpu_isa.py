@@ -116,3 +116,28 @@ def test_avx512_ratio_has_the_bits_of_the_avx2_exp(monkeypatch):
         assert a.view(torch.int32).equal(b.view(torch.int32))
     f = outs["avx512"][0]
     assert (f > 0).any() and (f == 0).any() and ((f > 0) & (f < torch.finfo(torch.float32).tiny)).any()
+
+
+@pytest.mark.skipif("avx512" not in RUNNABLE, reason="this CPU or build lacks AVX-512")
+def test_avx512_exp_equals_exp_f32_on_every_float(tmp_path):
+    # exp_f32_x16 replaces exp_f32's two half-multiplies by 2^n with one vscalefps; that must
+    # give the same bits for all 2^32 inputs. Compiled as setup.py compiles the kernels
+    # (g++, -O3 -fno-trapping-math, the AVX-512 file's pragma), then run (about 20 s).
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    here = Path(__file__).resolve().parent
+    exe = tmp_path / "exp_check"
+    torch_lib = Path(torch.__file__).parent / "lib"
+    cmd = ["g++", "-std=c++17", "-O3", "-fno-trapping-math", *[f"-I{p}" for p in cpp_extension.include_paths()],
+           f"-I{here.parent / 'csrc'}", str(here / "exp_avx512_check.cpp"), "-o", str(exe),
+           f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().splitlines()[-1] == "0 of 2^32 inputs differ", res.stdout
