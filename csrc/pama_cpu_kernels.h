@@ -321,6 +321,15 @@ inline void for_each_tile(int n, F f) {
   for (int i0 = 0; i0 < n; i0 += TI)
     for (int k0 = i0; k0 < n; k0 += TK) f(t++, i0, k0);
 }
+// The pairs (a, b) of tile (i0, k0) that belong to the packed upper triangle: inside n, on
+// or above the diagonal (a tile on the diagonal also computes a few below it, rows past n
+// repeat row n - 1; those are dropped)
+template <int TI, int TK, typename F>
+inline void for_each_kept_pair(int n, int i0, int k0, F f) {
+  for (int a = 0; a < TI && i0 + a < n; ++a)
+    for (int b = 0; b < TK && k0 + b < n; ++b)
+      if (k0 + b >= i0 + a) f(a, b);
+}
 // LANES: the doubles that hold every tile's TI x TK pairs, kVecDoubles lanes each
 template <int TI, int TK>
 inline int64_t gram_tile_lanes(int n) {
@@ -332,11 +341,10 @@ inline int64_t gram_tile_lanes(int n) {
 template <int TI, int TK>
 inline void gram_lanes_to_pairs(const double* G, int n, double* gram) {
   for_each_tile<TI, TK>(n, [&](int t, int i0, int k0) {
-    for (int a = 0; a < TI && i0 + a < n; ++a)
-      for (int b = 0; b < TK && k0 + b < n; ++b)
-        if (k0 + b >= i0 + a)
-          gram[pair_index(n, i0 + a, k0 + b)] +=
-              vec_sum<kVecDoubles>(G + ((static_cast<int64_t>(t) * TI + a) * TK + b) * kVecDoubles);
+    for_each_kept_pair<TI, TK>(n, i0, k0, [&](int a, int b) {
+      gram[pair_index(n, i0 + a, k0 + b)] +=
+          vec_sum<kVecDoubles>(G + ((static_cast<int64_t>(t) * TI + a) * TK + b) * kVecDoubles);
+    });
   });
 }
 
@@ -348,60 +356,58 @@ template <int TI, int TK, int CH, bool LANES>
 inline void gram_tiles(const double (*I)[CH], int n, int Lp, double* G) {
   constexpr int V = kVecDoubles;
   for_each_tile<TI, TK>(n, [&](int t, int i0, int k0) {
-      const double* x[TI];
-      const double* y[TK];
-      for (int a = 0; a < TI; ++a) x[a] = I[std::min(i0 + a, n - 1)];
-      for (int b = 0; b < TK; ++b) y[b] = I[std::min(k0 + b, n - 1)];
-      vdouble acc[TI][TK];
+    const double* x[TI];
+    const double* y[TK];
+    for (int a = 0; a < TI; ++a) x[a] = I[std::min(i0 + a, n - 1)];
+    for (int b = 0; b < TK; ++b) y[b] = I[std::min(k0 + b, n - 1)];
+    vdouble acc[TI][TK];
+#pragma GCC unroll 64
+    for (int a = 0; a < TI; ++a)
+#pragma GCC unroll 64
+      for (int b = 0; b < TK; ++b) acc[a][b] = vdouble{};
+    if (TI == TK && k0 == i0) {
+      // a tile on the diagonal: y[b] is x[b], so each row is loaded once and the pairs
+      // below the diagonal (dropped below) are not computed; the same products in the same
+      // order as the general loop, so the same bits (10 FMAs and 4 loads per vector of
+      // tokens for a 4 x 4 tile instead of 16 and 8; GCC had found this for N = 4's one
+      // tile by itself, not for the diagonal tiles of N = 8 and runtime N)
+      for (int j = 0; j < Lp; j += V) {
+        vdouble xv[TI];
+#pragma GCC unroll 64
+        for (int a = 0; a < TI; ++a) xv[a] = vload(x[a] + j);
+#pragma GCC unroll 64
+        for (int b = 0; b < TK; ++b)
+#pragma GCC unroll 64
+          for (int a = 0; a <= b && a < TI; ++a) acc[a][b] += xv[a] * xv[b];
+      }
+    } else {
+      for (int j = 0; j < Lp; j += V) {
+        vdouble xv[TI];
+#pragma GCC unroll 64
+        for (int a = 0; a < TI; ++a) xv[a] = vload(x[a] + j);
+#pragma GCC unroll 64
+        for (int b = 0; b < TK; ++b) {
+          const vdouble yv = vload(y[b] + j);
+#pragma GCC unroll 64
+          for (int a = 0; a < TI; ++a) acc[a][b] += xv[a] * yv;
+        }
+      }
+    }
+    if constexpr (LANES) {
+      // every accumulator of the tile, the dropped ones too (finite: rows past n repeat
+      // row n - 1), with no index or test: gram_lanes_to_pairs picks the pairs at the end
+      double* g = G + static_cast<int64_t>(t) * TI * TK * V;
 #pragma GCC unroll 64
       for (int a = 0; a < TI; ++a)
 #pragma GCC unroll 64
-        for (int b = 0; b < TK; ++b) acc[a][b] = vdouble{};
-      if (TI == TK && k0 == i0) {
-        // a tile on the diagonal: y[b] is x[b], so each row is loaded once and the pairs
-        // below the diagonal (dropped below) are not computed; the same products in the same
-        // order as the general loop, so the same bits (10 FMAs and 4 loads per vector of
-        // tokens for a 4 x 4 tile instead of 16 and 8; GCC had found this for N = 4's one
-        // tile by itself, not for the diagonal tiles of N = 8 and runtime N)
-        for (int j = 0; j < Lp; j += V) {
-          vdouble xv[TI];
-#pragma GCC unroll 64
-          for (int a = 0; a < TI; ++a) xv[a] = vload(x[a] + j);
-#pragma GCC unroll 64
-          for (int b = 0; b < TK; ++b)
-#pragma GCC unroll 64
-            for (int a = 0; a <= b && a < TI; ++a) acc[a][b] += xv[a] * xv[b];
-        }
-      } else {
-        for (int j = 0; j < Lp; j += V) {
-          vdouble xv[TI];
-#pragma GCC unroll 64
-          for (int a = 0; a < TI; ++a) xv[a] = vload(x[a] + j);
-#pragma GCC unroll 64
-          for (int b = 0; b < TK; ++b) {
-            const vdouble yv = vload(y[b] + j);
-#pragma GCC unroll 64
-            for (int a = 0; a < TI; ++a) acc[a][b] += xv[a] * yv;
-          }
-        }
-      }
-      if constexpr (LANES) {
-        // every accumulator of the tile, the dropped ones too (finite: rows past n repeat
-        // row n - 1), with no index or test: gram_lanes_to_pairs picks the pairs at the end
-        double* g = G + static_cast<int64_t>(t) * TI * TK * V;
-#pragma GCC unroll 64
-        for (int a = 0; a < TI; ++a)
-#pragma GCC unroll 64
-          for (int b = 0; b < TK; ++b) vstore(g + (a * TK + b) * V, vload(g + (a * TK + b) * V) + acc[a][b]);
-      } else {
-        for (int a = 0; a < TI && i0 + a < n; ++a)
-          for (int b = 0; b < TK && k0 + b < n; ++b)
-            if (k0 + b >= i0 + a) {
-              double lanes[V];
-              std::memcpy(lanes, &acc[a][b], sizeof(lanes));
-              G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
-            }
-      }
+        for (int b = 0; b < TK; ++b) vstore(g + (a * TK + b) * V, vload(g + (a * TK + b) * V) + acc[a][b]);
+    } else {
+      for_each_kept_pair<TI, TK>(n, i0, k0, [&](int a, int b) {
+        double lanes[V];
+        std::memcpy(lanes, &acc[a][b], sizeof(lanes));
+        G[pair_index(n, i0 + a, k0 + b)] += vec_sum<V>(lanes);
+      });
+    }
   });
 }
 
