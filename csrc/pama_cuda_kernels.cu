@@ -40,6 +40,7 @@ namespace {
 static_assert(kMaxN == PAMA_MAX_N, "kMaxN must equal PAMA_MAX_N");
 constexpr int kWarps = kThreads / 32;
 constexpr int kCounts = 4;  // clipped, nonfinite logp, nonfinite old_logp, nonfinite advantages
+constexpr int kLoadAhead = 4;  // tokens of a thread whose loads are issued together (tokens_ahead)
 
 enum Mode : int { kGram = 0, kMean = 1, kMin = 2 };
 
@@ -186,12 +187,11 @@ __device__ inline op_t token_factor(const Tok<op_t>& k, op_t mn) {
   return (k.valid && k.ind) ? static_cast<op_t>(mn * k.u) : op_t(0);
 }
 
-template <typename scalar_t, typename op_t>
-__device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool fa, op_t thr) {
+// the terms of a token from its loaded logp x, old_logp y and mask
+template <typename op_t>
+__device__ inline Tok<op_t> token_terms_of(op_t x, op_t y, bool masked, bool fa, op_t thr) {
   Tok<op_t> k;
-  const op_t x = ld<op_t>(static_cast<const scalar_t*>(a.logp), idx);
-  const op_t y = ld<op_t>(static_cast<const scalar_t*>(a.old_logp), idx);
-  k.masked = a.mask[idx] != 0;
+  k.masked = masked;
   k.flp = pama::pisfinite(x);
   k.folp = pama::pisfinite(y);
   k.valid = k.masked && k.flp && k.folp && fa;
@@ -201,6 +201,52 @@ __device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool f
   k.m = k.valid ? pama::clipped_ratio(u, thr) : op_t(0);
   k.w = (k.valid && k.ind) ? op_t(1) : op_t(0);
   return k;
+}
+
+template <typename scalar_t, typename op_t>
+__device__ inline Tok<op_t> token_terms(const ReduceArgs& a, int64_t idx, bool fa, op_t thr) {
+  return token_terms_of(ld<op_t>(static_cast<const scalar_t*>(a.logp), idx),
+                        ld<op_t>(static_cast<const scalar_t*>(a.old_logp), idx), a.mask[idx] != 0, fa, thr);
+}
+
+// What a token's terms are formed from: logp, old_logp, mask and (NA > 0) its NA advantages
+template <typename op_t, int NA>
+struct TokIn {
+  op_t x, y;
+  bool masked;
+  op_t A[NA > 0 ? NA : 1];
+};
+template <typename scalar_t, typename op_t, int NA>
+__device__ inline TokIn<op_t, NA> load_token(const ReduceArgs& a, int64_t idx) {
+  TokIn<op_t, NA> in;
+  in.x = ld<op_t>(static_cast<const scalar_t*>(a.logp), idx);
+  in.y = ld<op_t>(static_cast<const scalar_t*>(a.old_logp), idx);
+  in.masked = a.mask[idx] != 0;
+#pragma unroll
+  for (int i = 0; i < NA; ++i) in.A[i] = ld<op_t>(static_cast<const scalar_t*>(a.adv), idx * NA + i);
+  return in;
+}
+
+// A thread's tokens t = first, first + G, ... < t1, kLoadAhead at a time: load(t) for every
+// token of a step, then use(t, loaded) for each in token order. One token a step left a warp
+// with one load of each input in flight, and the reduce kernels bound by memory latency; the
+// order of the sums is the same as one token at a time.
+template <typename In, typename Load, typename Use>
+__device__ inline void tokens_ahead(int64_t first, int64_t t1, int G, Load load, Use use) {
+  for (int64_t tb = first; tb < t1; tb += static_cast<int64_t>(kLoadAhead) * G) {
+    In in[kLoadAhead];
+#pragma unroll
+    for (int s = 0; s < kLoadAhead; ++s) {
+      const int64_t t = tb + static_cast<int64_t>(s) * G;
+      in[s] = load(t < t1 ? t : tb);  // past the piece: token tb again, not used
+    }
+#pragma unroll
+    for (int s = 0; s < kLoadAhead; ++s) {
+      const int64_t t = tb + static_cast<int64_t>(s) * G;
+      if (t >= t1) break;
+      use(t, in[s]);
+    }
+  }
 }
 
 // ---- several short rows per block (issue 10, defect 4)
@@ -289,7 +335,6 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
   double cnt[kCounts] = {0.0, 0.0, 0.0, 0.0};
   const UnitRows ur = unit_rows(a, u);
   const int gl = threadIdx.x & (ur.G - 1);  // this thread's place in its row group
-  const scalar_t* ad = static_cast<const scalar_t*>(a.adv);
   for (int64_t k0 = 0; k0 < ur.nrows; k0 += ur.per_round) {  // block-uniform trip count
     int64_t b = 0, t0 = 0, t1 = 0, rp = 0;
     const bool has = k0 + threadIdx.x / ur.G < ur.nrows && piece_of(a, u, k0 + threadIdx.x / ur.G, &b, &t0, &t1, &rp);
@@ -297,16 +342,18 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
 #pragma unroll
     for (int i = 0; i < KR; ++i) r[i] = 0.0;
     if (has)
-      for (int64_t t = t0 + gl; t < t1; t += ur.G) {
+      tokens_ahead<TokIn<op_t, NT>>(
+          t0 + gl, t1, ur.G, [&](int64_t t) { return load_token<scalar_t, op_t, NT>(a, b * a.T + t); },
+          [&](int64_t t, const TokIn<op_t, NT>& in) {
         const int64_t idx = b * a.T + t;
         op_t A[NT];
         bool fa = true;
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
-          A[i] = ld<op_t>(ad, idx * NT + i);
-          fa &= pama::pisfinite(A[i]);  // not &&: the loads must not wait on the test
+          A[i] = in.A[i];
+          fa &= pama::pisfinite(A[i]);
         }
-        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, idx, fa, thr);
+        const Tok<op_t> tk = token_terms_of(in.x, in.y, in.masked, fa, thr);
         r[0] += tk.valid ? 1.0 : 0.0;
         cnt[0] += (tk.valid && !tk.ind) ? 1.0 : 0.0;
         cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
@@ -338,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_nt(ReduceArgs a) {
               for (int j = i; j < NT; ++j, ++p) g[p] += I[i] * I[j];
           }
         }
-      }
+      });
     group_sum<KR>(r, ur.G, sm);
     if (has && gl == 0)
 #pragma unroll
@@ -625,8 +672,10 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
     op_t* const fo = MODE == kMin ? static_cast<op_t*>(a.factor) : nullptr;
     double v[3] = {0.0, 0.0, 0.0};  // M, sum m, #ind
     if (has)
-      for (int64_t t = t0 + gl; t < t1; t += ur.G) {
-        const Tok<op_t> tk = token_terms<scalar_t, op_t>(a, b * a.T + t, fa, thr);
+      tokens_ahead<TokIn<op_t, 0>>(
+          t0 + gl, t1, ur.G, [&](int64_t t) { return load_token<scalar_t, op_t, 0>(a, b * a.T + t); },
+          [&](int64_t t, const TokIn<op_t, 0>& in) {
+        const Tok<op_t> tk = token_terms_of(in.x, in.y, in.masked, fa, thr);
         if (fo != nullptr) fo[b * a.T + t] = token_factor(tk, mn);
         v[0] += tk.valid ? 1.0 : 0.0;
         v[1] += static_cast<double>(tk.m);
@@ -635,7 +684,7 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel_bc(ReduceArgs a) {
         cnt[1] += (tk.masked && !tk.flp) ? 1.0 : 0.0;
         cnt[2] += (tk.masked && !tk.folp) ? 1.0 : 0.0;
         cnt[3] += (tk.masked && !fa) ? 1.0 : 0.0;
-      }
+      });
     group_sum<3>(v, ur.G, sm);
     if (has && gl == 0) {
       const double sum_m = v[1], ni = v[2];
