@@ -234,11 +234,11 @@ __device__ inline TokIn<op_t, NA> load_token(const ReduceArgs& a, int64_t idx) {
 template <typename In, typename Load, typename Use>
 __device__ inline void tokens_ahead(int64_t first, int64_t t1, int G, Load load, Use use) {
   for (int64_t tb = first; tb < t1; tb += static_cast<int64_t>(kLoadAhead) * G) {
-    In in[kLoadAhead];
+    In in[kLoadAhead] = {};
 #pragma unroll
     for (int s = 0; s < kLoadAhead; ++s) {
       const int64_t t = tb + static_cast<int64_t>(s) * G;
-      in[s] = load(t < t1 ? t : tb);  // past the piece: token tb again, not used
+      if (t < t1) in[s] = load(t);  // predicated: rows shorter than 4 G load nothing extra
     }
 #pragma unroll
     for (int s = 0; s < kLoadAhead; ++s) {
