@@ -118,3 +118,45 @@ def test_generalisation_check_samples_training_prompts_and_reads_the_final_rows(
                     0: {"sentiment": 0.6, "length": 1.2, "hypervolume": 1.1},
                     1: {"sentiment": 0.4, "length": 1.4, "hypervolume": 1.0}}
     assert set(gen.SETTINGS) >= {"gae_pair", "grpo_pair"}
+
+
+def _seeds_module():
+    spec = importlib.util.spec_from_file_location("fidelity_seeds", ROOT / "benchmarks" / "fidelity_seeds.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_twenty_seed_check_reads_every_objective_and_applies_the_rule(tmp_path):
+    """benchmarks/fidelity_seeds.py reads each run's final figures (every objective, the
+    initial policy as seed -1) and applies FIDELITY.md's rule to a window of seeds: medians
+    at least the baseline's on sentiment, length and hypervolume, median HV above the
+    initial's; diversity is reported, not judged."""
+    fs = _seeds_module()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.csv").write_text(
+        "method,seed,step,sentiment,length,diversity,hypervolume\n"
+        "linear,0,0,0.1,0.9,0.8,0.4\nlinear,0,40,0.6,1.2,0.9,1.1\nlinear,1,0,0.1,0.9,0.8,0.4\nlinear,1,40,0.4,1.4,0.7,1.0\n")
+    assert fs.final_rows(tmp_path / "run") == {
+        -1: {"sentiment": 0.1, "length": 0.9, "diversity": 0.8, "hypervolume": 0.4},
+        0: {"sentiment": 0.6, "length": 1.2, "diversity": 0.9, "hypervolume": 1.1},
+        1: {"sentiment": 0.4, "length": 1.4, "diversity": 0.7, "hypervolume": 1.0}}
+
+    def rows(initial_hv, *per_seed):
+        out = {-1: {"sentiment": 0.0, "length": 1.0, "diversity": 0.5, "hypervolume": initial_hv}}
+        for s, (se, le, di, hv) in enumerate(per_seed):
+            out[s] = {"sentiment": se, "length": le, "diversity": di, "hypervolume": hv}
+        return out
+
+    base = rows(0.5, (0.5, 1.0, 0.9, 1.0), (0.5, 1.0, 0.9, 1.0), (0.5, 1.0, 0.9, 1.0))
+    tie = rows(0.5, (0.5, 1.2, 0.1, 1.2), (0.4, 1.2, 0.1, 1.2), (0.6, 1.2, 0.1, 1.2))
+    v = fs.verdict(tie, base, (0, 1, 2))
+    assert v["rule_holds"]  # a tied sentiment median meets "at least"; diversity is not judged
+    assert v["default_ahead"] == {"sentiment": 1, "length": 3, "diversity": 0, "hypervolume": 3}
+    assert v["median"]["default"]["sentiment"] == 0.5
+    behind = rows(0.5, (0.4, 1.2, 0.9, 1.2), (0.4, 1.2, 0.9, 1.2), (0.6, 1.2, 0.9, 1.2))
+    assert not fs.verdict(behind, base, (0, 1, 2))["rule_holds"]  # sentiment median 0.4 < 0.5
+    below_initial = rows(1.3, (0.5, 1.2, 0.9, 1.2), (0.5, 1.2, 0.9, 1.2), (0.5, 1.2, 0.9, 1.2))
+    assert not fs.verdict(below_initial, base, (0, 1, 2))["rule_holds"]  # HV 1.2 not above the initial 1.3
+    assert fs.verdict(tie, base, (1,))["rule_holds"] is False  # one seed: 0.4 < 0.5
+    assert set(fs.WINDOWS) == {"0-9", "10-19", "0-19"} and fs.WINDOWS["0-19"] == tuple(range(20))
