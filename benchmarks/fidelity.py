@@ -18,6 +18,7 @@ writes the per-seed figures it uses to ``benchmarks/results/fidelity.json``).
 from __future__ import annotations
 
 import argparse
+import csv
 import subprocess
 import sys
 import time
@@ -63,6 +64,17 @@ EXTRA_SETTINGS = {
 }
 METHODS = ["linear", "pama_token", "pama_sequence", "pama_batch", "pama_sequence_gram", "pama_batch_mean", "mgda_ub", "noon_linear"]
 SEEDS = list(range(10))
+
+
+def final_rows(out: Path) -> dict:
+    """A run folder's final held-out figures, from the demo's summary.csv: seed -> every
+    objective and the hypervolume at the seed's last evaluation; seed -1: the initial
+    policy's (the step-0 rows)."""
+    rows = {}
+    for r in csv.DictReader((out / "summary.csv").open()):
+        seed = -1 if r["step"] == "0" else int(r["seed"])
+        rows[seed] = {k: float(v) for k, v in r.items() if k not in ("method", "seed", "step")}
+    return rows
 
 
 def _csv(text):

@@ -22,7 +22,6 @@ machines: FIDELITY.md).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import random
@@ -35,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fidelity import ROOT, SEEDS, SETTINGS  # noqa: E402
+from fidelity import ROOT, SEEDS, SETTINGS, final_rows  # noqa: E402
 
 METHODS = ["pama_token", "linear"]
 OBJECTIVES = ["sentiment", "length", "hypervolume"]
@@ -48,15 +47,6 @@ def training_prompt_sample(path: Path, k: int = 32) -> Path:
     path.write_text("\n".join(random.Random(0).sample(train, k)) + "\n")
     assert not set(path.read_text().splitlines()) & set(held)
     return path
-
-
-def final_rows(out: Path) -> dict:
-    """seed -> the final held-out figures; also the initial policy's (seed -1)."""
-    rows = {}
-    for r in csv.DictReader((out / "summary.csv").open()):
-        seed = -1 if r["step"] == "0" else int(r["seed"])
-        rows[seed] = {k: float(r[k]) for k in OBJECTIVES}
-    return rows
 
 
 def lexicon(out: Path) -> dict:

@@ -17,7 +17,6 @@ bit on one machine, not across machines).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import platform
 import statistics
@@ -28,22 +27,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fidelity import ROOT, SETTINGS  # noqa: E402
+from fidelity import ROOT, SETTINGS, final_rows  # noqa: E402
 
 METHODS = ("pama_token", "linear")
 SEEDS = tuple(range(20))
 WINDOWS = {"0-9": SEEDS[:10], "10-19": SEEDS[10:], "0-19": SEEDS}
 JUDGED = ("sentiment", "length", "hypervolume")  # the rule's measures (diversity is reported)
-
-
-def final_rows(out: Path) -> dict:
-    """seed -> the final held-out figures (every objective and the hypervolume); seed -1:
-    the initial policy's (the demo's step-0 rows)."""
-    rows = {}
-    for r in csv.DictReader((out / "summary.csv").open()):
-        seed = -1 if r["step"] == "0" else int(r["seed"])
-        rows[seed] = {k: float(v) for k, v in r.items() if k not in ("method", "seed", "step")}
-    return rows
 
 
 def verdict(default: dict, baseline: dict, seeds) -> dict:

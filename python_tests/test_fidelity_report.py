@@ -13,11 +13,16 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "fidelity.json"
 
 
-def _report():
-    spec = importlib.util.spec_from_file_location("fidelity_report", ROOT / "benchmarks" / "fidelity_report.py")
+def _bench(name: str):
+    """benchmarks/<name>.py loaded as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _report():
+    return _bench("fidelity_report")
 
 
 def test_committed_results_reproduce_the_page(tmp_path):
@@ -98,9 +103,7 @@ def test_generalisation_check_samples_training_prompts_and_reads_the_final_rows(
     pytest.importorskip("transformers")
     from pama_ext.examples.rlhf_demo import corpus, cli
 
-    spec = importlib.util.spec_from_file_location("fidelity_generalisation", ROOT / "benchmarks" / "fidelity_generalisation.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _bench("fidelity_generalisation")
     train, held = corpus.prompts()
     a = gen.training_prompt_sample(tmp_path / "a.txt").read_text().splitlines()
     b = gen.training_prompt_sample(tmp_path / "b.txt").read_text().splitlines()
@@ -120,19 +123,12 @@ def test_generalisation_check_samples_training_prompts_and_reads_the_final_rows(
     assert set(gen.SETTINGS) >= {"gae_pair", "grpo_pair"}
 
 
-def _seeds_module():
-    spec = importlib.util.spec_from_file_location("fidelity_seeds", ROOT / "benchmarks" / "fidelity_seeds.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_twenty_seed_check_reads_every_objective_and_applies_the_rule(tmp_path):
     """benchmarks/fidelity_seeds.py reads each run's final figures (every objective, the
     initial policy as seed -1) and applies FIDELITY.md's rule to a window of seeds: medians
     at least the baseline's on sentiment, length and hypervolume, median HV above the
     initial's; diversity is reported, not judged."""
-    fs = _seeds_module()
+    fs = _bench("fidelity_seeds")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "summary.csv").write_text(
         "method,seed,step,sentiment,length,diversity,hypervolume\n"
