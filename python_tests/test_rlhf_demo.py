@@ -181,6 +181,19 @@ def test_point_hypervolume_and_reference():
     assert ref[0] == 0.0 and ref[1] == pytest.approx(-1.0 - 0.3)
 
 
+def test_seeds_ahead_counts_strict_wins_on_shared_seeds():
+    """report.seeds_ahead: strictly above the baseline's run of the same seed, per objective and
+    hypervolume; ties are not wins, a seed the baseline lacks is left out, a hypervolume the
+    report could not compute (None) is no win."""
+    def run(seed, rewards, hv):
+        return {"seed": seed, "final": {"rewards": rewards, "hypervolume": hv}}
+
+    base = {0: {"rewards": [0.5, 1.0], "hypervolume": 0.7}, 1: {"rewards": [0.2, 1.2], "hypervolume": None}}
+    runs = [run(0, [0.6, 1.0], 0.8), run(1, [0.1, 1.3], 0.9), run(2, [0.9, 1.4], 1.5)]
+    assert report.seeds_ahead(["sentiment", "length"], runs, base) == {
+        "sentiment": 1, "length": 1, "hypervolume": 1, "of": 2}
+
+
 # --------------------------------------------------------------------------- end to end
 def _run(tmp_path, *extra):
     out = tmp_path / "results"
@@ -228,6 +241,16 @@ def test_demo_end_to_end(tmp_path, one_thread):
         finals = [r["final"]["rewards"] for r in s["runs"] if r["method"] == m]
         for i, n in enumerate(names):
             assert info["median_final"][n] == pytest.approx(sorted(f[i] for f in finals)[0] / 2 + sorted(f[i] for f in finals)[1] / 2)
+    # seed-level wins against linear, per objective and hypervolume, for every other method
+    assert "seeds_ahead_of_linear" not in s["methods"]["linear"]
+    lin = {r["seed"]: r["final"] for r in s["runs"] if r["method"] == "linear"}
+    for m in methods:
+        if m != "linear":
+            mine = [r for r in s["runs"] if r["method"] == m]
+            want = {n: sum(r["final"]["rewards"][i] > lin[r["seed"]]["rewards"][i] for r in mine) for i, n in enumerate(names)}
+            want["hypervolume"] = sum(r["final"]["hypervolume"] > lin[r["seed"]]["hypervolume"] for r in mine)
+            assert s["methods"][m]["seeds_ahead_of_linear"] == {**want, "of": 2}
+    assert "seeds where the method ends strictly above linear" in report.table(s)
     assert s["pareto_front"]  # at least one run is non-dominated
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))

@@ -46,6 +46,18 @@ def _median(xs: Sequence[Optional[float]]) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+def seeds_ahead(names: Sequence[str], runs: Sequence[dict], base: Dict[int, dict]) -> dict:
+    """Per objective and for the hypervolume: the seeds whose final held-out value is strictly
+    above the baseline run's of the same seed; "of": the seeds both have."""
+    both = [r for r in runs if r["seed"] in base]
+    out = {n: sum(r["final"]["rewards"][i] > base[r["seed"]]["rewards"][i] for r in both) for i, n in enumerate(names)}
+    out["hypervolume"] = sum(
+        r["final"]["hypervolume"] is not None and base[r["seed"]]["hypervolume"] is not None
+        and r["final"]["hypervolume"] > base[r["seed"]]["hypervolume"] for r in both)
+    out["of"] = len(both)
+    return out
+
+
 def summarize(names: Sequence[str], lowers, initial: Sequence[float], runs: Sequence[dict], config: dict) -> dict:
     """The summary dict written as summary.json (every number the plots and the table use)."""
     ref = reference_point(lowers, runs, initial)
@@ -65,6 +77,11 @@ def summarize(names: Sequence[str], lowers, initial: Sequence[float], runs: Sequ
         m["median_hypervolume"] = _median(m["hypervolume"])
         ws = [h["weights"] for r in runs if r["method"] == name for h in r["history"]]
         m["mean_weights"] = [sum(c) / len(c) for c in zip(*ws)] if ws else None
+    if "linear" in methods:  # seed-level wins against MORLHF, the measure benchmarks/FIDELITY.md uses
+        base = {r["seed"]: r["final"] for r in runs if r["method"] == "linear"}
+        for name, m in methods.items():
+            if name != "linear":
+                m["seeds_ahead_of_linear"] = seeds_ahead(names, [r for r in runs if r["method"] == name], base)
     finals = [r["final"]["rewards"] for r in runs]
     front = non_dominated(torch.tensor(finals, dtype=torch.float64)).tolist() if finals else []
     return {
@@ -262,6 +279,12 @@ def table(summary: dict) -> str:
             f"{m:{w}s}" + "".join(f"{med[n]:13.3f}" for n in names) + (f"{hv:13.4f}" if hv is not None else f"{'-':>13s}")
             + f"  {len(info['seeds'])}"
         )
+    ahead = [(m, info["seeds_ahead_of_linear"]) for m, info in summary["methods"].items() if "seeds_ahead_of_linear" in info]
+    if ahead:  # a median over few seeds can hide which way the seeds went
+        lines.append("")
+        lines.append("seeds where the method ends strictly above linear (same seed):")
+        for m, a in ahead:
+            lines.append(f"{m:{w}s}" + "".join(f"{a[n]:13d}" for n in names) + f"{a['hypervolume']:13d}  of {a['of']}")
     return "\n".join(lines)
 
 
