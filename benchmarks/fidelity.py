@@ -77,6 +77,27 @@ def final_rows(out: Path) -> dict:
     return rows
 
 
+def warm_policy(runs: Path, python: str = sys.executable) -> Path:
+    """The demo's own warm-up, once per raw results folder and saved for every run of it
+    (fidelity.py, fidelity_seeds.py and fidelity_generalisation.py share it): the directory
+    of the initial policy, for ``--model``."""
+    policy = runs / "warm" / "initial_policy"
+    if not (policy / "config.json").is_file():
+        subprocess.run([python, "-m", "pama_ext.examples.rlhf_demo", "--no-progress", "--methods", "linear",
+                        "--seeds", "0", "--steps", "1", "--out", str(runs / "warm")], check=True, cwd=ROOT)
+    return policy
+
+
+def runs_and_out(doc: str, runs_default: str, out_default: Path, argv=None):
+    """``(runs, out)`` from ``--runs`` (raw results folder) and ``--out`` (the JSON written),
+    the command line of the scripts that read this sweep's runs."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--runs", default=str(ROOT / runs_default), help="raw results folder (default: %(default)s)")
+    p.add_argument("--out", default=str(out_default))
+    args = p.parse_args(argv)
+    return Path(args.runs), Path(args.out)
+
+
 def _csv(text):
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -96,10 +117,7 @@ def main(argv=None) -> None:
     if bad:
         p.error(f"--settings: unknown {bad}; choose from {list(known)}")
     demo = [args.python, "-m", "pama_ext.examples.rlhf_demo", "--no-progress"]
-    policy = runs / "warm" / "initial_policy"
-    if not (policy / "config.json").is_file():  # the demo's own warm-up, once, saved for every run
-        subprocess.run(demo + ["--methods", "linear", "--seeds", "0", "--steps", "1", "--out", str(runs / "warm")],
-                       check=True, cwd=ROOT)
+    policy = warm_policy(runs, args.python)
     for setting in args.settings:
         for method in args.methods:
             out = runs / setting / method

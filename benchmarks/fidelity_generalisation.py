@@ -21,7 +21,6 @@ machines: FIDELITY.md).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import random
@@ -34,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fidelity import ROOT, SEEDS, SETTINGS, final_rows  # noqa: E402
+from fidelity import ROOT, SEEDS, SETTINGS, final_rows, runs_and_out, warm_policy  # noqa: E402
 
 METHODS = ["pama_token", "linear"]
 OBJECTIVES = ["sentiment", "length", "hypervolume"]
@@ -63,17 +62,10 @@ def lexicon(out: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default=str(ROOT / "fidelity_runs"), help="raw results folder (default: %(default)s)")
-    p.add_argument("--out", default=str(HERE / "results" / "fidelity_generalisation.json"))
-    args = p.parse_args(argv)
-    runs = Path(args.runs)
+    runs, out_json = runs_and_out(__doc__, "fidelity_runs", HERE / "results" / "fidelity_generalisation.json", argv)
     runs.mkdir(parents=True, exist_ok=True)
     demo = [sys.executable, "-m", "pama_ext.examples.rlhf_demo", "--no-progress"]
-    policy = runs / "warm" / "initial_policy"
-    if not (policy / "config.json").is_file():  # fidelity.py's warm-up, shared with its sweep
-        subprocess.run(demo + ["--methods", "linear", "--seeds", "0", "--steps", "1", "--out", str(runs / "warm")],
-                       check=True, cwd=ROOT)
+    policy = warm_policy(runs)  # fidelity.py's warm-up, shared with its sweep
     prompt_sets = {"held_out": [], "training": ["--eval-prompts", str(training_prompt_sample(runs / "training_prompts.txt"))]}
     doc = {"machine": {"platform": platform.platform(), "processor": platform.processor()},
            "seeds": SEEDS, "settings": {}}
@@ -107,8 +99,8 @@ def main(argv=None) -> None:
                   + " of 10 | words / positive / negative per response: "
                   + ", ".join(f"{m} {words[m]['words']:.1f} / {words[m]['positive_words']:.2f} / "
                               f"{words[m]['negative_words']:.2f}" for m in METHODS), flush=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out_json.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out_json}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ bit on one machine, not across machines).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fidelity import ROOT, SETTINGS, final_rows  # noqa: E402
+from fidelity import ROOT, SETTINGS, final_rows, runs_and_out  # noqa: E402
 
 METHODS = ("pama_token", "linear")
 SEEDS = tuple(range(20))
@@ -49,11 +48,7 @@ def verdict(default: dict, baseline: dict, seeds) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default=str(ROOT / "fidelity_runs_seeds"), help="raw results folder (default: %(default)s)")
-    p.add_argument("--out", default=str(HERE / "results" / "fidelity_seeds.json"))
-    args = p.parse_args(argv)
-    runs = Path(args.runs)
+    runs, out_json = runs_and_out(__doc__, "fidelity_runs_seeds", HERE / "results" / "fidelity_seeds.json", argv)
     subprocess.run([sys.executable, str(HERE / "fidelity.py"), "--settings", ",".join(SETTINGS), "--methods",
                     ",".join(METHODS), "--seeds", ",".join(map(str, SEEDS)), "--runs", str(runs)], check=True, cwd=ROOT)
     doc = {"machine": {"platform": platform.platform(), "processor": platform.processor()},
@@ -69,8 +64,8 @@ def main(argv=None) -> None:
                   + " | linear " + " / ".join(f"{b[k]:.3f}" for k in b)
                   + " | ahead " + " / ".join(str(a[k]) for k in a) + f" of {v['seeds']}"
                   + f" | rule {'holds' if v['rule_holds'] else 'misses'}", flush=True)
-    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out_json.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {out_json}")
 
 
 if __name__ == "__main__":
