@@ -10,7 +10,7 @@ parameters measured rather than guessed (part of benchmarks/gpu_check.sh).
    bytes (the roofline of benchmarks/bench_gpu_loss.py).
 2. ``triton_tuning``: the same step at N = 4 as a CUDA-graph replay (device time only)
    for a few values of the Triton host code's launch parameters (tokens per program of the
-   token pass, its chunk, the backward block and warps), patched into
+   token pass, its unrolled steps, its chunk, the backward block and warps), patched into
    ``pama_ext.triton_backend.ops`` for the measurement and restored after. The defaults are
    the first entry; the ratios say whether another value should become the default.
 """
@@ -100,6 +100,10 @@ def tuning_configs(ops):
     d_chunk, d_blk, d_warps = ops.token_chunk, ops.backward_block, ops.backward_warps
     return [
         ("defaults", {}),
+        # the token pass's unrolled steps (loads in flight a thread; GPU.md, "The token pass")
+        ("token_unroll=1", {"token_unroll": lambda bn, packed: 1}),
+        ("token_unroll=2", {"token_unroll": lambda bn, packed: 2}),
+        ("token_unroll=8", {"token_unroll": lambda bn, packed: 8}),
         ("tokens_per_program=8192", {"TOKENS_PER_PROGRAM": 8192}),
         ("tokens_per_program=512", {"TOKENS_PER_PROGRAM": 512}),
         ("gram_chunk/2", {"token_chunk": lambda bn, gram: max(2, d_chunk(bn, gram) // 2) if gram else d_chunk(bn, gram)}),

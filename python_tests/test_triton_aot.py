@@ -267,3 +267,74 @@ def test_shape_sweep_is_one_variant_per_config(interpreter, specs):
             (key, launch), = keys.items()
             assert specialise.jit_key(launch) == key and key in specs[name], (name, launch.kwargs)
     assert all(len(w["reduce_tokens_kernel"]) > 1 for w in without.values()), "the sweep no longer varies the shapes"
+
+
+def _token_pass_ptx(dtype, n, gran):
+    """PTX of the token pass for sm_90 as the JIT compiles it, and ptxas' resource line."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pama_ext.triton_backend import kernels, specialise
+
+    (launch,) = [x for x in specialise.host_launches(dtype, n, gran, b=64, t=4096, backward=False) if x.name == "reduce_tokens_kernel"]
+    spec = specialise.jit_specialisation(launch, arch=ARCH)
+    compiled = triton.compile(
+        ASTSource(kernels.reduce_tokens_kernel, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs),
+        target=GPUTarget("cuda", ARCH, 32), options=spec.options,
+    )
+    ptx = compiled.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas, "-v", f"-arch=sm_{ARCH}a", f.name, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    assert out.returncode == 0, out.stderr[-1000:]
+    regs = int(re.search(r"Used (\d+) registers", out.stderr).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", out.stderr).group(1))
+    return ptx, launch, regs, spills
+
+
+def _loop_bodies(ptx):
+    """The PTX of each loop: from a label to the last branch back to it."""
+    import re
+
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"\s*(\$L__\w+):", ln))}
+    bodies = []
+    for i, ln in enumerate(lines):
+        if "bra" in ln:
+            target = ln.split()[-1].rstrip(";")
+            if target in labels and labels[target] < i:
+                bodies.append("\n".join(lines[labels[target]:i + 1]))
+    return bodies
+
+
+@pytest.mark.parametrize("n,gran", [(4, "batch"), (4, "token"), (8, "batch"), (2, "sequence")])
+def test_token_pass_loop_keeps_loads_in_flight(n, gran):
+    """The performance shape of the token pass for sm_90 (benchmarks/GPU.md, "The token pass"):
+    the loop over tokens moves no data through shared memory (a lane's objectives and Gram
+    pairs stay in its thread), loads each token's N advantages as one vector, and issues the
+    loads of UNROLL steps in one iteration; ptxas spills nothing."""
+    import torch
+
+    from pama_ext.triton_backend import ops
+
+    ptx, launch, regs, spills = _token_pass_ptx(torch.bfloat16, n, gran)
+    unroll = launch.kwargs["UNROLL"]
+    assert launch.kwargs["ADV_VEC"] == n and unroll == ops.token_unroll(ops.block_n(n), True) > 1
+    loops = [b for b in _loop_bodies(ptx) if "ld.global" in b]
+    assert loops, "no loop with global loads"
+    body = max(loops, key=lambda b: b.count("ld.global"))  # the unrolled main loop
+    assert "bar.sync" not in body and "st.shared" not in body and "ld.shared" not in body
+    assert body.count("ld.global") >= 4 * unroll  # mask, logp, old_logp, advantages per step
+    vec = {4: "v2.b32", 8: "v4.b32", 2: "b32"}[n]  # N bf16 advantages: 2N bytes in one load
+    assert f"ld.global.{vec}" in body or (n == 2 and "ld.global.b32" in body), sorted(set(
+        x.split()[0] for x in body.splitlines() if "ld.global" in x))
+    assert spills == 0 and regs <= 255

@@ -140,10 +140,26 @@ def reduce_tokens_kernel(
     thr_lo,
     CD: tl.constexpr,  # compute dtype of the per-token maths (fp32, or fp64 for fp64 inputs)
     BN: tl.constexpr,  # next power of two >= N
-    CHUNK: tl.constexpr,  # tokens per inner step
+    CHUNK: tl.constexpr,  # tokens per step, one lane each: a lane accumulates its own tokens
+    UNROLL: tl.constexpr,  # steps unrolled, so that their loads are in flight together (see below)
+    ADV_VEC: tl.constexpr,  # BN when the advantage rows are packed (N == BN), else 1 (see below)
     DO_GRAM: tl.constexpr,
     TOKEN_F: tl.constexpr,  # granularity "token": write f = s_t u_t 1[u_t <= 1+eps] to fac_ptr
 ):
+    # Layout. The token axis is the last axis of every tile ([BN, CHUNK] advantages,
+    # [BN, BN, CHUNK] Gram lanes). For small N this puts the CHUNK lanes on threads and a
+    # lane's N objectives and N x N pairs in that thread's registers, so the per-token sums
+    # over objectives and the Gram products move no data; the Gram keeps its upper triangle
+    # only (the pairs below the diagonal are a constant 0 per register and take none). With
+    # the token axis first, Triton spread the N x N pairs over 16 threads and converted
+    # layouts through shared memory on every step.
+    # UNROLL: the token pass is bound by memory latency (one token a thread in flight, the
+    # first H200 run measured 0.08 of the copy bandwidth). Unrolled steps let ptxas issue
+    # the loads of UNROLL steps before the first sum, so each thread has UNROLL tokens in
+    # flight; the sums still run step by step, in token order.
+    # ADV_VEC: with the strides passed divided by it, the advantage offsets are multiples of
+    # BN that Triton can prove, and the BN advantages of a token load as one vector (the
+    # strides are runtime ints, so without it every advantage is its own 2- or 4-byte load).
     pid = tl.program_id(0)
     b = pid // nblk
     j = pid - b * nblk
@@ -152,11 +168,15 @@ def reduce_tokens_kernel(
     t0 = j * nch * CHUNK
     lt = tl.arange(0, CHUNK)
     ln = tl.arange(0, BN)
-    nmask = ln < N
+    nmask = (ln < N)[:, None]  # [BN, 1]
+    if ADV_VEC > 1:
+        amask = tl.full((BN, 1), True, tl.int1)  # N == BN: no column to mask, the vector stays whole
+    else:
+        amask = nmask
     thr_c = tl.cast(tl.cast(thr_hi, tl.float64) + tl.cast(thr_mid, tl.float64) + tl.cast(thr_lo, tl.float64), CD)
 
-    acc_s = tl.zeros((CHUNK, BN), dtype=tl.float64)
-    acc_q = tl.zeros((CHUNK, BN), dtype=tl.float64)
+    acc_s = tl.zeros((BN, CHUNK), dtype=tl.float64)
+    acc_q = tl.zeros((BN, CHUNK), dtype=tl.float64)
     acc_smin = tl.zeros((CHUNK,), dtype=tl.float64)
     cnt_m = tl.zeros((CHUNK,), dtype=tl.int32)
     cnt_clip = tl.zeros((CHUNK,), dtype=tl.int32)
@@ -164,18 +184,19 @@ def reduce_tokens_kernel(
     cnt_nfo = tl.zeros((CHUNK,), dtype=tl.int32)
     cnt_nfa = tl.zeros((CHUNK,), dtype=tl.int32)
     if DO_GRAM:
-        acc_g = tl.zeros((CHUNK, BN, BN), dtype=tl.float64)
-    for c in range(0, nch):
+        acc_g = tl.zeros((BN, BN, CHUNK), dtype=tl.float64)
+        upper = (ln[:, None] <= ln[None, :])[:, :, None]  # [BN, BN, 1]
+    for c in tl.range(0, nch, loop_unroll_factor=UNROLL):
         t = t0 + c * CHUNK + lt
         inrow = t < T
         mk = tl.load(mask_ptr + row + t, mask=inrow, other=0) != 0
         lp = tl.load(logp_ptr + row + t, mask=inrow, other=0.0).to(CD)
         old = tl.load(old_ptr + row + t, mask=inrow, other=0.0).to(CD)
-        aoff = b64 * stride_ab + t.to(tl.int64)[:, None] * stride_at + ln[None, :]
-        a = tl.load(adv_ptr + aoff, mask=inrow[:, None] & nmask[None, :], other=0.0).to(CD)
+        aoff = (b64 * stride_ab + t.to(tl.int64) * stride_at)[None, :] * ADV_VEC + ln[:, None]
+        a = tl.load(adv_ptr + aoff, mask=inrow[None, :] & amask, other=0.0).to(CD)  # [BN, CHUNK]
         fin_lp = (tl.abs(lp) < float("inf"))
         fin_old = (tl.abs(old) < float("inf"))
-        fin_adv = tl.reduce((~(tl.abs(a) < float("inf"))).to(tl.int32), 1, _sum_combine) == 0
+        fin_adv = tl.reduce((~(tl.abs(a) < float("inf"))).to(tl.int32), 0, _sum_combine) == 0
         valid = mk & fin_lp & fin_old & fin_adv
         cnt_nfl += (mk & ~fin_lp).to(tl.int32)
         cnt_nfo += (mk & ~fin_old).to(tl.int32)
@@ -189,19 +210,19 @@ def reduce_tokens_kernel(
         m = tl.where(valid, tl.where(ind, u, thr_c), 0.0)  # min(u, 1+eps), a select (u = inf)
         cnt_m += valid.to(tl.int32)
         cnt_clip += (valid & ~ind).to(tl.int32)
-        an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)  # Noon clamp, 0 off the valid tokens
+        an = tl.where(valid[None, :], tl.maximum(a, 0.0), 0.0)  # Noon clamp, 0 off the valid tokens
         ad = an.to(tl.float64)
         md = m.to(tl.float64)
-        acc_s += ad * md[:, None]
-        ia = tl.where(ind[:, None], ad, 0.0)  # I(A)
+        acc_s += ad * md[None, :]
+        ia = tl.where(ind[None, :], ad, 0.0)  # I(A)
         acc_q += ia
-        amin = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
+        amin = _token_min(a, valid, nmask, 0)  # exactly-zero advantages abstain
         acc_smin += amin.to(tl.float64) * md
         if TOKEN_F:  # every token of the block written: 0 off the valid, unclipped tokens
             f = tl.where(valid & ind, amin * u, 0.0)  # in CD; a select, so u = inf gives 0
             tl.store(fac_ptr + row + t, f.to(fac_ptr.dtype.element_ty), mask=inrow)
         if DO_GRAM:
-            acc_g += ia[:, :, None] * ia[:, None, :]
+            acc_g += tl.where(upper, ia[:, None, :] * ia[None, :, :], 0.0)
 
     base = part_ptr + pid.to(tl.int64) * KS
     tl.store(base + SLOT_M, tl.reduce(cnt_m, 0, _sum_combine).to(tl.float64))
@@ -210,27 +231,30 @@ def reduce_tokens_kernel(
     tl.store(base + SLOT_NF_OLD, tl.reduce(cnt_nfo, 0, _sum_combine).to(tl.float64))
     tl.store(base + SLOT_NF_ADV, tl.reduce(cnt_nfa, 0, _sum_combine).to(tl.float64))
     tl.store(base + SLOT_SMIN, tl.reduce(acc_smin, 0, _sum_combine))
-    tl.store(base + OFF_S + ln, tl.reduce(acc_s, 0, _sum_combine), mask=nmask)
-    tl.store(base + OFF_S + 2 * N + ln, tl.reduce(acc_q, 0, _sum_combine), mask=nmask)
+    ln_out = tl.arange(0, BN)
+    nm_out = ln_out < N
+    tl.store(base + OFF_S + ln_out, tl.reduce(acc_s, 1, _sum_combine), mask=nm_out)
+    tl.store(base + OFF_S + 2 * N + ln_out, tl.reduce(acc_q, 1, _sum_combine), mask=nm_out)
     if DO_GRAM:
-        g = tl.reduce(acc_g, 0, _sum_combine)
+        g = tl.reduce(acc_g, 2, _sum_combine)
+        g = tl.where(ln_out[:, None] <= ln_out[None, :], g, tl.trans(g))  # the lower triangle mirrored
         tl.store(
-            base + OFF_S + 3 * N + ln[:, None] * N + ln[None, :],
+            base + OFF_S + 3 * N + ln_out[:, None] * N + ln_out[None, :],
             g,
-            mask=nmask[:, None] & nmask[None, :],
+            mask=nm_out[:, None] & nm_out[None, :],
         )
 
 
 # --------------------------------------------------------------------------- token min
 @triton.jit
-def _token_min(a, valid, nmask):
-    """s_t of granularity "token" from the raw advantages a [TOK, BN] (pama_math.h's
-    token_min): key = a (a > 0), 0 (a < 0), +inf (a == 0, -0.0 included: the objective
-    abstains; also the padding columns); s = min key, 0 when that is +inf or the token is
-    not valid."""
+def _token_min(a, valid, nmask, AXIS: tl.constexpr):
+    """s_t of granularity "token" from the raw advantages a, objectives along AXIS
+    (pama_math.h's token_min): key = a (a > 0), 0 (a < 0), +inf (a == 0, -0.0 included: the
+    objective abstains; also the padding objectives, where nmask, broadcast like a, is
+    false); s = min key, 0 when that is +inf or the token is not valid."""
     key = tl.where(a > 0.0, a, tl.where(a < 0.0, 0.0, float("inf")))
-    key = tl.where(nmask[None, :], key, float("inf"))
-    kmin = tl.reduce(key, 1, _elementwise_min)
+    key = tl.where(nmask, key, float("inf"))
+    kmin = tl.reduce(key, AXIS, _elementwise_min)
     return tl.where(valid & (kmin < float("inf")), kmin, 0.0)
 
 
@@ -627,7 +651,7 @@ def backward_kernel(
         u = tl.exp(d)
     ind = u <= thr_c
     if TOKEN_MIN:
-        s = _token_min(a, valid, nmask)  # exactly-zero advantages abstain
+        s = _token_min(a, valid, nmask[None, :], 1)  # exactly-zero advantages abstain
     else:
         an = tl.where(valid[:, None], tl.maximum(a, 0.0), 0.0)
         w = tl.load(weights_ptr + b64[:, None] * stride_wb + ln[None, :], mask=inb[:, None] & nmask[None, :], other=0.0)

@@ -68,10 +68,40 @@ def block_n(n: int) -> int:
 
 
 def token_chunk(bn: int, gram: bool) -> int:
-    """Tokens per inner step of the token pass: bounded register tiles."""
-    if gram:  # the [CHUNK, BN, BN] float64 Gram accumulator
-        return max(2, min(256, 4096 // (bn * bn)))  # CHUNK = 1 crashes the compiler (fp64, BN = 64)
+    """Tokens per step of the token pass, one lane each. Up to N = 8 a lane is one thread
+    that holds its objectives' sums (and Gram pairs) in registers: 256 lanes (128 for the
+    N = 8 Gram, whose 36 pairs take most of a thread's registers). Above, a lane's sums are
+    spread over threads: bounded [BN(, BN), CHUNK] float64 tiles. The Gram's chunks for
+    N > 8 are the ones that compile without spills for sm_90 (others of the same size hit
+    a Triton 3.6 layout error or spill: python_tests/test_triton_aot.py compiles them all)."""
+    if bn <= 8:
+        return 128 if gram and bn == 8 else 256
+    if gram:
+        return 8 if bn <= 32 else 1
     return max(16, min(512, 2048 // bn))
+
+
+def token_warps(bn: int, gram: bool) -> int:
+    """Warps of the token pass: one thread a lane up to N = 8 (see token_chunk)."""
+    if bn <= 8:
+        return token_chunk(bn, gram) // 32
+    if gram:
+        return 4 if bn <= 32 else 2
+    return num_warps_for(token_chunk(bn, gram) * bn * 2)
+
+
+def token_unroll(bn: int, packed: bool) -> int:
+    """Steps of the token pass unrolled (UNROLL): their loads are in flight together, at the
+    price of registers. For sm_90 (ptxas) N <= 4 keeps 2 blocks of 256 threads for `batch`
+    at N = 4 (125 registers) with 4 tokens a thread in flight, against 1 block and 1 token
+    before; N = 5..7, whose advantages load one by one (not ``packed``), would spill
+    (benchmarks/GPU.md, "The token pass")."""
+    return 4 if bn <= 4 else 2 if bn == 8 and packed else 1
+
+
+def adv_vec(n: int, bn: int) -> int:
+    """ADV_VEC of the token pass: BN when a token's N advantages fill a whole vector."""
+    return bn if n == bn and bn > 1 else 1
 
 
 def block_k(bn: int, gram: bool) -> int:
@@ -177,6 +207,7 @@ def forward_impl(
     per_seq = advantages.dim() == 2
     stride_ab = n if per_seq else t * n
     stride_at = 0 if per_seq else n
+    vec = adv_vec(n, bn)  # both strides are multiples of n
     thr = 1.0 + float(clip_eps)
     cd = compute_dtype(logp.dtype)
 
@@ -194,9 +225,9 @@ def forward_impl(
         if b > 0:
             k.reduce_tokens_kernel[(b * nblk,)](
                 logp, old_logp, advantages, mask_u8, part, weights if token else part,
-                t, n, nblk, nch, stride_ab, stride_at, ks, *split3(thr),
-                CD=cd, BN=bn, CHUNK=chunk, DO_GRAM=gram, TOKEN_F=token,
-                num_warps=num_warps_for(chunk * bn * (bn if gram else 2)),
+                t, n, nblk, nch, stride_ab // vec, stride_at // vec, ks, *split3(thr),
+                CD=cd, BN=bn, CHUNK=chunk, UNROLL=token_unroll(bn, vec > 1), ADV_VEC=vec, DO_GRAM=gram, TOKEN_F=token,
+                num_warps=token_warps(bn, gram),
             )
             k.reduce_rows_kernel[(n_part2,)](
                 part, part2, row_m, weights if granularity == "sequence" else row_m,
