@@ -625,6 +625,7 @@ def backward_kernel(
     CD: tl.constexpr,
     BN: tl.constexpr,
     BLOCK: tl.constexpr,
+    ADV_VEC: tl.constexpr,  # as in reduce_tokens_kernel: the strides come divided by it
     TOKEN_MIN: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -640,8 +641,12 @@ def backward_kernel(
     mk = tl.load(mask_ptr + g, mask=inb, other=0) != 0
     lp = tl.load(logp_ptr + g, mask=inb, other=0.0).to(CD)
     old = tl.load(old_ptr + g, mask=inb, other=0.0).to(CD)
-    aoff = b64[:, None] * stride_ab + t64[:, None] * stride_at + ln[None, :]
-    a = tl.load(adv_ptr + aoff, mask=inb[:, None] & nmask[None, :], other=0.0).to(CD)
+    aoff = (b64 * stride_ab + t64 * stride_at)[:, None] * ADV_VEC + ln[None, :]
+    if ADV_VEC > 1:  # N == BN: no column to mask, the vector load stays whole
+        amask = inb[:, None]
+    else:
+        amask = inb[:, None] & nmask[None, :]
+    a = tl.load(adv_ptr + aoff, mask=amask, other=0.0).to(CD)
     fin_adv = tl.reduce((~(tl.abs(a) < float("inf"))).to(tl.int32), 1, _sum_combine) == 0
     valid = mk & (tl.abs(lp) < float("inf")) & (tl.abs(old) < float("inf")) & fin_adv
     d = tl.where(valid, lp - old, 0.0)

@@ -295,6 +295,7 @@ def backward_impl(
     if total > 2**31 - 2**16:
         raise ValueError(f"pama_loss[triton]: B * T = {total} tokens; the Triton kernels support fewer than 2^31")
     bn = block_n(n)
+    vec = adv_vec(n, bn)
     blk = backward_block(bn)
     token = granularity == "token"
     weights = weights.to(acc).contiguous()
@@ -304,10 +305,10 @@ def backward_impl(
             grad_loss, logp, old_logp, advantages, mask_u8,
             row_scale if token else weights, row_scale.to(acc).contiguous(), out,
             total, t, n,
-            n if per_seq else t * n, 0 if per_seq else n,
+            (n if per_seq else t * n) // vec, (0 if per_seq else n) // vec,
             n if granularity == "sequence" else 0,
             *split3(1.0 + float(clip_eps)),
-            CD=compute_dtype(logp.dtype), BN=bn, BLOCK=blk, TOKEN_MIN=token,
+            CD=compute_dtype(logp.dtype), BN=bn, BLOCK=blk, ADV_VEC=vec, TOKEN_MIN=token,
             num_warps=backward_warps(bn),
         )
     return out
