@@ -100,7 +100,8 @@ def token_unroll(bn: int, packed: bool) -> int:
 
 
 def adv_vec(n: int, bn: int) -> int:
-    """ADV_VEC of the token pass: BN when a token's N advantages fill a whole vector."""
+    """ADV_VEC of the token pass and the backward: BN when a token's N advantages fill a
+    whole vector (both advantage strides are then passed divided by it)."""
     return bn if n == bn and bn > 1 else 1
 
 
