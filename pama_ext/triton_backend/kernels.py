@@ -168,7 +168,8 @@ def reduce_tokens_kernel(
     t0 = j * nch * CHUNK
     lt = tl.arange(0, CHUNK)
     ln = tl.arange(0, BN)
-    nmask = (ln < N)[:, None]  # [BN, 1]
+    in_n = ln < N
+    nmask = in_n[:, None]  # [BN, 1]
     if ADV_VEC > 1:
         amask = tl.full((BN, 1), True, tl.int1)  # N == BN: no column to mask, the vector stays whole
     else:
@@ -185,7 +186,7 @@ def reduce_tokens_kernel(
     cnt_nfa = tl.zeros((CHUNK,), dtype=tl.int32)
     if DO_GRAM:
         acc_g = tl.zeros((BN, BN, CHUNK), dtype=tl.float64)
-        upper = (ln[:, None] <= ln[None, :])[:, :, None]  # [BN, BN, 1]
+        upper = ln[:, None] <= ln[None, :]  # [BN, BN]
     for c in tl.range(0, nch, loop_unroll_factor=UNROLL):
         t = t0 + c * CHUNK + lt
         inrow = t < T
@@ -222,7 +223,7 @@ def reduce_tokens_kernel(
             f = tl.where(valid & ind, amin * u, 0.0)  # in CD; a select, so u = inf gives 0
             tl.store(fac_ptr + row + t, f.to(fac_ptr.dtype.element_ty), mask=inrow)
         if DO_GRAM:
-            acc_g += tl.where(upper, ia[:, None, :] * ia[None, :, :], 0.0)
+            acc_g += tl.where(upper[:, :, None], ia[:, None, :] * ia[None, :, :], 0.0)
 
     base = part_ptr + pid.to(tl.int64) * KS
     tl.store(base + SLOT_M, tl.reduce(cnt_m, 0, _sum_combine).to(tl.float64))
@@ -231,17 +232,15 @@ def reduce_tokens_kernel(
     tl.store(base + SLOT_NF_OLD, tl.reduce(cnt_nfo, 0, _sum_combine).to(tl.float64))
     tl.store(base + SLOT_NF_ADV, tl.reduce(cnt_nfa, 0, _sum_combine).to(tl.float64))
     tl.store(base + SLOT_SMIN, tl.reduce(acc_smin, 0, _sum_combine))
-    ln_out = tl.arange(0, BN)
-    nm_out = ln_out < N
-    tl.store(base + OFF_S + ln_out, tl.reduce(acc_s, 1, _sum_combine), mask=nm_out)
-    tl.store(base + OFF_S + 2 * N + ln_out, tl.reduce(acc_q, 1, _sum_combine), mask=nm_out)
+    tl.store(base + OFF_S + ln, tl.reduce(acc_s, 1, _sum_combine), mask=in_n)
+    tl.store(base + OFF_S + 2 * N + ln, tl.reduce(acc_q, 1, _sum_combine), mask=in_n)
     if DO_GRAM:
         g = tl.reduce(acc_g, 2, _sum_combine)
-        g = tl.where(ln_out[:, None] <= ln_out[None, :], g, tl.trans(g))  # the lower triangle mirrored
+        g = tl.where(upper, g, tl.trans(g))  # the lower triangle mirrored
         tl.store(
-            base + OFF_S + 3 * N + ln_out[:, None] * N + ln_out[None, :],
+            base + OFF_S + 3 * N + ln[:, None] * N + ln[None, :],
             g,
-            mask=nm_out[:, None] & nm_out[None, :],
+            mask=in_n[:, None] & in_n[None, :],
         )
 
 
